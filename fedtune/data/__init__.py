@@ -1,0 +1,7 @@
+"""Data: reading local files or the generated task, partitioning across clients, tokenizing."""
+
+from fedtune.data.loading import load_splits, num_labels
+from fedtune.data.partition import partition_dataset, split_train_eval
+from fedtune.data.tokenize import collate, tokenize
+
+__all__ = ["collate", "load_splits", "num_labels", "partition_dataset", "split_train_eval", "tokenize"]

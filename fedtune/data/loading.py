@@ -1,0 +1,143 @@
+"""Read a data set from a local file (or generate one) into a ``datasets.Dataset``.
+
+The result has the columns the rest of fedtune expects: ``text`` and ``label`` (an int)
+for classification, ``prompt`` and ``response`` for causal-LM instruction tuning.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import datasets
+import pandas as pd
+
+from fedtune.config import DataConfig
+from fedtune.data.generated import GENERATED_TASKS, GENERATED_TEST_SIZE, GENERATED_TRAIN_SIZE
+from fedtune.errors import DataError
+
+ALPACA_TEMPLATE = "### Instruction:\n{instruction}\n{input_block}\n### Response:\n"
+
+
+def _format_of(path: Path, declared: str) -> str:
+    if declared != "auto":
+        return declared
+    if path.is_dir():
+        return "disk"
+    suffix = path.suffix.lower()
+    if suffix in (".json", ".jsonl", ".csv", ".tsv"):
+        return suffix[1:]
+    raise DataError(f"cannot tell the format of {str(path)!r} from its suffix; set data.format "
+                    "to json, jsonl, csv, tsv or disk")
+
+
+def _read_frame(path: Path, fmt: str, column_names: list[str] | None) -> pd.DataFrame:
+    header = None if column_names else "infer"
+    if fmt == "csv":
+        return pd.read_csv(path, header=header, names=column_names, keep_default_na=False)
+    if fmt == "tsv":
+        # SST-style TSV files carry bare quotes inside sentences: read them literally.
+        return pd.read_csv(path, sep="\t", header=header, names=column_names,
+                           quoting=csv.QUOTE_NONE, keep_default_na=False)
+    if fmt == "jsonl":
+        return pd.read_json(path, lines=True)
+    if fmt == "json":
+        try:
+            return pd.read_json(path)
+        except ValueError:
+            return pd.read_json(path, lines=True)
+    raise DataError(f"unsupported data.format {fmt!r}")
+
+
+def read_table(source: str, cfg: DataConfig) -> datasets.Dataset:
+    """Read ``source`` (a file or a saved ``datasets`` folder) as a Dataset, columns untouched."""
+    path = Path(source)
+    if not path.exists():
+        raise DataError(f"data file {source!r} does not exist")
+    fmt = _format_of(path, cfg.format)
+    if fmt == "disk":
+        loaded = datasets.load_from_disk(str(path))
+        if isinstance(loaded, datasets.DatasetDict):
+            split = "train" if "train" in loaded else next(iter(loaded))
+            loaded = loaded[split]
+        return loaded
+    try:
+        frame = _read_frame(path, fmt, cfg.column_names)
+    except (ValueError, pd.errors.ParserError) as e:
+        raise DataError(f"cannot read {source!r} as {fmt}: {e}") from e
+    return datasets.Dataset.from_pandas(frame, preserve_index=False)
+
+
+def _alpaca_to_prompt_response(ds: datasets.Dataset) -> datasets.Dataset:
+    def convert(row: dict) -> dict:
+        extra = str(row.get("input") or "").strip()
+        prompt = ALPACA_TEMPLATE.format(instruction=str(row["instruction"]).strip(),
+                                        input_block=f"\n### Input:\n{extra}\n" if extra else "")
+        return {"prompt": prompt, "response": str(row["output"]).strip()}
+
+    missing = {"instruction", "output"} - set(ds.column_names)
+    if missing:
+        raise DataError(f"data.alpaca=true needs columns instruction/input/output; missing {sorted(missing)}")
+    return ds.map(convert, remove_columns=ds.column_names)
+
+
+def standardize(ds: datasets.Dataset, cfg: DataConfig, task: str, source: str) -> datasets.Dataset:
+    """Rename the configured columns to fedtune's and drop the rest."""
+    if task == "causal-lm":
+        if cfg.alpaca:
+            return _alpaca_to_prompt_response(ds)
+        wanted = {cfg.prompt_column: "prompt", cfg.response_column: "response"}
+    else:
+        wanted = {cfg.text_column: "text", cfg.label_column: "label"}
+    missing = [c for c in wanted if c not in ds.column_names]
+    if missing:
+        keys = "data.prompt_column/response_column" if task == "causal-lm" else "data.text_column/label_column"
+        raise DataError(f"{source!r} has no column(s) {missing}; it has {ds.column_names}. "
+                        f"Set {keys} (or data.column_names for a file without a header)")
+    ds = ds.select_columns(list(wanted)).rename_columns({k: v for k, v in wanted.items() if k != v})
+    if task == "causal-lm":
+        return ds.map(lambda r: {"prompt": str(r["prompt"]), "response": str(r["response"])})
+    return ds.map(lambda r: {"text": str(r["text"])})
+
+
+def encode_labels(train: datasets.Dataset, test: datasets.Dataset | None) -> tuple[datasets.Dataset, datasets.Dataset | None, list[str]]:
+    """Map labels to 0..n-1 (ints keep their order, strings sort), the same for both splits."""
+    values = set(train["label"]) | (set(test["label"]) if test is not None else set())
+    names = sorted(values, key=lambda v: (isinstance(v, str), v))
+    index = {v: i for i, v in enumerate(names)}
+    is_identity = all(isinstance(v, int) and index[v] == v for v in names)
+
+    def relabel(ds: datasets.Dataset) -> datasets.Dataset:
+        ds = ds if is_identity else ds.map(lambda r: {"label": index[r["label"]]})
+        return ds.cast_column("label", datasets.ClassLabel(names=[str(n) for n in names]))
+
+    return relabel(train), (relabel(test) if test is not None else None), [str(n) for n in names]
+
+
+def load_splits(cfg: DataConfig, task: str) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """The training pool (to be partitioned) and the server's central test set, if any."""
+    if cfg.source.startswith("generated:"):
+        task_name = cfg.source.split(":", 1)[1]
+        if task_name not in GENERATED_TASKS or task != "classification":
+            raise DataError(f"data.source={cfg.source!r}: generated tasks are "
+                            f"{['generated:' + t for t in GENERATED_TASKS]} (classification only)")
+        make = GENERATED_TASKS[task_name]
+        train = datasets.Dataset.from_dict(make(GENERATED_TRAIN_SIZE, seed=cfg.seed))
+        test = datasets.Dataset.from_dict(make(GENERATED_TEST_SIZE, seed=cfg.seed + 10_000))
+    else:
+        train = standardize(read_table(cfg.source, cfg), cfg, task, cfg.source)
+        test = (standardize(read_table(cfg.test_source, cfg), cfg, task, cfg.test_source)
+                if cfg.test_source else None)
+    if cfg.max_examples is not None and len(train) > cfg.max_examples:
+        train = train.shuffle(seed=cfg.seed).select(range(cfg.max_examples))
+    if test is not None and cfg.max_test_examples is not None and len(test) > cfg.max_test_examples:
+        test = test.shuffle(seed=cfg.seed).select(range(cfg.max_test_examples))
+    if task == "classification":
+        train, test, _ = encode_labels(train, test)
+    if len(train) == 0:
+        raise DataError(f"data.source={cfg.source!r} holds no examples")
+    return train, test
+
+
+def num_labels(train: datasets.Dataset) -> int:
+    return train.features["label"].num_classes

@@ -1,0 +1,70 @@
+"""Split the training pool across clients with flwr-datasets partitioners."""
+
+from __future__ import annotations
+
+import datasets
+from flwr_datasets.partitioner import (
+    DirichletPartitioner,
+    IidPartitioner,
+    Partitioner,
+    PathologicalPartitioner,
+    SizePartitioner,
+)
+
+from fedtune.config import PartitionConfig
+from fedtune.errors import DataError
+
+
+def size_skew_sizes(total: int, num_partitions: int, power: float) -> list[int]:
+    """Partition sizes proportional to (i + 1) ** power that add up to ``total``."""
+    shares = [(i + 1) ** power for i in range(num_partitions)]
+    scale = total / sum(shares)
+    sizes = [int(s * scale) for s in shares]
+    sizes[-1] += total - sum(sizes)
+    return sizes
+
+
+def make_partitioner(cfg: PartitionConfig, num_partitions: int, num_examples: int) -> Partitioner:
+    """The flwr-datasets partitioner that ``cfg.method`` names."""
+    if cfg.method == "iid":
+        return IidPartitioner(num_partitions=num_partitions)
+    if cfg.method == "dirichlet":
+        return DirichletPartitioner(num_partitions=num_partitions, partition_by="label", alpha=cfg.alpha,
+                                    min_partition_size=cfg.min_partition_size, self_balancing=False,
+                                    shuffle=True, seed=cfg.seed)
+    if cfg.method == "pathological":
+        return PathologicalPartitioner(num_partitions=num_partitions, partition_by="label",
+                                       num_classes_per_partition=cfg.classes_per_client,
+                                       class_assignment_mode="random", shuffle=True, seed=cfg.seed)
+    if cfg.method == "size-skew":
+        return SizePartitioner(partition_sizes=size_skew_sizes(num_examples, num_partitions, cfg.size_power))
+    raise DataError(f"partition.method={cfg.method!r} is not known")
+
+
+def partition_dataset(pool: datasets.Dataset, cfg: PartitionConfig, num_partitions: int) -> list[datasets.Dataset]:
+    """All partitions of ``pool``, deterministic in ``cfg.seed``.
+
+    IID and size-skew partitioners take contiguous slices, so the pool is shuffled first.
+    """
+    if cfg.method in ("dirichlet", "pathological") and "label" not in pool.column_names:
+        raise DataError(f"partition.method={cfg.method!r} splits by label, and this data set has none; "
+                        "use partition.method=iid or size-skew")
+    if num_partitions > len(pool):
+        raise DataError(f"{num_partitions} clients but only {len(pool)} examples; use fewer clients")
+    if cfg.method in ("iid", "size-skew"):
+        pool = pool.shuffle(seed=cfg.seed)
+    partitioner = make_partitioner(cfg, num_partitions, len(pool))
+    partitioner.dataset = pool
+    try:
+        return [partitioner.load_partition(i) for i in range(num_partitions)]
+    except ValueError as e:
+        raise DataError(f"partition.method={cfg.method!r} failed for {num_partitions} clients: {e}. "
+                        "Lower partition.min_partition_size or raise partition.alpha") from e
+
+
+def split_train_eval(part: datasets.Dataset, eval_fraction: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """A client's local train and eval splits (eval may be empty when eval_fraction is 0)."""
+    if eval_fraction == 0 or len(part) < 2:
+        return part, part.select([])
+    split = part.train_test_split(test_size=eval_fraction, seed=seed)
+    return split["train"], split["test"]

@@ -1,0 +1,1 @@
+"""The Flower glue, written once for every strategy: ServerApp, ClientApp and the adapter."""

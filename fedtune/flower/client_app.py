@@ -1,0 +1,66 @@
+"""Flower ClientApp: decode the server's message, run the client step, encode the reply."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedtune.quiet import quiet_libraries
+
+quiet_libraries()  # before peft/bitsandbytes are imported below
+
+from fedtune import protocol  # noqa: E402
+from fedtune.client import ClientReply, runtime_for  # noqa: E402
+from fedtune.codec import record_to_tensors, tensors_to_record  # noqa: E402
+from fedtune.config import FedtuneConfig, config_from_run_config  # noqa: E402
+
+
+def _config(context: Context, fixed_run_config: Mapping[str, Any] | None) -> FedtuneConfig:
+    return config_from_run_config({**dict(context.run_config), **dict(fixed_run_config or {})})
+
+
+def _partition_id(context: Context) -> int:
+    if protocol.PARTITION_ID not in context.node_config:
+        raise ValueError(f"node_config has no {protocol.PARTITION_ID!r}; start the SuperNode with "
+                         f"--node-config \"{protocol.PARTITION_ID}=0 {protocol.NUM_PARTITIONS}=N\"")
+    return int(context.node_config[protocol.PARTITION_ID])
+
+
+def _reply(msg: Message, reply: ClientReply) -> Message:
+    metrics = MetricRecord({**reply.metrics, protocol.NUM_EXAMPLES: reply.num_examples})
+    content = RecordDict({protocol.METRICS: metrics})
+    if reply.arrays:
+        content[protocol.ARRAYS] = tensors_to_record(reply.arrays)
+    return Message(content=content, reply_to=msg)
+
+
+def make_client_app(fixed_run_config: Mapping[str, Any] | None = None) -> ClientApp:
+    """A ClientApp; ``fixed_run_config`` (our CLI's config) takes precedence over Flower's run_config."""
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        runtime = runtime_for(_config(context, fixed_run_config))
+        config: ConfigRecord = msg.content[protocol.CONFIG]
+        reply = runtime.train(
+            partition_id=_partition_id(context),
+            server_round=int(config[protocol.SERVER_ROUND]),
+            arrays=record_to_tensors(msg.content[protocol.ARRAYS]),
+            trainable=str(config[protocol.TRAINABLE]).splitlines(),
+            mode=str(config[protocol.MODE]),
+        )
+        return _reply(msg, reply)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        runtime = runtime_for(_config(context, fixed_run_config))
+        reply = runtime.evaluate(_partition_id(context), record_to_tensors(msg.content[protocol.ARRAYS]))
+        return _reply(msg, reply)
+
+    return app
+
+
+app = make_client_app()

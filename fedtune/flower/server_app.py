@@ -1,0 +1,222 @@
+"""Flower ServerApp and the one adapter from fedtune strategies to Flower's ``Strategy``.
+
+:class:`FlowerStrategy` is the only place that touches Flower messages on the server:
+it samples clients, turns each :class:`~fedtune.strategy.ClientInstruction` into a
+message, measures what crosses the wire, validates replies (a malformed or non-finite
+reply is logged and never aggregated), and hands the valid ones to the fedtune strategy.
+Flower's ``Strategy.start()`` owns the round loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy as FlwrStrategy
+from flwr.serverapp.strategy.result import Result
+
+from fedtune import protocol
+from fedtune.quiet import quiet_libraries
+from fedtune.codec import record_to_tensors, tensors_to_record, wire_bytes
+from fedtune.config import FedtuneConfig, config_from_run_config
+from fedtune.errors import AggregationError, InvalidUpdateError
+from fedtune.strategy import ClientInstruction, ClientUpdate, Strategy, check_update
+
+log = logging.getLogger("fedtune.server")
+
+
+def _weighted_mean(pairs: list[tuple[float, float]]) -> float:
+    pairs = [(v, w) for v, w in pairs if v == v]  # drop NaN (e.g. a client with no eval split)
+    total = sum(w for _, w in pairs)
+    return sum(v * w for v, w in pairs) / total if total > 0 else float("nan")
+
+
+class FlowerStrategy(FlwrStrategy):
+    """Runs any fedtune :class:`~fedtune.strategy.Strategy` under Flower's round loop.
+
+    Parameters
+    ----------
+    strategy : Strategy
+        The fedtune strategy (already initialised with the adapter spec).
+    cfg : FedtuneConfig
+        The run's configuration (sampling fractions, minimum clients, seed).
+    on_metrics : callable
+        Receives keyword metrics for the round in progress (the run log's ``add``).
+    """
+
+    def __init__(self, strategy: Strategy, cfg: FedtuneConfig, on_metrics: Callable[..., None]) -> None:
+        self.strategy = strategy
+        self.cfg = cfg
+        self.on_metrics = on_metrics
+        self._expects: dict[int, ClientInstruction] = {}
+        self.grid: Grid | None = None
+        self.rejected: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ sampling
+    def _sample(self, grid: Grid, fraction: float, server_round: int, salt: int) -> list[int]:
+        fed = self.cfg.federation
+        wanted = max(fed.min_available_clients, fed.min_train_clients)
+        deadline = time.monotonic() + fed.round_timeout
+        while len(nodes := sorted(grid.get_node_ids())) < wanted and time.monotonic() < deadline:
+            log.info("waiting for clients: %d connected, %d required", len(nodes), wanted)
+            time.sleep(1)
+        if not nodes:
+            return []
+        size = min(len(nodes), max(int(len(nodes) * fraction), min(fed.min_train_clients, len(nodes))))
+        rng = random.Random(self.cfg.seed * 1_000_003 + server_round * 2 + salt)
+        return sorted(rng.sample(nodes, size))
+
+    # ------------------------------------------------------------------ training
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        messages, down = [], []
+        self._expects = {}
+        for node_id in self._sample(grid, self.cfg.federation.fraction_train, server_round, 0):
+            instruction = self.strategy.configure_client(server_round, node_id)
+            self._expects[node_id] = instruction
+            content = RecordDict({
+                protocol.ARRAYS: tensors_to_record(instruction.arrays),
+                protocol.CONFIG: ConfigRecord({
+                    protocol.SERVER_ROUND: server_round,
+                    protocol.MODE: instruction.mode,
+                    protocol.TRAINABLE: "\n".join(instruction.trainable),
+                    **{protocol.STRATEGY_PREFIX + k: v for k, v in instruction.config.items()},
+                }),
+            })
+            down.append(wire_bytes(content))
+            messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id))
+        self.on_metrics(bytes_down=sum(down), bytes_down_per_client=sum(down) / max(len(down), 1),
+                        clients_sampled=len(messages))
+        return messages
+
+    def _decode_reply(self, msg: Message) -> ClientUpdate:
+        node_id = msg.metadata.src_node_id
+        if msg.has_error():
+            raise InvalidUpdateError(f"client error: {msg.error.reason}")
+        if node_id not in self._expects:
+            raise InvalidUpdateError("reply from a client that was not sampled this round")
+        content = msg.content
+        if protocol.ARRAYS not in content.array_records or protocol.METRICS not in content.metric_records:
+            raise InvalidUpdateError(f"reply lacks the {protocol.ARRAYS!r} or {protocol.METRICS!r} record")
+        metrics = dict(content[protocol.METRICS])
+        num_examples = metrics.pop(protocol.NUM_EXAMPLES, None)
+        if not isinstance(num_examples, (int, float)) or num_examples < 0 or num_examples != num_examples:
+            raise InvalidUpdateError(f"{protocol.NUM_EXAMPLES}={num_examples!r} must be a non-negative number")
+        arrays = record_to_tensors(content[protocol.ARRAYS])
+        check_update(arrays, self._expects[node_id].expects)
+        return ClientUpdate(client_id=node_id, arrays=arrays, num_examples=int(num_examples),
+                            metrics={k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        updates, up, received = [], [], 0
+        for msg in replies:
+            received += 1
+            if not msg.has_error():
+                up.append(wire_bytes(msg.content))
+            try:
+                updates.append(self._decode_reply(msg))
+            except InvalidUpdateError as e:
+                self.rejected.append({"round": server_round, "client": msg.metadata.src_node_id, "reason": str(e)})
+                log.warning("round %d: rejected reply from client %d: %s", server_round,
+                            msg.metadata.src_node_id, e)
+        self.on_metrics(bytes_up=sum(up), bytes_up_per_client=sum(up) / max(len(up), 1),
+                        clients_aggregated=len(updates), clients_rejected=received - len(updates),
+                        clients_missing=len(self._expects) - received)
+        if not updates:
+            log.warning("round %d: no valid replies; the global adapter is unchanged", server_round)
+            return None, None
+        if sum(u.num_examples for u in updates) <= 0:
+            log.warning("round %d: every reply has zero examples; the global adapter is unchanged", server_round)
+            return None, None
+        start = time.perf_counter()
+        strategy_metrics = self.strategy.aggregate(server_round, updates)
+        aggregation_seconds = time.perf_counter() - start
+        global_tensors = self.strategy.global_adapter()
+        bad = [k for k, v in global_tensors.items() if not torch.isfinite(v).all()]
+        if bad:
+            raise AggregationError(f"round {server_round}: aggregation produced non-finite values in {bad[:3]}")
+        train_loss = _weighted_mean([(u.metrics.get(protocol.TRAIN_LOSS, float("nan")), u.num_examples)
+                                     for u in updates])
+        load = max(u.metrics.get(protocol.MODEL_LOAD_SECONDS, 0.0) for u in updates)
+        self.on_metrics(train_loss=train_loss, aggregation_seconds=aggregation_seconds,
+                        max_model_load_seconds=load, **strategy_metrics)
+        return tensors_to_record(global_tensors), MetricRecord({"train_loss": train_loss})
+
+    # ------------------------------------------------------------------ evaluation
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        if self.cfg.federation.fraction_evaluate == 0.0:
+            return []
+        content = RecordDict({protocol.ARRAYS: arrays,
+                              protocol.CONFIG: ConfigRecord({protocol.SERVER_ROUND: server_round})})
+        nodes = self._sample(grid, self.cfg.federation.fraction_evaluate, server_round, 1)
+        self.on_metrics(eval_bytes_down=wire_bytes(content) * len(nodes))
+        return [Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=n) for n in nodes]
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        pairs_loss, pairs_acc = [], []
+        for msg in replies:
+            if msg.has_error():
+                log.warning("round %d: evaluation failed on client %d: %s", server_round,
+                            msg.metadata.src_node_id, msg.error.reason)
+                continue
+            m = msg.content[protocol.METRICS]
+            n = float(m.get(protocol.NUM_EXAMPLES, 0))
+            pairs_loss.append((float(m.get(protocol.EVAL_LOSS, float("nan"))), n))
+            pairs_acc.append((float(m.get(protocol.EVAL_ACCURACY, float("nan"))), n))
+        if not pairs_loss:
+            return None
+        metrics = {"client_eval_loss": _weighted_mean(pairs_loss),
+                   "client_eval_accuracy": _weighted_mean(pairs_acc)}
+        self.on_metrics(**metrics)
+        return MetricRecord({k: v for k, v in metrics.items() if v == v})
+
+    def federated_evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """One evaluation round outside Flower's loop (the round-0 reference)."""
+        assert self.grid is not None
+        replies = self.grid.send_and_receive(
+            self.configure_evaluate(server_round, arrays, ConfigRecord(), self.grid),
+            timeout=self.cfg.federation.round_timeout)
+        return self.aggregate_evaluate(server_round, replies)
+
+    def summary(self) -> None:
+        params = ", ".join(f"{k}={v}" for k, v in self.strategy.hyperparameters().items()) or "no options"
+        log.info("strategy %s (%s): %s", self.strategy.name or type(self.strategy).__name__, params,
+                 self.strategy.summary_line)
+
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
+              train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
+              evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None) -> Result:
+        self.grid = grid
+        return super().start(grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config, evaluate_fn)
+
+
+def make_server_app(fixed_run_config: Mapping[str, Any] | None = None,
+                    on_finish: Callable[[Path], None] | None = None) -> ServerApp:
+    """A ServerApp; ``fixed_run_config`` (our CLI's config) takes precedence over Flower's run_config."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        from fedtune.server import run_federation
+
+        cfg = config_from_run_config({**dict(context.run_config), **dict(fixed_run_config or {})})
+        run_dir = run_federation(grid, cfg)
+        if on_finish is not None:
+            on_finish(run_dir)
+
+    return app
+
+
+quiet_libraries()
+app = make_server_app()
+
+__all__ = ["FlowerStrategy", "app", "make_server_app"]

@@ -1,0 +1,25 @@
+"""Names of the records and keys that travel between server and clients, in one place."""
+
+# RecordDict keys
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+
+# ConfigRecord keys, server -> client
+SERVER_ROUND = "server-round"
+MODE = "fedtune.mode"
+TRAINABLE = "fedtune.trainable"  # newline-separated regular expressions
+STRATEGY_PREFIX = "strategy."  # strategy-specific settings are sent under this prefix
+
+# MetricRecord keys, client -> server
+NUM_EXAMPLES = "num-examples"
+TRAIN_LOSS = "train_loss"
+TRAIN_STEPS = "train_steps"
+TRAIN_SECONDS = "train_seconds"
+MODEL_LOAD_SECONDS = "model_load_seconds"
+EVAL_LOSS = "eval_loss"
+EVAL_ACCURACY = "eval_accuracy"
+
+# node_config keys (simulation sets the first two)
+PARTITION_ID = "partition-id"
+NUM_PARTITIONS = "num-partitions"

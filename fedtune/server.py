@@ -1,0 +1,68 @@
+"""The server side of a run, without Flower specifics: set up, run the rounds, save.
+
+The coordinator builds the same model and adapter as the clients (same seed, so the same
+initial adapter), hands the initial tensors to the strategy, runs Flower's round loop
+through :class:`~fedtune.flower.server_app.FlowerStrategy`, evaluates the global adapter
+on the central test set (when there is one) after every round and before the first, and
+writes the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from flwr.app import ArrayRecord, MetricRecord
+from flwr.serverapp import Grid
+
+from fedtune.codec import record_to_tensors, tensors_to_record
+from fedtune.config import FedtuneConfig
+from fedtune.data import load_splits, num_labels, tokenize
+from fedtune.flower.server_app import FlowerStrategy
+from fedtune.models import get_adapter
+from fedtune.runlog import ADAPTER_DIR, RunLog, default_run_dir
+from fedtune.strategy import AdapterSpec, build_strategy
+from fedtune.training import evaluate
+
+log = logging.getLogger("fedtune.server")
+
+
+def run_federation(grid: Grid, cfg: FedtuneConfig) -> Path:
+    """Run every round of ``cfg`` on ``grid``; return the run directory."""
+    strategy = build_strategy(cfg.strategy.name, cfg.strategy.options)
+    pool, test = load_splits(cfg.data, cfg.model.task)
+    labels = num_labels(pool) if cfg.model.task == "classification" else None
+    handle = get_adapter(cfg.model, cfg.adapter, labels, cfg.seed)
+    test_tok = tokenize(test, handle.tokenizer, cfg.model.task, cfg.data.max_length) if test is not None else None
+    strategy.initialize(AdapterSpec(initial=handle.state(), rank=cfg.adapter.rank, alpha=cfg.adapter.alpha,
+                                    seed=cfg.seed))
+
+    run_log = RunLog(cfg, Path(cfg.output.dir) if cfg.output.dir else default_run_dir(cfg))
+    glue = FlowerStrategy(strategy, cfg, on_metrics=run_log.add)
+
+    def end_of_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if test_tok is not None:
+            handle.load(record_to_tensors(arrays))
+            result = evaluate(handle, test_tok, cfg.train.eval_batch_size)
+            run_log.add(eval_loss=result["loss"], eval_accuracy=result["accuracy"])
+        else:
+            if server_round == 0:
+                glue.federated_evaluate(0, arrays)
+            run_log.add(eval_loss=run_log.pending("client_eval_loss"),
+                        eval_accuracy=run_log.pending("client_eval_accuracy"))
+        row = run_log.end_round(server_round)
+        return MetricRecord({k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+
+    try:
+        glue.start(grid, tensors_to_record(strategy.global_adapter()), num_rounds=cfg.federation.num_rounds,
+                   timeout=cfg.federation.round_timeout, evaluate_fn=end_of_round)
+    finally:
+        run_log.close()
+    if cfg.output.save_adapter:
+        handle.load(strategy.global_adapter())
+        handle.save(run_log.run_dir / ADAPTER_DIR)
+    if glue.rejected:
+        (run_log.run_dir / "rejected.jsonl").write_text("".join(json.dumps(r) + "\n" for r in glue.rejected))
+    log.info("run finished: %s", run_log.run_dir)
+    return run_log.run_dir

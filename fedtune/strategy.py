@@ -1,0 +1,266 @@
+"""The strategy interface: what the server sends, what each client trains, how replies merge.
+
+A strategy is a plain Python object: tensors in, tensors out. It never sees a Flower
+message; :mod:`fedtune.flower.server_app` adapts every strategy to Flower once. The round
+loop (sampling, sending, waiting, evaluating, logging) belongs to the framework, so a
+strategy fills in three things:
+
+* :meth:`Strategy.configure_client` returns a :class:`ClientInstruction` per sampled client:
+  the tensors to load, which adapter tensors to train (and so send back), and the client
+  routine to run;
+* :meth:`Strategy.aggregate` turns validated :class:`ClientUpdate` objects into the next
+  global state, without mutating them;
+* :meth:`Strategy.global_adapter` gives the adapter tensors to evaluate and save.
+
+Built-in strategies register by name with :func:`register_strategy`; any other class is
+named by a dotted path, ``package.module:ClassName``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import re
+import sys
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from fedtune.errors import ConfigError, InvalidUpdateError
+
+if TYPE_CHECKING:
+    from fedtune.config import FedtuneConfig
+
+Tensors = dict[str, torch.Tensor]
+Scalar = bool | int | float | str
+
+# Client routines a ClientInstruction can ask for (see fedtune.training).
+GRADIENT_MODE = "gradient"
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """What the server knows about the adapter before round 1.
+
+    Parameters
+    ----------
+    initial : dict of str to Tensor
+        The adapter tensors of a freshly initialised client, keyed by their PEFT
+        state-dict names (the names used on the wire and in ``adapter_model.safetensors``).
+    rank, alpha : int, float
+        LoRA rank and alpha; the scaling applied to ``B @ A`` is ``alpha / rank``.
+    seed : int
+        The run's seed, for strategies that derive shared random state from it.
+    """
+
+    initial: Mapping[str, torch.Tensor]
+    rank: int
+    alpha: float
+    seed: int = 0
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclass(frozen=True)
+class ClientInstruction:
+    """What one client is told to do in one round.
+
+    Parameters
+    ----------
+    arrays : dict of str to Tensor
+        Tensors the client loads into its adapter before training. Adapter tensors not
+        named here are reset to their (seeded, identical everywhere) initial values.
+    trainable : tuple of str
+        Regular expressions over adapter tensor names: the tensors the client trains.
+        Everything else stays frozen.
+    expects : dict of str to tuple of int
+        The names and shapes the server will accept back; a reply with other keys or
+        shapes is rejected before aggregation.
+    mode : str
+        The client routine, ``"gradient"`` (AdamW on the trainable tensors) by default.
+    config : dict of str to scalar
+        Extra strategy-specific settings sent to the client.
+    """
+
+    arrays: Mapping[str, torch.Tensor]
+    trainable: tuple[str, ...]
+    expects: Mapping[str, tuple[int, ...]]
+    mode: str = GRADIENT_MODE
+    config: Mapping[str, Scalar] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """A validated reply from one client."""
+
+    client_id: int
+    arrays: Mapping[str, torch.Tensor]
+    num_examples: int
+    metrics: Mapping[str, float] = field(default_factory=dict)
+
+
+class Strategy(ABC):
+    """Base class of every aggregation strategy.
+
+    Subclasses set ``name`` and ``summary_line``, take keyword-only constructor options
+    (they come from ``strategy.options`` in the config) and implement the abstract methods.
+    """
+
+    name: ClassVar[str] = ""
+    summary_line: ClassVar[str] = ""
+
+    def initialize(self, spec: AdapterSpec) -> None:
+        """Receive the initial adapter before round 1. Called once, on the server."""
+        self.spec = spec
+
+    @abstractmethod
+    def configure_client(self, server_round: int, client_id: int) -> ClientInstruction:
+        """Return the instruction for one sampled client in ``server_round``."""
+
+    @abstractmethod
+    def aggregate(self, server_round: int, updates: Sequence[ClientUpdate]) -> dict[str, float]:
+        """Fold the round's valid updates into the global state; return strategy metrics."""
+
+    @abstractmethod
+    def global_adapter(self) -> Tensors:
+        """The adapter tensors (PEFT state-dict names) that represent the global model."""
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """Every hyperparameter in use, for the start-up log line."""
+        return {}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def select(tensors: Mapping[str, torch.Tensor], patterns: Sequence[str]) -> Tensors:
+    """The entries of ``tensors`` whose name matches any of the regular expressions."""
+    compiled = [re.compile(p) for p in patterns]
+    return {k: v for k, v in tensors.items() if any(c.search(k) for c in compiled)}
+
+
+def shapes_of(tensors: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in tensors.items()}
+
+
+def check_update(arrays: Mapping[str, torch.Tensor], expects: Mapping[str, tuple[int, ...]]) -> None:
+    """Raise :class:`InvalidUpdateError` naming what is wrong with a reply, if anything."""
+    missing = sorted(set(expects) - set(arrays))
+    extra = sorted(set(arrays) - set(expects))
+    if missing or extra:
+        raise InvalidUpdateError(f"wrong keys: missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+                                 f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}")
+    for key, shape in expects.items():
+        got = tuple(arrays[key].shape)
+        if got != tuple(shape):
+            raise InvalidUpdateError(f"{key} has shape {got}, expected {tuple(shape)}")
+        if not arrays[key].is_floating_point():
+            raise InvalidUpdateError(f"{key} has dtype {arrays[key].dtype}, expected a floating point tensor")
+        if not torch.isfinite(arrays[key]).all():
+            raise InvalidUpdateError(f"{key} contains NaN or infinite values")
+
+
+# --------------------------------------------------------------------------- registry
+
+_REGISTRY: dict[str, type[Strategy]] = {}
+_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_-]*$")
+
+
+def register_strategy(cls: type[Strategy]) -> type[Strategy]:
+    """Class decorator that registers a built-in strategy under ``cls.name``."""
+    if not (isinstance(cls, type) and issubclass(cls, Strategy)):
+        raise TypeError(f"register_strategy expects a Strategy subclass, got {cls!r}")
+    if not _NAME_PATTERN.match(cls.name or ""):
+        raise ValueError(f"{cls.__name__}.name={cls.name!r} must be lower-case letters, digits, '-' or '_'")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"strategy name {cls.name!r} is taken by {_REGISTRY[cls.name].__qualname__}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def registered_strategies() -> dict[str, type[Strategy]]:
+    """Built-in strategies by name (importing :mod:`strategies` registers them)."""
+    importlib.import_module("strategies")
+    return dict(sorted(_REGISTRY.items()))
+
+
+def resolve_strategy(name: str) -> type[Strategy]:
+    """A registered name, or ``package.module:Class`` / ``path/to/file.py:Class``."""
+    if ":" not in name:
+        known = registered_strategies()
+        if name not in known:
+            raise ConfigError([f"strategy.name={name!r} is not a registered strategy; use one of "
+                               f"{sorted(known)} or a dotted path like mypkg.mymodule:MyStrategy"])
+        return known[name]
+    module_name, _, attr = name.rpartition(":")
+    try:
+        module = _import_module(module_name)
+    except Exception as e:
+        raise ConfigError([f"strategy.name={name!r}: cannot import {module_name!r} ({e}); "
+                           "make it importable (pip install it or add it to PYTHONPATH)"]) from e
+    cls = getattr(module, attr, None)
+    if not (isinstance(cls, type) and issubclass(cls, Strategy)):
+        raise ConfigError([f"strategy.name={name!r}: {attr!r} in {module_name!r} is not a "
+                           "subclass of fedtune.strategy.Strategy"])
+    return cls
+
+
+def _import_module(module_name: str) -> Any:
+    if module_name.endswith(".py"):
+        path = Path(module_name).resolve()
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"no module at {path}")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules.setdefault(path.stem, module)
+        spec.loader.exec_module(module)
+        return module
+    return importlib.import_module(module_name)
+
+
+def build_strategy(name: str, options: Mapping[str, Any]) -> Strategy:
+    """Instantiate a strategy; bad options raise :class:`ConfigError` naming them."""
+    cls = resolve_strategy(name)
+    params = inspect.signature(cls.__init__).parameters
+    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    unknown = [k for k in options if k not in params and not takes_kwargs]
+    if unknown:
+        accepted = [p for p in params if p != "self"]
+        raise ConfigError([f"strategy.options.{k} is not an option of {cls.__name__} "
+                           f"(accepted: {accepted or 'none'})" for k in unknown])
+    try:
+        return cls(**dict(options))
+    except (TypeError, ValueError) as e:
+        raise ConfigError([f"strategy.options for {cls.__name__}: {e}"]) from e
+
+
+def strategy_problems(cfg: FedtuneConfig) -> list[str]:
+    """Problems with ``cfg.strategy``, as config problem strings (empty when fine)."""
+    try:
+        build_strategy(cfg.strategy.name, cfg.strategy.options)
+    except ConfigError as e:
+        return e.problems
+    return []
+
+
+__all__ = [
+    "AdapterSpec",
+    "ClientInstruction",
+    "ClientUpdate",
+    "GRADIENT_MODE",
+    "Strategy",
+    "build_strategy",
+    "check_update",
+    "register_strategy",
+    "registered_strategies",
+    "resolve_strategy",
+    "select",
+    "shapes_of",
+]

@@ -1,0 +1,95 @@
+"""Local training and evaluation of an adapter on one client's data."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import datasets
+import torch
+from torch.utils.data import DataLoader
+
+from fedtune.config import TrainConfig
+from fedtune.data.tokenize import IGNORE_INDEX, collate
+from fedtune.models import AdapterHandle
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What one client's local training produced besides the tensors."""
+
+    loss: float
+    num_examples: int
+    steps: int
+    seconds: float
+
+
+def _loader(ds: datasets.Dataset, batch_size: int, pad_id: int, shuffle: bool, seed: int) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=generator,
+                      collate_fn=lambda rows: collate(rows, pad_id))
+
+
+def train_adapter(handle: AdapterHandle, train_ds: datasets.Dataset, cfg: TrainConfig, seed: int) -> TrainResult:
+    """AdamW on the adapter tensors that have ``requires_grad``; deterministic in ``seed``.
+
+    Runs ``cfg.local_steps`` optimizer steps when set, else ``cfg.local_epochs`` passes.
+    Returns the mean training loss over the micro-batches seen.
+    """
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(seed)  # dropout
+    params = [p for p in handle.params.values() if p.requires_grad]
+    if not params:
+        raise ValueError("no adapter tensor is trainable; the strategy's `trainable` patterns matched nothing")
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    loader = _loader(train_ds, cfg.batch_size, handle.tokenizer.pad_token_id, shuffle=True, seed=seed)
+    per_epoch = max(1, math.ceil(len(loader) / cfg.gradient_accumulation))
+    total_steps = cfg.local_steps or cfg.local_epochs * per_epoch
+    handle.model.train()
+    start = time.perf_counter()
+    steps, micro, loss_sum, loss_count = 0, 0, 0.0, 0
+    optimizer.zero_grad(set_to_none=True)
+    while steps < total_steps:
+        for batch in loader:
+            loss = handle.model(**batch).loss
+            (loss / cfg.gradient_accumulation).backward()
+            loss_sum += float(loss.detach())
+            loss_count += 1
+            micro += 1
+            if micro % cfg.gradient_accumulation == 0:
+                if cfg.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                steps += 1
+                if steps >= total_steps:
+                    break
+    handle.model.eval()
+    return TrainResult(loss=loss_sum / max(loss_count, 1), num_examples=len(train_ds), steps=steps,
+                       seconds=time.perf_counter() - start)
+
+
+@torch.no_grad()
+def evaluate(handle: AdapterHandle, ds: datasets.Dataset, batch_size: int) -> dict[str, float]:
+    """Mean loss and accuracy (label accuracy, or next-token accuracy on response tokens)."""
+    handle.model.eval()
+    if len(ds) == 0:
+        return {"loss": float("nan"), "accuracy": float("nan"), "num_examples": 0}
+    loss_sum, weight, correct, total = 0.0, 0, 0, 0
+    for batch in _loader(ds, batch_size, handle.tokenizer.pad_token_id, shuffle=False, seed=0):
+        out = handle.model(**batch)
+        labels = batch["labels"]
+        if handle.task == "classification":
+            n = labels.numel()
+            correct += int((out.logits.argmax(-1) == labels).sum())
+        else:
+            targets = labels[:, 1:]
+            mask = targets != IGNORE_INDEX
+            n = int(mask.sum())
+            correct += int(((out.logits[:, :-1].argmax(-1) == targets) & mask).sum())
+        loss_sum += float(out.loss) * n
+        weight += n
+        total += n
+    return {"loss": loss_sum / max(weight, 1), "accuracy": correct / max(total, 1), "num_examples": len(ds)}
