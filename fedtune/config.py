@@ -345,7 +345,16 @@ def build_config(data: Mapping[str, Any], *, check_strategy: bool = True) -> Fed
         problems += strategy_problems(cfg)
     if problems:
         raise ConfigError(problems)
+    _absolute_paths(cfg)
     return cfg
+
+
+def _absolute_paths(cfg: FedtuneConfig) -> None:
+    """Make local data paths absolute, so worker processes with another cwd read the same files."""
+    for key in ("source", "test_source"):
+        value = getattr(cfg.data, key)
+        if value and not value.startswith("generated:"):
+            setattr(cfg.data, key, str(Path(value).resolve()))
 
 
 def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
@@ -359,7 +368,8 @@ def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
     return result
 
 
-def load_config(path: str | os.PathLike[str] | None = None, overrides: Iterable[str] = ()) -> FedtuneConfig:
+def load_config(path: str | os.PathLike[str] | None = None, overrides: Iterable[str] = (),
+                *, check_strategy: bool = True) -> FedtuneConfig:
     """Read a YAML config (the embedded default when ``path`` is None) plus overrides."""
     path = Path(path) if path is not None else DEFAULT_CONFIG_PATH
     if not path.is_file():
@@ -371,7 +381,7 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: Iterable[
     if not isinstance(base, dict):
         raise ConfigError([f"config file {str(path)!r} must hold a mapping of sections, not {type(base).__name__}"])
     merged = OmegaConf.merge(OmegaConf.create(base), OmegaConf.create(parse_overrides(overrides)))
-    return build_config(OmegaConf.to_container(merged))  # type: ignore[arg-type]
+    return build_config(OmegaConf.to_container(merged), check_strategy=check_strategy)  # type: ignore[arg-type]
 
 
 # Keys of Flower's run_config that are not schema keys.
@@ -379,7 +389,7 @@ RUN_CONFIG_FILE_KEY = "config-file"
 RUN_CONFIG_OVERRIDES_KEY = "overrides"
 
 
-def config_from_run_config(run_config: Mapping[str, Any]) -> FedtuneConfig:
+def config_from_run_config(run_config: Mapping[str, Any], *, check_strategy: bool = True) -> FedtuneConfig:
     """The one bridge from Flower's flat ``run_config`` to the schema.
 
     ``config-file`` names a YAML file (empty: the schema defaults), ``overrides`` is a
@@ -394,8 +404,8 @@ def config_from_run_config(run_config: Mapping[str, Any]) -> FedtuneConfig:
         file_path = Path(config_file)
         if not file_path.is_absolute() and not file_path.exists():
             file_path = PROJECT_ROOT / file_path
-        return load_config(file_path, overrides)
-    return build_config(parse_overrides(overrides))
+        return load_config(file_path, overrides, check_strategy=check_strategy)
+    return build_config(parse_overrides(overrides), check_strategy=check_strategy)
 
 
 def to_run_config(cfg: FedtuneConfig) -> dict[str, Any]:

@@ -114,11 +114,13 @@ def load_base_model(cfg: ModelConfig, num_labels: int | None) -> torch.nn.Module
     dtype = getattr(torch, cfg.dtype)
     try:
         if cfg.task == "classification":
+            # A checkpoint whose head has another number of labels gets a fresh head.
             model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=num_labels, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+                path, num_labels=num_labels, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
+                ignore_mismatched_sizes=True)
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RuntimeError) as e:
         raise ModelLoadError(f"cannot load model.name={cfg.name!r} ({path}): {e}. Give a local folder, a "
                              "builtin: model, or a hub id with network access") from e
     if model.config.pad_token_id is None and getattr(model.config, "eos_token_id", None) is not None:

@@ -25,10 +25,11 @@ def simulate(cfg: FedtuneConfig, verbose: bool = False) -> Path:
     from fedtune.flower.client_app import make_client_app
     from fedtune.flower.server_app import make_server_app
 
+    preflight(cfg)
     run_config = to_run_config(cfg)
     outcome: dict[str, object] = {}
 
-    server_app = make_server_app(run_config, on_finish=lambda run_dir: outcome.__setitem__("run_dir", run_dir))
+    server_app = make_server_app(run_config, on_finish=lambda result: outcome.__setitem__("result", result))
     client_app = make_client_app(run_config)
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.ERROR)
@@ -41,6 +42,26 @@ def simulate(cfg: FedtuneConfig, verbose: bool = False) -> Path:
         warnings.filterwarnings("ignore", message=".*run_simulation.*deprecated.*")
         run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.federation.num_clients,
                        backend_config=backend_config, verbose_logging=verbose)
-    if "run_dir" not in outcome:
-        raise FedtuneError("the simulation ended without finishing the run; see the log above for the cause")
-    return Path(str(outcome["run_dir"]))
+    result = outcome.get("result")
+    if isinstance(result, BaseException):
+        raise result
+    if result is None:
+        raise FedtuneError("the simulation ended without finishing the run; rerun with --verbose to see why")
+    return Path(str(result))
+
+
+def preflight(cfg: FedtuneConfig) -> None:
+    """Fail fast, before Ray starts, on a model that cannot be found or data that cannot be read."""
+    from transformers import AutoConfig
+
+    from fedtune.data import load_splits
+    from fedtune.errors import ModelLoadError
+    from fedtune.models import resolve_model_path
+
+    path = resolve_model_path(cfg.model.name)
+    try:
+        AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot load model.name={cfg.model.name!r}: {e}. Give a local folder, a builtin: "
+                             "model, or a hub id with network access") from e
+    load_splits(cfg.data, cfg.model.task)

@@ -19,14 +19,20 @@ from fedtune.config import FedtuneConfig, config_from_run_config  # noqa: E402
 
 
 def _config(context: Context, fixed_run_config: Mapping[str, Any] | None) -> FedtuneConfig:
-    return config_from_run_config({**dict(context.run_config), **dict(fixed_run_config or {})})
+    # The strategy runs on the server only: clients need not be able to import it.
+    return config_from_run_config({**dict(context.run_config), **dict(fixed_run_config or {})},
+                                  check_strategy=False)
 
 
-def _partition_id(context: Context) -> int:
-    if protocol.PARTITION_ID not in context.node_config:
+def _partition_id(context: Context, cfg: FedtuneConfig) -> int:
+    node = context.node_config
+    if protocol.PARTITION_ID not in node:
         raise ValueError(f"node_config has no {protocol.PARTITION_ID!r}; start the SuperNode with "
                          f"--node-config \"{protocol.PARTITION_ID}=0 {protocol.NUM_PARTITIONS}=N\"")
-    return int(context.node_config[protocol.PARTITION_ID])
+    if protocol.NUM_PARTITIONS in node and int(node[protocol.NUM_PARTITIONS]) != cfg.federation.num_clients:
+        raise ValueError(f"the federation has {node[protocol.NUM_PARTITIONS]} nodes but "
+                         f"federation.num_clients={cfg.federation.num_clients}; make them equal")
+    return int(node[protocol.PARTITION_ID])
 
 
 def _reply(msg: Message, reply: ClientReply) -> Message:
@@ -43,10 +49,10 @@ def make_client_app(fixed_run_config: Mapping[str, Any] | None = None) -> Client
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        runtime = runtime_for(_config(context, fixed_run_config))
+        cfg = _config(context, fixed_run_config)
         config: ConfigRecord = msg.content[protocol.CONFIG]
-        reply = runtime.train(
-            partition_id=_partition_id(context),
+        reply = runtime_for(cfg).train(
+            partition_id=_partition_id(context, cfg),
             server_round=int(config[protocol.SERVER_ROUND]),
             arrays=record_to_tensors(msg.content[protocol.ARRAYS]),
             trainable=str(config[protocol.TRAINABLE]).splitlines(),
@@ -56,8 +62,8 @@ def make_client_app(fixed_run_config: Mapping[str, Any] | None = None) -> Client
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        runtime = runtime_for(_config(context, fixed_run_config))
-        reply = runtime.evaluate(_partition_id(context), record_to_tensors(msg.content[protocol.ARRAYS]))
+        cfg = _config(context, fixed_run_config)
+        reply = runtime_for(cfg).evaluate(_partition_id(context, cfg), record_to_tensors(msg.content[protocol.ARRAYS]))
         return _reply(msg, reply)
 
     return app

@@ -200,16 +200,24 @@ class FlowerStrategy(FlwrStrategy):
 
 
 def make_server_app(fixed_run_config: Mapping[str, Any] | None = None,
-                    on_finish: Callable[[Path], None] | None = None) -> ServerApp:
-    """A ServerApp; ``fixed_run_config`` (our CLI's config) takes precedence over Flower's run_config."""
+                    on_finish: Callable[[Path | BaseException], None] | None = None) -> ServerApp:
+    """A ServerApp; ``fixed_run_config`` (our CLI's config) takes precedence over Flower's run_config.
+
+    ``on_finish`` receives the run directory, or the exception that ended the run.
+    """
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         from fedtune.server import run_federation
 
-        cfg = config_from_run_config({**dict(context.run_config), **dict(fixed_run_config or {})})
-        run_dir = run_federation(grid, cfg)
+        try:
+            cfg = config_from_run_config({**dict(context.run_config), **dict(fixed_run_config or {})})
+            run_dir = run_federation(grid, cfg)
+        except BaseException as e:
+            if on_finish is not None:
+                on_finish(e)
+            raise
         if on_finish is not None:
             on_finish(run_dir)
 
