@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo flwr-run test test-fast clean
 
 install: $(VENV)/.installed
 
@@ -21,6 +21,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 demo: install
 	$(BIN)/fedtune simulate
 
+flwr-run: install
+	PATH=$(abspath $(BIN)):$$PATH bash simulations/flwr-run.sh
+
 test: install
 	$(BIN)/python -m pytest -q
 
@@ -28,4 +31,4 @@ test-fast: install
 	$(BIN)/python -m pytest -q -m "not integration"
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .flwr .pytest_cache
