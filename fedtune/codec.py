@@ -41,7 +41,7 @@ def record_to_tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
             if len(array.data) != expected:
                 raise InvalidUpdateError(f"{key}: {len(array.data)} bytes for a bfloat16 array of shape "
                                          f"{tuple(array.shape)} (expected {expected})")
-            flat = torch.frombuffer(bytearray(array.data), dtype=torch.int16)
+            flat = torch.from_numpy(np.frombuffer(array.data, dtype=np.int16).copy())
             out[key] = flat.view(torch.bfloat16).reshape(tuple(array.shape))
         else:
             try:

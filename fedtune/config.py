@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import os
 import shlex
 from collections.abc import Iterable, Mapping
@@ -292,7 +293,7 @@ def _schema_problems(schema: type, data: Mapping[str, Any], prefix: str) -> list
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f"; did you mean {prefix}{close[0]}?" if close else ""
-            problems.append(f"{path} is not a known key (known: {', '.join(fields)}){hint}")
+            problems.append(f"{path}={value!r} is not a known key (known: {', '.join(fields)}){hint}")
             continue
         default = getattr(node, key) if key in node else None
         if isinstance(default, DictConfig) and dataclasses.is_dataclass(fields[key].default_factory()):  # type: ignore[misc]
@@ -303,7 +304,7 @@ def _schema_problems(schema: type, data: Mapping[str, Any], prefix: str) -> list
             continue
         try:
             OmegaConf.merge(node, {key: value})
-        except OmegaConfBaseException as e:
+        except (OmegaConfBaseException, TypeError, ValueError) as e:
             reason = str(e).splitlines()[0]
             problems.append(f"{path}={value!r} has the wrong type ({reason}); expected {fields[key].type}")
     return problems
@@ -371,7 +372,23 @@ def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
 def load_config(path: str | os.PathLike[str] | None = None, overrides: Iterable[str] = (),
                 *, check_strategy: bool = True) -> FedtuneConfig:
     """Read a YAML config (the embedded default when ``path`` is None) plus overrides."""
-    path = Path(path) if path is not None else DEFAULT_CONFIG_PATH
+    base = _read_yaml(Path(path) if path is not None else DEFAULT_CONFIG_PATH)
+    return build_config(merge_nested(base, parse_overrides(overrides)), check_strategy=check_strategy)
+
+
+def merge_nested(base: Mapping[str, Any], *updates: Mapping[str, Any]) -> dict[str, Any]:
+    """Recursive dict update; a value replaces a section (or vice versa) and the schema check reports it."""
+    out = dict(base)
+    for update in updates:
+        for key, value in update.items():
+            if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+                out[key] = merge_nested(out[key], value)
+            else:
+                out[key] = value
+    return out
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError([f"config file {str(path)!r} does not exist; pass a YAML file from simulations/"])
     try:
@@ -380,8 +397,7 @@ def load_config(path: str | os.PathLike[str] | None = None, overrides: Iterable[
         raise ConfigError([f"config file {str(path)!r} is not valid YAML: {e}"]) from e
     if not isinstance(base, dict):
         raise ConfigError([f"config file {str(path)!r} must hold a mapping of sections, not {type(base).__name__}"])
-    merged = OmegaConf.merge(OmegaConf.create(base), OmegaConf.create(parse_overrides(overrides)))
-    return build_config(OmegaConf.to_container(merged), check_strategy=check_strategy)  # type: ignore[arg-type]
+    return base
 
 
 # Keys of Flower's run_config that are not schema keys.
@@ -398,14 +414,22 @@ def config_from_run_config(run_config: Mapping[str, Any], *, check_strategy: boo
     """
     flat = dict(run_config)
     config_file = str(flat.pop(RUN_CONFIG_FILE_KEY, "") or "")
-    overrides = shlex.split(str(flat.pop(RUN_CONFIG_OVERRIDES_KEY, "") or ""))
-    overrides += [f"{k.replace('-', '_')}={_yaml_scalar(v)}" for k, v in flat.items()]
+    from_string = parse_overrides(shlex.split(str(flat.pop(RUN_CONFIG_OVERRIDES_KEY, "") or "")))
+    # Flower already parsed these values from TOML: take them as they are, not as text.
+    from_keys: dict[str, Any] = {}
+    for dotted, value in flat.items():
+        *parents, leaf = dotted.replace("-", "_").split(".")
+        node = from_keys
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    base: Mapping[str, Any] = {}
     if config_file:
         file_path = Path(config_file)
         if not file_path.is_absolute() and not file_path.exists():
             file_path = PROJECT_ROOT / file_path
-        return load_config(file_path, overrides, check_strategy=check_strategy)
-    return build_config(parse_overrides(overrides), check_strategy=check_strategy)
+        base = _read_yaml(file_path)
+    return build_config(merge_nested(base, from_string, from_keys), check_strategy=check_strategy)
 
 
 def to_run_config(cfg: FedtuneConfig) -> dict[str, Any]:
@@ -420,22 +444,16 @@ def to_run_config(cfg: FedtuneConfig) -> dict[str, Any]:
                 out[f"{prefix}{key}"] = value
 
     walk(OmegaConf.to_container(OmegaConf.structured(cfg)), "")
-    return {RUN_CONFIG_OVERRIDES_KEY: " ".join(f"{k}={_yaml_scalar(v)}" for k, v in out.items())}
+    pairs = (f"{k}={_yaml_scalar(v)}" for k, v in out.items())
+    return {RUN_CONFIG_OVERRIDES_KEY: " ".join(shlex.quote(p) for p in pairs)}
 
 
 def _yaml_scalar(value: Any) -> str:
-    """Render a value so that OmegaConf's dotlist parser reads it back unchanged."""
-    if isinstance(value, str):
-        return shlex.quote(value) if value else "''"
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (list, dict)):
-        import json
+    """Render a value so that OmegaConf's dotlist parser reads it back unchanged.
 
-        return shlex.quote(json.dumps(value))
-    return repr(value)
+    JSON is valid YAML, and quoting strings keeps ``"null"``, ``"true"`` or ``"0x10"`` strings.
+    """
+    return json.dumps(value)
 
 
 def to_yaml(cfg: FedtuneConfig) -> str:

@@ -62,8 +62,18 @@ def _smollm2_path() -> str:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = found[0]
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    dequantized = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # transformers marks a GGUF-loaded model as quantized and refuses to save it; the weights
+    # are already dequantized to float32, so copy them into a plain model of the same config.
+    config = dequantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(dequantized.state_dict(), strict=False)
+    if unexpected or [k for k in missing if k != "lm_head.weight"]:
+        raise ModelLoadError(f"converting {gguf.name} lost weights: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.tie_weights()
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent))
     model.save_pretrained(staging)

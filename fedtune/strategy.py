@@ -18,6 +18,7 @@ named by a dotted path, ``package.module:ClassName``.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import inspect
@@ -215,12 +216,20 @@ def resolve_strategy(name: str) -> type[Strategy]:
 def _import_module(module_name: str) -> Any:
     if module_name.endswith(".py"):
         path = Path(module_name).resolve()
-        spec = importlib.util.spec_from_file_location(path.stem, path)
+        # Keyed by path, so resolving twice returns the same class (and registers once).
+        key = "fedtune_user_strategy_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
+        if key in sys.modules:
+            return sys.modules[key]
+        spec = importlib.util.spec_from_file_location(key, path)
         if spec is None or spec.loader is None:
             raise ImportError(f"no module at {path}")
         module = importlib.util.module_from_spec(spec)
-        sys.modules.setdefault(path.stem, module)
-        spec.loader.exec_module(module)
+        sys.modules[key] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[key]
+            raise
         return module
     return importlib.import_module(module_name)
 

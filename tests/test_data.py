@@ -136,9 +136,6 @@ def test_causal_lm_columns_are_renamed(tmp_path: Path) -> None:
     assert train[0] == {"prompt": "Capital of France?", "response": "Paris"}
 
 
-@pytest.mark.xfail(reason="loading.py reads JSON with pandas' default dtype inference, so strings that look "
-                          "like numbers ('04', '02134') become ints, and standardize's str() map keeps the int "
-                          "column type; tokenize then fails on int + str", strict=True)
 def test_numeric_looking_strings_stay_strings(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "math.jsonl", [{"prompt": "What is 2+2?", "response": "04"},
                                                  {"prompt": "Zip code?", "response": "02134"}])

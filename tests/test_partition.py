@@ -147,9 +147,6 @@ def test_size_skew_partitions_have_those_sizes_and_cover_the_pool() -> None:
     assert sorted(i for p in ids(parts) for i in p) == list(range(100))
 
 
-@pytest.mark.xfail(reason="partition.py size_skew_sizes floors small shares to 0 (e.g. 7 examples, 7 clients "
-                          "-> [0,0,0,1,1,1,4]) and flwr's SizePartitioner then raises a raw ValueError "
-                          "from make_partitioner, outside partition_dataset's try", raises=ValueError, strict=True)
 def test_size_skew_with_few_examples_gives_every_client_data_or_a_data_error() -> None:
     try:
         parts = partition_dataset(pool(7), PartitionConfig(method="size-skew"), 7)

@@ -133,9 +133,6 @@ def test_resolve_by_file_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     assert type(built).__name__ == "FileStrategy" and built.mu == 0.5  # type: ignore[attr-defined]
 
 
-@pytest.mark.xfail(reason="strategy.py _import_module re-executes a .py file on every resolve_strategy call "
-                          "(sys.modules.setdefault keeps the first module but the new one is returned), so "
-                          "each call yields a different class object", strict=True)
 def test_resolving_a_file_twice_gives_the_same_class(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     module = "fedtune_test_file_strategy_twice"
     monkeypatch.delitem(sys.modules, module, raising=False)
@@ -143,9 +140,6 @@ def test_resolving_a_file_twice_gives_the_same_class(tmp_path: Path, monkeypatch
     assert resolve_strategy(f"{path}:FileStrategy") is resolve_strategy(f"{path}:FileStrategy")
 
 
-@pytest.mark.xfail(reason="strategy.py _import_module re-executes the file, so a file strategy decorated with "
-                          "@register_strategy collides with its own earlier copy ('name taken') the second "
-                          "time it is resolved, e.g. validation then the server", raises=ConfigError, strict=True)
 def test_file_strategy_with_register_decorator_resolves_twice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                               registry: dict[str, type[Strategy]]) -> None:
     module = "fedtune_test_file_strategy_registered"

@@ -39,13 +39,14 @@ def _read_frame(path: Path, fmt: str, column_names: list[str] | None) -> pd.Data
         # SST-style TSV files carry bare quotes inside sentences: read them literally.
         return pd.read_csv(path, sep="\t", header=header, names=column_names,
                            quoting=csv.QUOTE_NONE, keep_default_na=False)
+    # dtype=False: keep "04" or "1e5" as the strings they are.
     if fmt == "jsonl":
-        return pd.read_json(path, lines=True)
+        return pd.read_json(path, lines=True, dtype=False, convert_dates=False)
     if fmt == "json":
         try:
-            return pd.read_json(path)
+            return pd.read_json(path, dtype=False, convert_dates=False)
         except ValueError:
-            return pd.read_json(path, lines=True)
+            return pd.read_json(path, lines=True, dtype=False, convert_dates=False)
     raise DataError(f"unsupported data.format {fmt!r}")
 
 
@@ -95,9 +96,9 @@ def standardize(ds: datasets.Dataset, cfg: DataConfig, task: str, source: str) -
         raise DataError(f"{source!r} has no column(s) {missing}; it has {ds.column_names}. "
                         f"Set {keys} (or data.column_names for a file without a header)")
     ds = ds.select_columns(list(wanted)).rename_columns({k: v for k, v in wanted.items() if k != v})
-    if task == "causal-lm":
-        return ds.map(lambda r: {"prompt": str(r["prompt"]), "response": str(r["response"])})
-    return ds.map(lambda r: {"text": str(r["text"])})
+    for column in ("prompt", "response") if task == "causal-lm" else ("text",):
+        ds = ds.cast_column(column, datasets.Value("string"))
+    return ds
 
 
 def encode_labels(train: datasets.Dataset, test: datasets.Dataset | None) -> tuple[datasets.Dataset, datasets.Dataset | None, list[str]]:

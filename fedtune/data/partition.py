@@ -17,10 +17,20 @@ from fedtune.errors import DataError
 
 def size_skew_sizes(total: int, num_partitions: int, power: float) -> list[int]:
     """Partition sizes proportional to (i + 1) ** power that add up to ``total``."""
+    if total < num_partitions:
+        raise DataError(f"{total} examples cannot give each of {num_partitions} clients one; use fewer clients")
+    # Largest remainder keeps the proportions; then nobody is left empty.
     shares = [(i + 1) ** power for i in range(num_partitions)]
-    scale = total / sum(shares)
-    sizes = [int(s * scale) for s in shares]
-    sizes[-1] += total - sum(sizes)
+    exact = [total * s / sum(shares) for s in shares]
+    sizes = [int(e) for e in exact]
+    # Ties go to the later (larger) clients, so sizes keep increasing.
+    by_remainder = sorted(range(num_partitions), key=lambda i: (exact[i] - sizes[i], i), reverse=True)
+    for i in by_remainder[: total - sum(sizes)]:
+        sizes[i] += 1
+    for i in range(num_partitions):
+        if sizes[i] == 0:
+            sizes[sizes.index(max(sizes))] -= 1
+            sizes[i] = 1
     return sizes
 
 
@@ -53,9 +63,9 @@ def partition_dataset(pool: datasets.Dataset, cfg: PartitionConfig, num_partitio
         raise DataError(f"{num_partitions} clients but only {len(pool)} examples; use fewer clients")
     if cfg.method in ("iid", "size-skew"):
         pool = pool.shuffle(seed=cfg.seed)
-    partitioner = make_partitioner(cfg, num_partitions, len(pool))
-    partitioner.dataset = pool
     try:
+        partitioner = make_partitioner(cfg, num_partitions, len(pool))
+        partitioner.dataset = pool
         return [partitioner.load_partition(i) for i in range(num_partitions)]
     except ValueError as e:
         raise DataError(f"partition.method={cfg.method!r} failed for {num_partitions} clients: {e}. "
