@@ -10,4 +10,7 @@ mkdir -p "$FLWR_HOME"
 [ -f "$FLWR_HOME/config.toml" ] || cp simulations/flwr-config.toml "$FLWR_HOME/config.toml"
 stop_superlink() { pkill -f "flower-superlink.*--database $FLWR_HOME/" 2>/dev/null || true; }
 trap stop_superlink EXIT
-"${FLWR:-flwr}" run . --stream "$@"
+flwr_bin="${FLWR:-flwr}"
+# flwr starts `flower-superlink` by name: it must be on PATH beside flwr.
+[[ "$flwr_bin" == */* ]] && export PATH="$(dirname "$flwr_bin"):$PATH"
+"$flwr_bin" run . --stream "$@"

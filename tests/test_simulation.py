@@ -118,3 +118,49 @@ def test_flwr_run_gives_the_same_rounds_as_our_cli(fedit_run: Path, tiny_bert: s
         # metrics may differ, so compare to float rounding.
         assert b["eval_accuracy"] == pytest.approx(a["eval_accuracy"], rel=1e-6)
         assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-6)
+
+
+BAD_REPLY_STRATEGY = '''
+from fedtune.strategy import ClientInstruction
+from strategies.fedit import FedIT
+
+
+class ExpectsWrongShapeFromOne(FedIT):
+    """FedIT, but the first sampled client's reply is expected with a shape it cannot have."""
+
+    def configure_client(self, server_round, client_id):
+        instruction = super().configure_client(server_round, client_id)
+        if not hasattr(self, "victim"):
+            self.victim = client_id
+        if client_id != self.victim:
+            return instruction
+        expects = dict(instruction.expects)
+        key = sorted(expects)[0]
+        expects[key] = (1, 2, 3)
+        return ClientInstruction(arrays=instruction.arrays, trainable=instruction.trainable, expects=expects)
+'''
+
+
+def test_a_malformed_reply_is_rejected_and_the_round_goes_on(tiny_bert: str, tmp_path: Path) -> None:
+    module = tmp_path / "bad_reply.py"
+    module.write_text(BAD_REPLY_STRATEGY)
+    run_dir = simulate(load_config(None, tiny_overrides(tiny_bert, tmp_path / "run", rounds=1)
+                                   + [f"strategy.name={module}:ExpectsWrongShapeFromOne"]))
+    row = read_rows(run_dir)[-1]
+    assert row["clients_sampled"] == 3 and row["clients_aggregated"] == 2 and row["clients_rejected"] == 1
+    rejected = [json.loads(line) for line in (run_dir / "rejected.jsonl").read_text().splitlines()]
+    assert len(rejected) == 1 and "expected (1, 2, 3)" in rejected[0]["reason"]
+
+
+def test_without_a_central_test_set_round_0_is_evaluated_by_the_clients(tiny_bert: str, tmp_path: Path) -> None:
+    from fedtune.data.generated import generate_topics
+
+    rows = generate_topics(240, seed=3)
+    csv = tmp_path / "topics.csv"
+    csv.write_text("".join(f'"{t}",{y}\n' for t, y in zip(rows["text"], rows["label"])))
+    run_dir = simulate(load_config(None, tiny_overrides(tiny_bert, tmp_path / "run", rounds=1)
+                                   + [f"data.source={csv}", "data.column_names=[text,label]"]))
+    first, last = read_rows(run_dir)
+    assert first["round"] == 0 and first["client_eval_accuracy"] is not None
+    assert first["eval_accuracy"] == first["client_eval_accuracy"]
+    assert last["eval_loss"] == last["client_eval_loss"]
