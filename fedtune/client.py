@@ -15,6 +15,7 @@ from functools import cached_property
 import datasets
 import torch
 
+from fedtune import protocol
 from fedtune.config import FedtuneConfig
 from fedtune.data import load_splits, num_labels, partition_dataset, split_train_eval, tokenize
 from fedtune.models import AdapterHandle, get_adapter
@@ -87,8 +88,8 @@ class ClientRuntime:
         return ClientReply(
             arrays={k: handle.params[k].detach().clone() for k in names},
             num_examples=result.num_examples,
-            metrics={"train_loss": result.loss, "train_steps": float(result.steps),
-                     "train_seconds": result.seconds, "model_load_seconds": load_seconds},
+            metrics={protocol.TRAIN_LOSS: result.loss, protocol.TRAIN_STEPS: float(result.steps),
+                     protocol.TRAIN_SECONDS: result.seconds, protocol.MODEL_LOAD_SECONDS: load_seconds},
         )
 
     def evaluate(self, partition_id: int, arrays: Mapping[str, torch.Tensor]) -> ClientReply:
@@ -98,7 +99,7 @@ class ClientRuntime:
         handle.load(arrays)
         result = evaluate(handle, eval_ds, self.cfg.train.eval_batch_size)
         return ClientReply(arrays={}, num_examples=int(result["num_examples"]),
-                           metrics={"eval_loss": result["loss"], "eval_accuracy": result["accuracy"]})
+                           metrics={protocol.EVAL_LOSS: result["loss"], protocol.EVAL_ACCURACY: result["accuracy"]})
 
 
 _RUNTIMES: dict[str, ClientRuntime] = {}
