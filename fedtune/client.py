@@ -7,19 +7,23 @@ clients) loads them once.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 import datasets
 import torch
 
 from fedtune import protocol
-from fedtune.config import FedtuneConfig
+from fedtune.codec import tensor_digest
+from fedtune.config import AdapterConfig, FedtuneConfig
 from fedtune.data import load_splits, num_labels, partition_dataset, split_train_eval, tokenize
 from fedtune.models import AdapterHandle, get_adapter
-from fedtune.strategy import GRADIENT_MODE
+from fedtune.residual import residual_of, split_residual
+from fedtune.strategy import GRADIENT_MODE, select
 from fedtune.training import evaluate, train_adapter
 
 
@@ -56,11 +60,31 @@ class ClientRuntime:
         pool, _ = self._pool
         return partition_dataset(pool, self.cfg.partition, self.cfg.federation.num_clients)
 
-    def adapter(self) -> tuple[AdapterHandle, float]:
-        """The model with its adapter (loaded on first use) and the seconds it took to get it."""
+    def adapter_config(self, partition_id: int) -> AdapterConfig:
+        """This client's adapter settings (its own rank when ``adapter.client_ranks`` is set)."""
+        return dataclasses.replace(self.cfg.adapter, rank=self.cfg.adapter.rank_for(partition_id), client_ranks=None)
+
+    def adapter(self, partition_id: int = 0) -> tuple[AdapterHandle, float]:
+        """The model with this client's adapter (loaded on first use) and the seconds it took."""
         start = time.perf_counter()
-        handle = get_adapter(self.cfg.model, self.cfg.adapter, self._pool[1], self.cfg.seed)
+        handle = get_adapter(self.cfg.model, self.adapter_config(partition_id), self._pool[1], self.cfg.seed)
         return handle, time.perf_counter() - start
+
+    def _prepare(self, partition_id: int, arrays: Mapping[str, torch.Tensor],
+                 config: Mapping[str, Any]) -> tuple[AdapterHandle, float]:
+        """Merge residual history, load the server's tensors, check frozen tensors match the server's."""
+        handle, load_seconds = self.adapter(partition_id)
+        plain, rounds = split_residual(arrays)
+        residual_of(handle.model).merge_rounds(rounds)
+        handle.load(plain)
+        digest = config.get(protocol.STRATEGY_PREFIX + protocol.FROZEN_DIGEST)
+        if digest is not None:
+            pattern = str(config[protocol.STRATEGY_PREFIX + protocol.FROZEN_PATTERN])
+            mine = tensor_digest(select(handle.state(), [pattern]))
+            if mine != digest:
+                raise ValueError(f"this client's frozen tensors ({pattern!r}) differ from the server's; every "
+                                 "party must build the adapter with the same model, adapter config and seed")
+        return handle, load_seconds
 
     def splits(self, partition_id: int) -> tuple[datasets.Dataset, datasets.Dataset]:
         """This client's tokenized local train and eval splits."""
@@ -75,13 +99,12 @@ class ClientRuntime:
         return self._tokenized[partition_id]
 
     def train(self, partition_id: int, server_round: int, arrays: Mapping[str, torch.Tensor],
-              trainable: Sequence[str], mode: str) -> ClientReply:
+              trainable: Sequence[str], mode: str, config: Mapping[str, Any] | None = None) -> ClientReply:
         """Load the server's tensors, train the trainable ones, and return them."""
         if mode != GRADIENT_MODE:
             raise ValueError(f"client mode {mode!r} is not supported by this fedtune version")
-        handle, load_seconds = self.adapter()
+        handle, load_seconds = self._prepare(partition_id, arrays, config or {})
         train_ds, _ = self.splits(partition_id)
-        handle.load(arrays)
         names = handle.set_trainable(trainable)
         seed = self.cfg.train.seed + 1000 * server_round + partition_id
         result = train_adapter(handle, train_ds, self.cfg.train, seed)
@@ -89,14 +112,15 @@ class ClientRuntime:
             arrays={k: handle.params[k].detach().clone() for k in names},
             num_examples=result.num_examples,
             metrics={protocol.TRAIN_LOSS: result.loss, protocol.TRAIN_STEPS: float(result.steps),
-                     protocol.TRAIN_SECONDS: result.seconds, protocol.MODEL_LOAD_SECONDS: load_seconds},
+                     protocol.TRAIN_SECONDS: result.seconds, protocol.MODEL_LOAD_SECONDS: load_seconds,
+                     protocol.LORA_RANK: float(self.adapter_config(partition_id).rank),
+                     protocol.LORA_SCALING: self.cfg.adapter.alpha / self.adapter_config(partition_id).rank},
         )
 
     def evaluate(self, partition_id: int, arrays: Mapping[str, torch.Tensor]) -> ClientReply:
         """Evaluate the server's adapter on this client's local eval split."""
-        handle, _ = self.adapter()
+        handle, _ = self._prepare(partition_id, arrays, {})
         _, eval_ds = self.splits(partition_id)
-        handle.load(arrays)
         result = evaluate(handle, eval_ds, self.cfg.train.eval_batch_size)
         return ClientReply(arrays={}, num_examples=int(result["num_examples"]),
                            metrics={protocol.EVAL_LOSS: result["loss"], protocol.EVAL_ACCURACY: result["accuracy"]})

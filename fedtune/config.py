@@ -70,6 +70,13 @@ class AdapterConfig:
     dropout: float = 0.0
     # None lets PEFT pick its default target modules for the architecture.
     target_modules: list[str] | None = field(default_factory=lambda: ["query", "value"])
+    # Heterogeneous ranks: client i trains rank client_ranks[i % len(client_ranks)] with
+    # scaling alpha / rank (only strategies that accept mixed ranks, e.g. flora).
+    client_ranks: list[int] | None = None
+
+    def rank_for(self, partition_id: int) -> int:
+        """The LoRA rank client ``partition_id`` trains."""
+        return self.client_ranks[partition_id % len(self.client_ranks)] if self.client_ranks else self.rank
 
     def problems(self) -> list[str]:
         out = []
@@ -81,6 +88,9 @@ class AdapterConfig:
             out.append(f"adapter.dropout={self.dropout} must be in [0, 1)")
         if self.target_modules is not None and not self.target_modules:
             out.append("adapter.target_modules is an empty list; name modules or set it to null")
+        if self.client_ranks is not None and (not self.client_ranks or min(self.client_ranks) < 1):
+            out.append(f"adapter.client_ranks={self.client_ranks} must be a non-empty list of positive ranks "
+                       "or null (every client uses adapter.rank)")
         return out
 
 

@@ -194,7 +194,14 @@ class AdapterHandle:
     def save(self, directory: str | os.PathLike[str]) -> None:
         """Write the adapter in PEFT format (``PeftModel.from_pretrained`` reads it)."""
         self.activate()
-        self.model.save_pretrained(str(directory), selected_adapters=[self.adapter_name])
+        directory = Path(directory)
+        if self.adapter_name == "default":
+            self.model.save_pretrained(str(directory), selected_adapters=[self.adapter_name])
+            return
+        # PEFT writes a non-default adapter into a subfolder named after it; lift it out.
+        with tempfile.TemporaryDirectory(dir=directory.parent) as staging:
+            self.model.save_pretrained(staging, selected_adapters=[self.adapter_name])
+            shutil.move(str(Path(staging) / self.adapter_name), str(directory))
 
 
 def _wire_name(param_name: str, adapter_name: str) -> str:

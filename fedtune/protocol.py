@@ -10,6 +10,10 @@ SERVER_ROUND = "server-round"
 MODE = "fedtune.mode"
 TRAINABLE = "fedtune.trainable"  # newline-separated regular expressions
 STRATEGY_PREFIX = "strategy."  # strategy-specific settings are sent under this prefix
+# Under STRATEGY_PREFIX: a client checks that its frozen tensors (names matching the
+# pattern) hash to the digest, i.e. that it holds exactly the server's frozen tensors.
+FROZEN_PATTERN = "frozen_pattern"
+FROZEN_DIGEST = "frozen_digest"
 
 # MetricRecord keys, client -> server
 NUM_EXAMPLES = "num-examples"
@@ -19,6 +23,8 @@ TRAIN_SECONDS = "train_seconds"
 MODEL_LOAD_SECONDS = "model_load_seconds"
 EVAL_LOSS = "eval_loss"
 EVAL_ACCURACY = "eval_accuracy"
+LORA_RANK = "lora_rank"
+LORA_SCALING = "lora_scaling"  # alpha / rank of the client's adapter
 
 # node_config keys (simulation sets the first two)
 PARTITION_ID = "partition-id"

@@ -9,6 +9,7 @@ writes the run directory.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -16,13 +17,14 @@ from pathlib import Path
 from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp import Grid
 
-from fedtune.codec import record_to_tensors, tensors_to_record
+from fedtune.codec import tensors_to_record
 from fedtune.config import FedtuneConfig
 from fedtune.data import load_splits, num_labels, tokenize
 from fedtune.flower.server_app import FlowerStrategy
-from fedtune.models import get_adapter
+from fedtune.models import AdapterHandle, get_adapter
+from fedtune.residual import residual_of
 from fedtune.runlog import ADAPTER_DIR, RunLog, default_run_dir
-from fedtune.strategy import AdapterSpec, build_strategy
+from fedtune.strategy import AdapterSpec, Strategy, build_strategy
 from fedtune.training import evaluate
 
 log = logging.getLogger("fedtune.server")
@@ -43,7 +45,7 @@ def run_federation(grid: Grid, cfg: FedtuneConfig) -> Path:
 
     def end_of_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         if test_tok is not None:
-            handle.load(record_to_tensors(arrays))
+            load_global(handle, strategy)
             result = evaluate(handle, test_tok, cfg.train.eval_batch_size)
             run_log.add(eval_loss=result["loss"], eval_accuracy=result["accuracy"])
         else:
@@ -60,9 +62,31 @@ def run_federation(grid: Grid, cfg: FedtuneConfig) -> Path:
     finally:
         run_log.close()
     if cfg.output.save_adapter:
-        handle.load(strategy.global_adapter())
-        handle.save(run_log.run_dir / ADAPTER_DIR)
+        save_global(cfg, labels, handle, strategy, run_log.run_dir / ADAPTER_DIR)
     if glue.rejected:
         (run_log.run_dir / "rejected.jsonl").write_text("".join(json.dumps(r) + "\n" for r in glue.rejected))
     log.info("run finished: %s", run_log.run_dir)
     return run_log.run_dir
+
+
+def load_global(handle: AdapterHandle, strategy: Strategy) -> None:
+    """Put the strategy's global model into the server's model: residual deltas, then adapter."""
+    residual = strategy.global_residual()
+    if residual is not None:
+        residual_of(handle.model).set(*residual)
+    handle.load(strategy.global_adapter())
+
+
+def save_global(cfg: FedtuneConfig, labels: int | None, handle: AdapterHandle, strategy: Strategy,
+                directory: Path) -> None:
+    """Write the global model as a PEFT adapter (``PeftModel.from_pretrained`` reads it)."""
+    exported = strategy.export_adapter()
+    if exported is None:
+        handle.load(strategy.global_adapter())
+        handle.save(directory)
+        return
+    adapter_cfg = dataclasses.replace(cfg.adapter, rank=exported.rank, alpha=exported.alpha, client_ranks=None)
+    export_handle = get_adapter(cfg.model, adapter_cfg, labels, cfg.seed)
+    residual_of(export_handle.model).clear()  # the exported adapter carries the whole update
+    export_handle.load(exported.tensors)
+    export_handle.save(directory)

@@ -82,7 +82,8 @@ class ClientInstruction:
         Regular expressions over adapter tensor names: the tensors the client trains.
         Everything else stays frozen.
     expects : dict of str to tuple of int
-        The names and shapes the server will accept back; a reply with other keys or
+        The names and shapes the server will accept back (-1 accepts any size in that
+        dimension, e.g. the rank of a client-chosen LoRA rank); a reply with other keys or
         shapes is rejected before aggregation.
     mode : str
         The client routine, ``"gradient"`` (AdamW on the trainable tensors) by default.
@@ -116,6 +117,8 @@ class Strategy(ABC):
 
     name: ClassVar[str] = ""
     summary_line: ClassVar[str] = ""
+    # Whether clients may train different LoRA ranks (adapter.client_ranks) in one federation.
+    accepts_mixed_ranks: ClassVar[bool] = False
 
     def initialize(self, spec: AdapterSpec) -> None:
         """Receive the initial adapter before round 1. Called once, on the server."""
@@ -133,9 +136,30 @@ class Strategy(ABC):
     def global_adapter(self) -> Tensors:
         """The adapter tensors (PEFT state-dict names) that represent the global model."""
 
+    def evaluation_arrays(self, server_round: int, client_id: int) -> Tensors:
+        """What a client loads to evaluate the global model (default: the global adapter)."""
+        return self.global_adapter()
+
+    def global_residual(self) -> tuple[dict[str, torch.Tensor], int] | None:
+        """Dense deltas merged into the base so far and the round they reach, if the strategy merges."""
+        return None
+
+    def export_adapter(self) -> ExportedAdapter | None:
+        """The final model as one PEFT LoRA adapter, when it differs from :meth:`global_adapter`."""
+        return None
+
     def hyperparameters(self) -> dict[str, Any]:
         """Every hyperparameter in use, for the start-up log line."""
         return {}
+
+
+@dataclass(frozen=True)
+class ExportedAdapter:
+    """A PEFT LoRA adapter of some rank (e.g. the stacked updates of every round)."""
+
+    tensors: Mapping[str, torch.Tensor]
+    rank: int
+    alpha: float
 
 
 # --------------------------------------------------------------------------- helpers
@@ -160,8 +184,9 @@ def check_update(arrays: Mapping[str, torch.Tensor], expects: Mapping[str, tuple
                                  f"unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}")
     for key, shape in expects.items():
         got = tuple(arrays[key].shape)
-        if got != tuple(shape):
-            raise InvalidUpdateError(f"{key} has shape {got}, expected {tuple(shape)}")
+        if len(got) != len(shape) or any(e not in (-1, g) for e, g in zip(shape, got)):
+            wildcard = " (-1: any size)" if -1 in shape else ""
+            raise InvalidUpdateError(f"{key} has shape {got}, expected {tuple(shape)}{wildcard}")
         if not arrays[key].is_floating_point():
             raise InvalidUpdateError(f"{key} has dtype {arrays[key].dtype}, expected a floating point tensor")
         if not torch.isfinite(arrays[key]).all():
@@ -253,9 +278,14 @@ def build_strategy(name: str, options: Mapping[str, Any]) -> Strategy:
 def strategy_problems(cfg: FedtuneConfig) -> list[str]:
     """Problems with ``cfg.strategy``, as config problem strings (empty when fine)."""
     try:
-        build_strategy(cfg.strategy.name, cfg.strategy.options)
+        strategy = build_strategy(cfg.strategy.name, cfg.strategy.options)
     except ConfigError as e:
         return e.problems
+    ranks = cfg.adapter.client_ranks
+    if ranks and len(set(ranks)) > 1 and not strategy.accepts_mixed_ranks:
+        mixed = sorted(n for n, c in registered_strategies().items() if c.accepts_mixed_ranks)
+        return [f"adapter.client_ranks={list(ranks)} mixes ranks, which strategy.name={cfg.strategy.name!r} "
+                f"cannot aggregate; use one rank or a strategy that accepts mixed ranks: {mixed}"]
     return []
 
 
@@ -263,6 +293,7 @@ __all__ = [
     "AdapterSpec",
     "ClientInstruction",
     "ClientUpdate",
+    "ExportedAdapter",
     "GRADIENT_MODE",
     "Strategy",
     "build_strategy",

@@ -293,3 +293,12 @@ def test_select_by_regular_expressions() -> None:
     # The selected values are the same tensors, not copies.
     chosen = select(tensors, ["classifier"])
     assert chosen["base_model.model.classifier.weight"] is tensors["base_model.model.classifier.weight"]
+
+
+def test_check_update_accepts_any_size_where_expects_says_minus_one() -> None:
+    expects = {"m.lora_A.weight": (-1, 4), "m.lora_B.weight": (3, -1)}
+    check_update({"m.lora_A.weight": torch.ones(7, 4), "m.lora_B.weight": torch.ones(3, 7)}, expects)
+    with pytest.raises(InvalidUpdateError, match=r"expected \(-1, 4\) \(-1: any size\)"):
+        check_update({"m.lora_A.weight": torch.ones(7, 5), "m.lora_B.weight": torch.ones(3, 7)}, expects)
+    with pytest.raises(InvalidUpdateError, match="shape"):
+        check_update({"m.lora_A.weight": torch.ones(7, 4, 1), "m.lora_B.weight": torch.ones(3, 7)}, expects)

@@ -57,6 +57,7 @@ def make_client_app(fixed_run_config: Mapping[str, Any] | None = None) -> Client
             arrays=record_to_tensors(msg.content[protocol.ARRAYS]),
             trainable=str(config[protocol.TRAINABLE]).splitlines(),
             mode=str(config[protocol.MODE]),
+            config=dict(config),
         )
         return _reply(msg, reply)
 

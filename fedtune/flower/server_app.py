@@ -155,11 +155,16 @@ class FlowerStrategy(FlwrStrategy):
                            grid: Grid) -> Iterable[Message]:
         if self.cfg.federation.fraction_evaluate == 0.0:
             return []
-        content = RecordDict({protocol.ARRAYS: arrays,
-                              protocol.CONFIG: ConfigRecord({protocol.SERVER_ROUND: server_round})})
-        nodes = self._sample(grid, self.cfg.federation.fraction_evaluate, server_round, 1)
-        self.on_metrics(eval_bytes_down=wire_bytes(content) * len(nodes))
-        return [Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=n) for n in nodes]
+        messages, down = [], 0
+        for node_id in self._sample(grid, self.cfg.federation.fraction_evaluate, server_round, 1):
+            content = RecordDict({
+                protocol.ARRAYS: tensors_to_record(self.strategy.evaluation_arrays(server_round, node_id)),
+                protocol.CONFIG: ConfigRecord({protocol.SERVER_ROUND: server_round}),
+            })
+            down += wire_bytes(content)
+            messages.append(Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=node_id))
+        self.on_metrics(eval_bytes_down=down)
+        return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         pairs_loss, pairs_acc = [], []

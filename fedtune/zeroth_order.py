@@ -1,0 +1,562 @@
+"""Zeroth-order (MeZO-style) training with shared random seeds, and exact replay.
+
+The numerical core of FedKSeed (Qin et al., ICML 2024, https://arxiv.org/abs/2312.06353):
+every update is ``w <- w - lr * g * z(s)`` where ``z(s)`` is a Gaussian direction that
+anyone can regenerate from its seed ``s``, and ``g`` is a scalar (a finite-difference
+directional derivative). A training run is therefore fully described by its
+``(seed, scalar)`` history, which is what clients and server exchange instead of tensors.
+
+What makes the exchange exact:
+
+* :func:`direction` draws ``z`` with NumPy's PCG64 bit generator and its float32 ziggurat
+  (``Generator.standard_normal(dtype=np.float32)``), seeded through ``SeedSequence`` from
+  ``(seed, parameter name)``. Generation runs on the CPU in one thread per generator, so
+  it does not depend on torch, the device, the thread count or the process; see
+  :func:`direction` for what the guarantee rests on and :func:`direction_fingerprint` to
+  check two installations agree.
+* :func:`apply_update` is the only place parameters are updated, by the client in
+  :func:`zo_step` and by everyone in :func:`replay`: ``step = z * c`` then ``w += step``
+  with ``c = float32(-lr * g)``. Two separately rounded IEEE operations, with no fused
+  multiply-add that a CPU or GPU kernel could choose differently, so the result is the
+  same bits on every device.
+* :func:`zo_step` restores the parameters after the two perturbed evaluations by copying
+  a saved copy back, not by subtracting ``eps * z`` (which rounds, and in fp16/bf16
+  drifts by as much as the update itself).
+
+Parameters handled here are float32 tensors updated in place (fp32 master copies).
+Memory per step: one copy of the trained tensors (the restore point) and one direction.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+Params = Mapping[str, torch.Tensor]
+Step = tuple[int, float]  # (seed, scalar) of one update
+
+SEED_LIMIT = 2**63  # seeds are in [0, 2**63): they fit Flower's signed 64-bit integers
+
+# SeedSequence entropy domains, so a pool, a sampler and a direction never share a stream.
+_POOL_DOMAIN = 0x5EED_9001
+_SAMPLING_DOMAIN = 0x5EED_5A3B
+_DIRECTION_DOMAIN = 0x5EED_D12E
+
+ZEROTH_ORDER_MODE = "zeroth-order"
+
+# Record keys. Server -> client (ConfigRecord): the catch-up history and the settings.
+ZO_BASE_ROUND = "zo.base_round"
+ZO_THROUGH_ROUND = "zo.through_round"
+ZO_ROUNDS = "zo.rounds"
+ZO_SEEDS = "zo.seeds"
+ZO_SCALARS = "zo.scalars"
+# Client -> server (MetricRecord): the round's steps and the state they started from.
+ZO_STEP_SEEDS = "zo.step_seeds"
+ZO_STEP_SCALARS = "zo.step_scalars"
+ZO_STATE_ROUND = "zo.state_round"
+ZO_SKIPPED = "zo.skipped_steps"
+
+
+# --------------------------------------------------------------------------- seeds and directions
+
+
+def seed_pool(run_seed: int, k: int) -> list[int]:
+    """The K distinct candidate seeds of a run, fixed by the run seed.
+
+    Parameters
+    ----------
+    run_seed : int
+        The run's seed (non-negative).
+    k : int
+        Pool size; the paper uses K = 4096.
+
+    Returns
+    -------
+    list of int
+        ``k`` distinct seeds in ``[0, 2**63)``, in a fixed order (pool index = position).
+
+    Notes
+    -----
+    Drawn from the raw 64-bit output of PCG64, whose stream NumPy keeps stable across
+    versions and platforms (only integer arithmetic is involved).
+    """
+    _check_seed("run_seed", run_seed)
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"k={k!r} must be a positive integer (the paper uses 4096)")
+    bit_generator = np.random.PCG64(np.random.SeedSequence([_POOL_DOMAIN, run_seed]))
+    seeds: dict[int, None] = {}
+    while len(seeds) < k:
+        for raw in bit_generator.random_raw(k - len(seeds)):
+            seeds.setdefault(int(raw) >> 1, None)
+    return list(seeds)
+
+
+def parameter_direction(seed: int, name: str, shape: Sequence[int]) -> torch.Tensor:
+    """The float32 N(0, I) direction of one named parameter for ``seed``, on the CPU.
+
+    Each parameter has its own generator, seeded by ``(seed, name)``, so a subset of the
+    parameters costs only its own size and the order of parameters does not matter.
+    """
+    _check_seed("seed", seed)
+    entropy = [_DIRECTION_DOMAIN, seed, _name_key(name)]
+    generator = np.random.Generator(np.random.PCG64(np.random.SeedSequence(entropy)))
+    count = math.prod(int(d) for d in shape)
+    values = generator.standard_normal(count, dtype=np.float32)
+    return torch.from_numpy(values).reshape(tuple(int(d) for d in shape))
+
+
+def direction(seed: int, shapes: Mapping[str, Sequence[int]]) -> dict[str, torch.Tensor]:
+    """The direction ``z(seed)``: one float32 N(0, I) tensor per named parameter.
+
+    Parameters
+    ----------
+    seed : int
+        A seed in ``[0, 2**63)``, usually from :func:`seed_pool`.
+    shapes : dict of str to shape
+        Parameter names and shapes; the result has the same names, sorted.
+
+    Returns
+    -------
+    dict of str to Tensor
+        CPU float32 tensors; each is :func:`parameter_direction` of its name.
+
+    Notes
+    -----
+    Why the values are the same bits everywhere: the seed goes through ``SeedSequence``
+    (integer hashing, documented as platform independent) into PCG64 (integer arithmetic,
+    a stream NumPy keeps stable across versions), and ``standard_normal(dtype=float32)``
+    runs NumPy's float32 ziggurat sequentially in C on the CPU: it never touches torch,
+    the accelerator, OpenMP or any thread pool, so the device, thread count and process
+    make no difference. About 99.3 % of values are an integer times a table constant
+    (one correctly rounded float32 multiply). The rest go through the accept test
+    ``... < exp(-x*x/2)`` and, for ``|z| > 3.654``, ``logf``, both from the C maths library;
+    two libraries that differ in the last bit there could, very rarely, disagree. NumPy
+    also does not promise that ``Generator`` distribution algorithms stay the same across
+    NumPy versions (NEP 19; only the bit generators are promised). So: pin the NumPy
+    version across a federation and compare :func:`direction_fingerprint` at start-up;
+    ``tests/test_zeroth_order.py`` pins the fingerprint of this installation.
+    """
+    return {name: parameter_direction(seed, name, shapes[name]) for name in sorted(shapes)}
+
+
+def direction_fingerprint() -> str:
+    """SHA-256 of a fixed 2**20-value direction, to check two installations agree.
+
+    Thousands of those values take the ``exp`` branch and hundreds the ``logf`` tail, so a
+    NumPy or maths-library difference that matters is likely to show up here.
+    """
+    values = parameter_direction(2024, "fedtune.fingerprint", (2**20,)).numpy()
+    return hashlib.sha256(values.astype("<f4").tobytes()).hexdigest()
+
+
+# --------------------------------------------------------------------------- the update
+
+
+def apply_update(params: Params, z: Mapping[str, torch.Tensor], scalar: float, lr: float) -> None:
+    """``w <- w - lr * scalar * z`` in place, the same bits on any device.
+
+    The coefficient ``-lr * scalar`` is computed in float64 and rounded once to float32;
+    then ``z * c`` and ``w + step`` are separate, correctly rounded float32 operations.
+    ``z`` is consumed (multiplied in place).
+    """
+    coefficient = float(np.float32(-lr * scalar))
+    with torch.no_grad():
+        for name, param in params.items():
+            step = z[name].to(param.device).mul_(coefficient)
+            param.add_(step)
+
+
+def zo_step(params: Params, loss_fn: Callable[[], float | torch.Tensor], seed: int, eps: float,
+            lr: float) -> float | None:
+    """One zeroth-order SGD step (two loss evaluations) along ``z(seed)``.
+
+    Parameters
+    ----------
+    params : dict of str to Tensor
+        float32 tensors that ``loss_fn`` reads (the model's parameters or fp32 masters the
+        loss uses), updated in place.
+    loss_fn : callable
+        Evaluates the loss on the current batch with the current values of ``params``.
+    seed : int
+        Seed of the direction.
+    eps : float
+        Perturbation scale ε.
+    lr : float
+        Learning rate η.
+
+    Returns
+    -------
+    float or None
+        The scalar ``g = (L(w + εz) - L(w - εz)) / 2ε``, after ``w <- w - η g z``; or None
+        when a loss (or ``g``) is not finite, in which case ``params`` are bitwise unchanged.
+    """
+    return _zo_step(params, loss_fn, seed, eps, lr)[0]
+
+
+def _zo_step(params: Params, loss_fn: Callable[[], float | torch.Tensor], seed: int, eps: float,
+             lr: float) -> tuple[float | None, float]:
+    """``zo_step``, also returning the mean of the two losses (NaN when skipped)."""
+    _check_params(params)
+    _check_positive("eps", eps)
+    z = direction(seed, {name: tuple(p.shape) for name, p in params.items()})
+    z = {name: z[name].to(param.device) for name, param in params.items()}
+    restore_point = {name: param.detach().clone() for name, param in params.items()}
+    with torch.no_grad():
+        loss_plus = _evaluate_at(params, restore_point, z, eps, loss_fn)
+        loss_minus = _evaluate_at(params, restore_point, z, -eps, loss_fn)
+        for name, param in params.items():
+            param.copy_(restore_point[name])
+    scalar = (loss_plus - loss_minus) / (2.0 * eps)
+    if not (math.isfinite(loss_plus) and math.isfinite(loss_minus) and math.isfinite(scalar)):
+        return None, math.nan
+    apply_update(params, z, scalar, lr)
+    return scalar, (loss_plus + loss_minus) / 2.0
+
+
+def _evaluate_at(params: Params, restore_point: Params, z: Mapping[str, torch.Tensor], shift: float,
+                 loss_fn: Callable[[], float | torch.Tensor]) -> float:
+    # Each perturbation starts from the saved copy, so the two points are w ± εz exactly
+    # as rounded once, and nothing accumulates.
+    for name, param in params.items():
+        param.copy_(restore_point[name]).add_(z[name], alpha=shift)
+    return float(loss_fn())
+
+
+# --------------------------------------------------------------------------- local training
+
+
+@dataclass(frozen=True)
+class ZOTrainResult:
+    """What :func:`zo_train` did.
+
+    Attributes
+    ----------
+    history : list of (int, float)
+        ``(seed, scalar)`` of every applied step, in order: replaying it reproduces the run.
+    skipped : int
+        Steps skipped because a loss was not finite (their seeds are not in ``history``).
+    steps : int
+        Steps attempted, skipped ones included.
+    mean_loss : float
+        Mean of ``(L+ + L-) / 2`` over the applied steps (NaN when none was applied).
+    """
+
+    history: list[Step]
+    skipped: int
+    steps: int
+    mean_loss: float
+
+
+def zo_train(params: Params, batches: Iterable[Any], loss_on_batch: Callable[[Any], float | torch.Tensor],
+             pool: Sequence[int], probabilities: Sequence[float] | None, steps: int, eps: float, lr: float,
+             rng_seed: int) -> ZOTrainResult:
+    """``steps`` zeroth-order steps, each along a seed drawn from ``pool``, one batch each.
+
+    Parameters
+    ----------
+    params : dict of str to Tensor
+        float32 tensors the loss reads, updated in place.
+    batches : iterable
+        Batches; re-iterated from the start when exhausted (a DataLoader, a list), so a
+        one-shot iterator must hold at least ``steps`` batches.
+    loss_on_batch : callable
+        ``loss_on_batch(batch)`` evaluates the loss with the current ``params``.
+    pool : sequence of int
+        Candidate seeds (:func:`seed_pool`).
+    probabilities : sequence of float or None
+        Sampling probability of each pool seed (FedKSeed-Pro), or None for uniform.
+    steps : int
+        Steps to attempt (τ).
+    eps, lr : float
+        Perturbation scale ε and learning rate η.
+    rng_seed : int
+        Seed of the seed sampler (its own generator; the global RNGs are untouched).
+
+    Returns
+    -------
+    ZOTrainResult
+    """
+    if not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps={steps!r} must be a non-negative integer")
+    seeds = sample_seeds(pool, probabilities, steps, rng_seed)
+    history: list[Step] = []
+    losses: list[float] = []
+    batch_stream = _endless(batches)
+    for seed in seeds:
+        batch = next(batch_stream)
+        scalar, loss = _zo_step(params, functools.partial(loss_on_batch, batch), seed, eps, lr)
+        if scalar is not None:
+            history.append((seed, scalar))
+            losses.append(loss)
+    mean_loss = math.fsum(losses) / len(losses) if losses else math.nan
+    return ZOTrainResult(history=history, skipped=steps - len(history), steps=steps, mean_loss=mean_loss)
+
+
+def sample_seeds(pool: Sequence[int], probabilities: Sequence[float] | None, count: int,
+                 rng_seed: int) -> list[int]:
+    """``count`` seeds drawn with replacement from ``pool``, uniformly or by ``probabilities``."""
+    if not pool:
+        raise ValueError("pool is empty; build it with seed_pool(run_seed, k)")
+    _check_seed("rng_seed", rng_seed)
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([_SAMPLING_DOMAIN, rng_seed])))
+    if probabilities is None:
+        indices = rng.integers(0, len(pool), size=count)
+    else:
+        indices = rng.choice(len(pool), size=count, p=_checked_probabilities(probabilities, len(pool)))
+    return [int(pool[i]) for i in indices]
+
+
+def _checked_probabilities(probabilities: Sequence[float], k: int) -> np.ndarray:
+    p = np.asarray(probabilities, dtype=np.float64)
+    if p.shape != (k,):
+        raise ValueError(f"probabilities has {p.size} values but the pool has {k} seeds; send one per pool seed")
+    if not np.all(np.isfinite(p)) or np.any(p < 0) or p.sum() <= 0:
+        raise ValueError("probabilities must be finite, non-negative and not all zero")
+    return p / p.sum()
+
+
+def _endless(batches: Iterable[Any]) -> Iterator[Any]:
+    while True:
+        empty = True
+        for batch in batches:
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("batches yielded nothing; pass a re-iterable (a DataLoader or a list) "
+                             "or an iterator with at least `steps` batches")
+
+
+# --------------------------------------------------------------------------- replay
+
+
+def replay(params: Params, history: Iterable[Step], lr: float) -> None:
+    """Apply ``w <- w - lr * g * z(s)`` for every ``(s, g)`` in order: the bitwise reference.
+
+    Rebuilds exactly what :func:`zo_train` (or a sequence of aggregated rounds) did,
+    generating one direction per entry.
+    """
+    _check_params(params)
+    shapes = {name: tuple(p.shape) for name, p in params.items()}
+    for seed, scalar in history:
+        apply_update(params, direction(seed, shapes), scalar, lr)
+
+
+def group_history(history: Iterable[Step]) -> list[Step]:
+    """One ``(seed, Σ scalars)`` per distinct seed, in order of first appearance.
+
+    The sums are ``math.fsum`` (exactly rounded float64), so they do not depend on the
+    order of the history.
+    """
+    scalars: dict[int, list[float]] = {}
+    for seed, scalar in history:
+        scalars.setdefault(int(seed), []).append(float(scalar))
+    return [(seed, math.fsum(values)) for seed, values in scalars.items()]
+
+
+def replay_grouped(params: Params, history: Iterable[Step], lr: float) -> None:
+    """Like :func:`replay`, generating each distinct seed's direction once.
+
+    Equal to :func:`replay` up to float32 rounding, not bitwise: sequential replay rounds
+    ``w`` after every step, this rounds once per seed. The difference per element is at
+    most about ``len(history) * 2**-23 * (max|w| + max|step|)`` (tested); use it where
+    that is acceptable and :func:`replay` where states must agree bit for bit.
+    """
+    replay(params, (step for step in group_history(history) if step[1] != 0.0), lr)
+
+
+# --------------------------------------------------------------------------- catch-up (server -> client)
+
+
+class HistoryEntry(NamedTuple):
+    """One aggregated update of the global model: round, seed, scalar."""
+
+    round: int
+    seed: int
+    scalar: float
+
+
+@dataclass(frozen=True)
+class CatchUp:
+    """What a client needs to move its global state from ``base_round`` to ``through_round``.
+
+    Attributes
+    ----------
+    base_round : int
+        The round whose global state the entries start from (0 = the initial adapter).
+    through_round : int
+        The round whose global state the client has after applying the entries.
+    entries : tuple of HistoryEntry
+        The global history entries with ``base_round < round <= through_round``, in order.
+    """
+
+    base_round: int
+    through_round: int
+    entries: tuple[HistoryEntry, ...]
+
+
+def encode_history(entries: Sequence[HistoryEntry], *, base_round: int = 0, through_round: int | None = None,
+                   prefix: str = "") -> dict[str, int | list[int] | list[float]]:
+    """A catch-up as plain values a Flower ``ConfigRecord`` holds: ints and lists, no arrays.
+
+    Seeds travel as ``list[int]`` (63-bit, fit a signed 64-bit integer), scalars as
+    ``list[float]`` (float64, so nothing is rounded on the way).
+    """
+    last = max((e.round for e in entries), default=base_round)
+    through = last if through_round is None else through_round
+    if through < last or any(e.round <= base_round for e in entries):
+        raise ValueError(f"entries span rounds outside ({base_round}, {through}]")
+    return {
+        prefix + ZO_BASE_ROUND: int(base_round),
+        prefix + ZO_THROUGH_ROUND: int(through),
+        prefix + ZO_ROUNDS: [int(e.round) for e in entries],
+        prefix + ZO_SEEDS: [int(e.seed) for e in entries],
+        prefix + ZO_SCALARS: [float(e.scalar) for e in entries],
+    }
+
+
+def decode_history(record: Mapping[str, Any], prefix: str = "") -> CatchUp:
+    """The inverse of :func:`encode_history`; raises ``ValueError`` naming a malformed field."""
+    base = _int_field(record, prefix + ZO_BASE_ROUND)
+    through = _int_field(record, prefix + ZO_THROUGH_ROUND)
+    rounds = _list_field(record, prefix + ZO_ROUNDS, int)
+    seeds = _list_field(record, prefix + ZO_SEEDS, int)
+    scalars = _list_field(record, prefix + ZO_SCALARS, float)
+    if not len(rounds) == len(seeds) == len(scalars):
+        raise ValueError(f"{prefix}{ZO_ROUNDS}, {ZO_SEEDS} and {ZO_SCALARS} have lengths "
+                         f"{len(rounds)}, {len(seeds)}, {len(scalars)}; they must be equal")
+    if any(not base < r <= through for r in rounds) or rounds != sorted(rounds):
+        raise ValueError(f"{prefix}{ZO_ROUNDS} must be non-decreasing and within ({base}, {through}]")
+    if not all(math.isfinite(s) for s in scalars):
+        raise ValueError(f"{prefix}{ZO_SCALARS} contains NaN or infinite values")
+    entries = tuple(HistoryEntry(r, s, g) for r, s, g in zip(rounds, seeds, scalars))
+    return CatchUp(base_round=base, through_round=through, entries=entries)
+
+
+def apply_catch_up(params: Params, catch_up: CatchUp, state_round: int, lr: float) -> int:
+    """Bring ``params`` (the global state as of ``state_round``) to ``catch_up.through_round``.
+
+    Entries the client already has (``round <= state_round``) are skipped, so a payload
+    sent twice is harmless. Returns the new state round.
+
+    Raises
+    ------
+    ValueError
+        When the payload starts after ``state_round`` (entries are missing): the client
+        would silently diverge from the global model.
+    """
+    if catch_up.base_round > state_round:
+        raise ValueError(f"the catch-up starts at round {catch_up.base_round} but this client's state is "
+                         f"round {state_round}; the server must send history after round {state_round} "
+                         f"(report {ZO_STATE_ROUND}={state_round})")
+    replay(params, [(e.seed, e.scalar) for e in catch_up.entries if e.round > state_round], lr)
+    return max(state_round, catch_up.through_round)
+
+
+# --------------------------------------------------------------------------- the client's reply (client -> server)
+
+
+def encode_steps(history: Sequence[Step], *, state_round: int,
+                 skipped: int = 0) -> dict[str, int | list[int] | list[float]]:
+    """A client's round as plain values a Flower ``MetricRecord`` holds."""
+    return {
+        ZO_STEP_SEEDS: [int(seed) for seed, _ in history],
+        ZO_STEP_SCALARS: [float(scalar) for _, scalar in history],
+        ZO_STATE_ROUND: int(state_round),
+        ZO_SKIPPED: int(skipped),
+    }
+
+
+def decode_steps(record: Mapping[str, Any]) -> tuple[list[Step], int, int]:
+    """The inverse of :func:`encode_steps`: ``(history, state_round, skipped)``.
+
+    Raises ``ValueError`` naming a missing or malformed field.
+    """
+    seeds = _list_field(record, ZO_STEP_SEEDS, int)
+    scalars = _list_field(record, ZO_STEP_SCALARS, float)
+    if len(seeds) != len(scalars):
+        raise ValueError(f"{ZO_STEP_SEEDS} has {len(seeds)} values but {ZO_STEP_SCALARS} has {len(scalars)}")
+    if not all(math.isfinite(g) for g in scalars):
+        raise ValueError(f"{ZO_STEP_SCALARS} contains NaN or infinite values")
+    skipped = _int_field(record, ZO_SKIPPED) if ZO_SKIPPED in record else 0
+    return list(zip(seeds, scalars)), _int_field(record, ZO_STATE_ROUND), skipped
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _name_key(name: str) -> int:
+    return int.from_bytes(hashlib.blake2b(name.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def _check_seed(what: str, seed: int) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"{what}={seed!r} must be an integer in [0, 2**63)")
+
+
+def _check_positive(what: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{what}={value!r} must be a positive finite number")
+
+
+def _check_params(params: Params) -> None:
+    if not params:
+        raise ValueError("params is empty; pass the float32 tensors to train, by name")
+    for name, param in params.items():
+        if param.dtype != torch.float32:
+            raise TypeError(f"{name} is {param.dtype}; zeroth-order steps need float32 master copies "
+                            "(perturbing and restoring in fp16/bf16 drifts by as much as the update): "
+                            "train {name: p.detach().float()} and copy them into the model")
+
+
+def _int_field(record: Mapping[str, Any], key: str) -> int:
+    if key not in record:
+        raise ValueError(f"{key} is missing")
+    value = record[key]
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{key}={value!r} must be an integer")
+    return int(value)
+
+
+def _list_field(record: Mapping[str, Any], key: str, kind: type) -> list[Any]:
+    if key not in record:
+        raise ValueError(f"{key} is missing")
+    values = record[key]
+    if not isinstance(values, (list, tuple)):
+        raise ValueError(f"{key} must be a list of {kind.__name__}, got {type(values).__name__}")
+    accepted = (int, np.integer) if kind is int else (int, float, np.integer, np.floating)
+    bad = [v for v in values if isinstance(v, bool) or not isinstance(v, accepted)]
+    if bad:
+        raise ValueError(f"{key} must hold only {kind.__name__} values, got e.g. {bad[0]!r}")
+    return [kind(v) for v in values]
+
+
+__all__ = [
+    "CatchUp",
+    "HistoryEntry",
+    "SEED_LIMIT",
+    "ZEROTH_ORDER_MODE",
+    "ZOTrainResult",
+    "apply_catch_up",
+    "apply_update",
+    "decode_history",
+    "decode_steps",
+    "direction",
+    "direction_fingerprint",
+    "encode_history",
+    "encode_steps",
+    "group_history",
+    "parameter_direction",
+    "replay",
+    "replay_grouped",
+    "sample_seeds",
+    "seed_pool",
+    "zo_step",
+    "zo_train",
+]
