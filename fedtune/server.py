@@ -37,7 +37,8 @@ def run_federation(grid: Grid, cfg: FedtuneConfig) -> Path:
     labels = num_labels(pool) if cfg.model.task == "classification" else None
     handle = get_adapter(cfg.model, cfg.adapter, labels, cfg.seed)
     test_tok = tokenize(test, handle.tokenizer, cfg.model.task, cfg.data.max_length) if test is not None else None
-    strategy.initialize(AdapterSpec(initial=handle.state(), rank=cfg.adapter.rank, alpha=cfg.adapter.alpha,
+    # The handle may be cached from an earlier run in this process: start from its initial values.
+    strategy.initialize(AdapterSpec(initial=dict(handle.initial), rank=cfg.adapter.rank, alpha=cfg.adapter.alpha,
                                     seed=cfg.seed))
 
     run_log = RunLog(cfg, Path(cfg.output.dir) if cfg.output.dir else default_run_dir(cfg))

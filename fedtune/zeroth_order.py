@@ -51,7 +51,15 @@ _DIRECTION_DOMAIN = 0x5EED_D12E
 
 ZEROTH_ORDER_MODE = "zeroth-order"
 
-# Record keys. Server -> client (ConfigRecord): the catch-up history and the settings.
+# Record keys. Server -> client (ConfigRecord): the settings, the catch-up history and
+# (FedKSeed-Pro) the sampling probabilities.
+ZO_RUN_SEED = "zo.run_seed"
+ZO_K = "zo.k"
+ZO_EPS = "zo.eps"
+ZO_LR = "zo.lr"
+ZO_STEPS = "zo.steps"
+ZO_FINGERPRINT = "zo.fingerprint"
+ZO_PROBABILITIES = "zo.probabilities"
 ZO_BASE_ROUND = "zo.base_round"
 ZO_THROUGH_ROUND = "zo.through_round"
 ZO_ROUNDS = "zo.rounds"
@@ -146,6 +154,7 @@ def direction(seed: int, shapes: Mapping[str, Sequence[int]]) -> dict[str, torch
     return {name: parameter_direction(seed, name, shapes[name]) for name in sorted(shapes)}
 
 
+@functools.cache
 def direction_fingerprint() -> str:
     """SHA-256 of a fixed 2**20-value direction, to check two installations agree.
 
@@ -459,6 +468,72 @@ def apply_catch_up(params: Params, catch_up: CatchUp, state_round: int, lr: floa
     return max(state_round, catch_up.through_round)
 
 
+@dataclass(frozen=True)
+class RoundPlan:
+    """Everything a client needs for one zeroth-order round, as the server sends it.
+
+    Attributes
+    ----------
+    run_seed, k : int
+        The pool is ``seed_pool(run_seed, k)``.
+    eps, lr : float
+        Perturbation scale ε and learning rate η (local steps and catch-up alike).
+    steps : int
+        Local steps τ.
+    fingerprint : str
+        The server's :func:`direction_fingerprint`; a client whose own differs must stop.
+    probabilities : list of float or None
+        FedKSeed-Pro's sampling probabilities in pool order; None for uniform.
+    catch_up : CatchUp
+        The global history the client lacks.
+    """
+
+    run_seed: int
+    k: int
+    eps: float
+    lr: float
+    steps: int
+    fingerprint: str
+    probabilities: list[float] | None
+    catch_up: CatchUp
+
+    def check_fingerprint(self) -> None:
+        """Raise ``RuntimeError`` when this installation draws other directions than the server's."""
+        if self.fingerprint != direction_fingerprint():
+            raise RuntimeError(f"this client's direction fingerprint {direction_fingerprint()[:12]} differs from "
+                               f"the server's {self.fingerprint[:12]}: install the server's NumPy version, "
+                               "or replays would diverge")
+
+
+def encode_round_config(plan: RoundPlan, prefix: str = "") -> dict[str, Any]:
+    """A :class:`RoundPlan` as plain values a Flower ``ConfigRecord`` holds (no arrays)."""
+    config: dict[str, Any] = {
+        prefix + ZO_RUN_SEED: int(plan.run_seed), prefix + ZO_K: int(plan.k), prefix + ZO_EPS: float(plan.eps),
+        prefix + ZO_LR: float(plan.lr), prefix + ZO_STEPS: int(plan.steps), prefix + ZO_FINGERPRINT: plan.fingerprint,
+    }
+    config.update(encode_history(plan.catch_up.entries, base_round=plan.catch_up.base_round,
+                                 through_round=plan.catch_up.through_round, prefix=prefix))
+    if plan.probabilities is not None:
+        config[prefix + ZO_PROBABILITIES] = [float(p) for p in plan.probabilities]
+    return config
+
+
+def decode_round_config(config: Mapping[str, Any], prefix: str = "") -> RoundPlan:
+    """The inverse of :func:`encode_round_config`; raises ``ValueError`` naming a bad field."""
+    probabilities = None
+    if prefix + ZO_PROBABILITIES in config:
+        probabilities = _list_field(config, prefix + ZO_PROBABILITIES, float)
+    fingerprint = config.get(prefix + ZO_FINGERPRINT)
+    if not isinstance(fingerprint, str):
+        raise ValueError(f"{prefix}{ZO_FINGERPRINT}={fingerprint!r} must be the server's direction_fingerprint()")
+    return RoundPlan(
+        run_seed=_int_field(config, prefix + ZO_RUN_SEED), k=_int_field(config, prefix + ZO_K),
+        eps=_float_field(config, prefix + ZO_EPS), lr=_float_field(config, prefix + ZO_LR),
+        steps=_int_field(config, prefix + ZO_STEPS), fingerprint=fingerprint, probabilities=probabilities,
+        catch_up=decode_history(config, prefix),
+    )
+
+
 # --------------------------------------------------------------------------- the client's reply (client -> server)
 
 
@@ -519,9 +594,20 @@ def _int_field(record: Mapping[str, Any], key: str) -> int:
     if key not in record:
         raise ValueError(f"{key} is missing")
     value = record[key]
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    # An integral float is accepted: the server glue turns metric values into floats.
+    integral_float = isinstance(value, (float, np.floating)) and float(value).is_integer()
+    if isinstance(value, bool) or not (isinstance(value, (int, np.integer)) or integral_float):
         raise ValueError(f"{key}={value!r} must be an integer")
     return int(value)
+
+
+def _float_field(record: Mapping[str, Any], key: str) -> float:
+    if key not in record:
+        raise ValueError(f"{key} is missing")
+    value = record[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{key}={value!r} must be a number")
+    return float(value)
 
 
 def _list_field(record: Mapping[str, Any], key: str, kind: type) -> list[Any]:
@@ -540,16 +626,19 @@ def _list_field(record: Mapping[str, Any], key: str, kind: type) -> list[Any]:
 __all__ = [
     "CatchUp",
     "HistoryEntry",
+    "RoundPlan",
     "SEED_LIMIT",
     "ZEROTH_ORDER_MODE",
     "ZOTrainResult",
     "apply_catch_up",
     "apply_update",
     "decode_history",
+    "decode_round_config",
     "decode_steps",
     "direction",
     "direction_fingerprint",
     "encode_history",
+    "encode_round_config",
     "encode_steps",
     "group_history",
     "parameter_direction",

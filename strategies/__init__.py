@@ -1,5 +1,8 @@
 """Built-in aggregation strategies, one per file; importing this package registers them."""
 
 from strategies.fedit import FedIT
+from strategies.ffa_lora import FFALoRA
+from strategies.flora import FLoRA
+from strategies.lora_fair import LoRAFAIR
 
-__all__ = ["FedIT"]
+__all__ = ["FFALoRA", "FLoRA", "FedIT", "LoRAFAIR"]

@@ -51,3 +51,65 @@ def weighted_average(
             acc += p * t[key].detach().to(torch.float64)
         out[key] = acc.to(ref.dtype)
     return out
+
+
+LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
+
+
+def lora_modules(tensors: Mapping[str, torch.Tensor]) -> list[str]:
+    """Names of the LoRA-adapted modules (``X`` for each ``X.lora_A.weight``/``X.lora_B.weight`` pair)."""
+    modules = sorted(k[: -len(LORA_A)] for k in tensors if k.endswith(LORA_A))
+    unpaired = [m for m in modules if m + LORA_B not in tensors]
+    unpaired += sorted(k[: -len(LORA_B)] for k in tensors if k.endswith(LORA_B) and k[: -len(LORA_B)] + LORA_A not in tensors)
+    if unpaired:
+        raise AggregationError(f"LoRA tensors without their partner for modules {unpaired[:3]}")
+    return modules
+
+
+def is_lora_key(key: str) -> bool:
+    return key.endswith(LORA_A) or key.endswith(LORA_B)
+
+
+def ideal_updates(
+    tensors: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float], scalings: Sequence[float]
+) -> dict[str, torch.Tensor]:
+    """The exact federated update per module: Σ_k p_k · s_k · B_k @ A_k, in float64."""
+    probs = normalized_weights(weights)
+    out = {}
+    for module in lora_modules(tensors[0]):
+        acc = None
+        for p, s, t in zip(probs, scalings, tensors):
+            term = (p * s) * (t[module + LORA_B].to(torch.float64) @ t[module + LORA_A].to(torch.float64))
+            acc = term if acc is None else acc + term
+        out[module] = acc
+    return out
+
+
+def relative_error(ideal: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor]) -> float:
+    """‖got − ideal‖_F / ‖ideal‖_F over all modules together (0 when the ideal is zero and got equals it)."""
+    num = sum(float((got[m].to(torch.float64) - ideal[m]).pow(2).sum()) for m in ideal)
+    den = sum(float(ideal[m].pow(2).sum()) for m in ideal)
+    if den == 0.0:
+        return 0.0 if num == 0.0 else float("inf")
+    return (num / den) ** 0.5
+
+
+def average_non_lora(
+    tensors: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]
+) -> dict[str, torch.Tensor]:
+    """Weighted average of the tensors that are not LoRA factors (e.g. a task head)."""
+    rest = [{k: v for k, v in t.items() if not is_lora_key(k)} for t in tensors]
+    return weighted_average(rest, weights) if rest and rest[0] else {}
+
+
+def factor_average_error(
+    tensors: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float], averaged: Mapping[str, torch.Tensor]
+) -> float:
+    """‖B̄Ā − Σ p_k B_k A_k‖ / ‖Σ p_k B_k A_k‖: how far averaging the factors is from the ideal.
+
+    Every client has the same scaling here, so it cancels in the ratio.
+    """
+    ideal = ideal_updates(tensors, weights, [1.0] * len(tensors))
+    got = {m: averaged[m + LORA_B].to(torch.float64) @ averaged[m + LORA_A].to(torch.float64)
+           for m in lora_modules(averaged)}
+    return relative_error(ideal, got)

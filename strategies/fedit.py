@@ -22,7 +22,7 @@ from fedtune.strategy import (
     register_strategy,
     shapes_of,
 )
-from strategies.aggregation import weighted_average
+from strategies.aggregation import factor_average_error, weighted_average
 
 
 @register_strategy
@@ -58,7 +58,7 @@ class FedIT(Strategy):
     def aggregate(self, server_round: int, updates: Sequence[ClientUpdate]) -> dict[str, float]:
         weights = [u.num_examples if self.weighting == "examples" else 1.0 for u in updates]
         self._global = weighted_average([u.arrays for u in updates], weights)
-        return {}
+        return {"aggregation_error": factor_average_error([u.arrays for u in updates], weights, self._global)}
 
     def global_adapter(self) -> Tensors:
         return dict(self._global)

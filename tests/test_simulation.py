@@ -164,3 +164,51 @@ def test_without_a_central_test_set_round_0_is_evaluated_by_the_clients(tiny_ber
     assert first["round"] == 0 and first["client_eval_accuracy"] is not None
     assert first["eval_accuracy"] == first["client_eval_accuracy"]
     assert last["eval_loss"] == last["client_eval_loss"]
+
+
+def test_flora_with_mixed_ranks_runs_exactly_and_exports_a_loadable_adapter(tiny_bert: str, tmp_path: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from fedtune.data import load_splits, tokenize
+    from fedtune.models import AdapterHandle
+    from fedtune.training import evaluate
+
+    run_dir = simulate(load_config(None, tiny_overrides(tiny_bert, tmp_path, rounds=2)
+                                   + ["strategy.name=flora", "adapter.client_ranks=[2,4,8]"]))
+    rows = read_rows(run_dir)
+    for row in rows[1:]:
+        assert row["stacked_rank"] == 14.0 and row["aggregation_error"] <= 1e-6
+    # Round 2's download carries round 1's stack: Σ r_k (m + n) per matrix, 32x32 query/value x 2 layers.
+    stack_numbers = 14 * (32 + 32) * 4
+    assert rows[2]["bytes_down_per_client"] >= 4 * stack_numbers > rows[1]["bytes_down_per_client"]
+
+    cfg = load_config(run_dir / CONFIG_FILE)
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=4)
+    model = PeftModel.from_pretrained(base, str(run_dir / ADAPTER_DIR))
+    assert model.peft_config["default"].r == 28  # both rounds' stacks side by side
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    _, test = load_splits(cfg.data, cfg.model.task)
+    handle = AdapterHandle(model=model, tokenizer=tokenizer, adapter_name="default", params={}, initial={},
+                           task="classification")
+    result = evaluate(handle, tokenize(test, tokenizer, "classification", cfg.data.max_length), 64)
+    # The exported adapter is the merged model the server evaluated (float32 sums in another order).
+    assert result["loss"] == pytest.approx(rows[-1]["eval_loss"], rel=1e-4)
+
+
+def test_ffa_lora_uploads_half_of_fedit_lora(fedit_run: Path, tiny_bert: str, tmp_path: Path) -> None:
+    run_dir = simulate(load_config(None, tiny_overrides(tiny_bert, tmp_path, rounds=1)
+                                   + ["strategy.name=ffa-lora"]))
+    ffa, fedit = read_rows(run_dir)[1], read_rows(fedit_run)[1]
+    assert ffa["aggregation_error"] <= 1e-6 and ffa["clients_aggregated"] == 3
+    # A and B have the same size here (32x4 and 4x32), the head is 4x32 + 4: A is ~40% of FedIT's upload.
+    assert 0.5 * fedit["bytes_up"] < ffa["bytes_up"] < 0.7 * fedit["bytes_up"]
+
+
+def test_lora_fair_runs_and_reports_its_correction(tiny_bert: str, tmp_path: Path) -> None:
+    run_dir = simulate(load_config(None, tiny_overrides(tiny_bert, tmp_path, rounds=1)
+                                   + ["strategy.name=lora-fair", "partition.method=dirichlet",
+                                      "partition.alpha=0.5", "partition.min_partition_size=5"]))
+    row = read_rows(run_dir)[1]
+    assert row["aggregation_error"] < row["fedit_aggregation_error"]
+    assert 0 < row["error_removed"] < 1

@@ -1,0 +1,290 @@
+"""FedKSeed and FedKSeed-Pro: zeroth-order federated tuning that ships seeds and scalars only.
+
+Qin et al., "Federated Full-Parameter Tuning of Billion-Sized Language Models with
+Communication Cost under 18 Kilobytes", ICML 2024 (https://arxiv.org/abs/2312.06353).
+
+Each client runs τ zeroth-order steps (:func:`fedtune.zeroth_order.zo_train`), each along
+the direction of a seed drawn from a pool of K seeds fixed by the run seed, and replies
+with its ``(seed, scalar)`` list. The server sums each client's scalars per seed, averages
+those sums across clients weighted by examples, and appends the round's ``(round, seed,
+scalar)`` entries to the global history. The global model is the initial adapter plus the
+replay of that history (``w <- w - η g z(s)``), which the server keeps as fp32 masters and
+which every client rebuilds bit for bit from the entries it has not seen yet.
+
+FedKSeed-Pro samples seeds non-uniformly: a seed's importance is the mean clipped
+magnitude of the scalars clients reported for it, min-max normalised and turned into
+probabilities with a softmax (the paper's Section 4.3 and its reference code).
+
+No message carries a tensor. The payloads are plain Python values built by
+:meth:`FedKSeed.catch_up`, :meth:`FedKSeed.sampling_probabilities` and
+:func:`fedtune.zeroth_order.encode_history`; see :meth:`FedKSeed.configure_client` for
+what the Flower glue must do with them.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fedtune.strategy import (
+    AdapterSpec,
+    ClientInstruction,
+    ClientUpdate,
+    Strategy,
+    Tensors,
+    register_strategy,
+    select,
+)
+from fedtune.zeroth_order import (
+    ZEROTH_ORDER_MODE,
+    CatchUp,
+    HistoryEntry,
+    RoundPlan,
+    Step,
+    decode_history,
+    decode_steps,
+    direction_fingerprint,
+    encode_history,
+    encode_round_config,
+    group_history,
+    replay,
+    seed_pool,
+)
+from strategies.aggregation import normalized_weights
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ClientSteps:
+    """One client's reply in a round, decoded: what :meth:`FedKSeed.aggregate_steps` takes."""
+
+    client_id: int
+    num_examples: int
+    history: Sequence[Step]
+    state_round: int
+
+
+@register_strategy
+class FedKSeed(Strategy):
+    """Zeroth-order federated tuning over a pool of K seeds (Qin et al., ICML 2024).
+
+    Parameters
+    ----------
+    k : int
+        Size of the seed pool (the paper: 4096).
+    eps : float
+        Perturbation scale ε of the two-point estimate (the paper: 5e-4).
+    lr : float
+        Learning rate η of every update, local and global. The default 3e-7 is the
+        reference scripts' value for full-parameter tuning of a 1B model; adapters need
+        a larger one.
+    steps : int
+        Zeroth-order steps per client per round (τ).
+    pro : bool
+        FedKSeed-Pro: sample seeds by importance instead of uniformly.
+    importance_clip : float
+        Pro only: each scalar's magnitude is clipped to this before averaging, so one loss
+        spike does not decide a seed's importance.
+    weighting : {"examples", "uniform"}
+        Weight each client's per-seed sums by its number of examples (the paper) or equally.
+    trainable : sequence of str
+        Regular expressions over adapter tensor names: the tensors tuned.
+    """
+
+    name = "fedkseed"
+    summary_line = "zeroth-order tuning over K shared seeds, scalars only on the wire (Qin et al. 2024)"
+
+    def __init__(self, *, k: int = 4096, eps: float = 5e-4, lr: float = 3e-7, steps: int = 200,
+                 pro: bool = False, importance_clip: float = 1000.0, weighting: str = "examples",
+                 trainable: Sequence[str] = (".*",)) -> None:
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ValueError(f"k={k!r} must be a positive integer (the paper uses 4096)")
+        for what, value in (("eps", eps), ("lr", lr), ("importance_clip", importance_clip)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{what}={value!r} must be a positive finite number")
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise ValueError(f"steps={steps!r} must be a positive integer (local steps per round, τ)")
+        if weighting not in ("examples", "uniform"):
+            raise ValueError(f"weighting={weighting!r} must be 'examples' or 'uniform'")
+        if isinstance(trainable, str) or not trainable:
+            raise ValueError(f"trainable={trainable!r} must be a non-empty list of regular expressions")
+        self.k, self.eps, self.lr, self.steps = k, float(eps), float(lr), steps
+        self.pro, self.importance_clip, self.weighting = bool(pro), float(importance_clip), weighting
+        self.trainable = tuple(trainable)
+        self.history: list[HistoryEntry] = []
+        self.last_seen: dict[int, int] = {}
+        self._history_rounds: list[int] = []
+        self._initial: Tensors = {}
+        self._masters: Tensors = {}
+
+    # ------------------------------------------------------------------ set-up
+
+    def initialize(self, spec: AdapterSpec) -> None:
+        super().initialize(spec)
+        self._initial = {name: t.detach().clone() for name, t in spec.initial.items()}
+        tuned = select(self._initial, self.trainable)
+        if not tuned:
+            raise ValueError(f"trainable={list(self.trainable)} matches no adapter tensor "
+                             f"(they are e.g. {sorted(self._initial)[:2]})")
+        self._masters = {name: t.to(torch.float32).clone() for name, t in sorted(tuned.items())}
+        self.pool = seed_pool(spec.seed, self.k)
+        self._pool_index = {seed: i for i, seed in enumerate(self.pool)}
+        self._magnitude_sums = np.zeros(self.k, dtype=np.float64)
+        self._magnitude_counts = np.zeros(self.k, dtype=np.int64)
+
+    # ------------------------------------------------------------------ server -> client
+
+    def catch_up(self, client_id: int, server_round: int) -> CatchUp:
+        """The history entries ``client_id`` lacks before training in ``server_round``.
+
+        A client's state is the global state of the last round it trained from (0, the
+        initial adapter, for a client not seen yet); the entries after it bring the client
+        to the state of round ``server_round - 1``.
+        """
+        base = self.last_seen.get(client_id, 0)
+        through = max(base, server_round - 1)
+        start = bisect.bisect_right(self._history_rounds, base)
+        stop = bisect.bisect_right(self._history_rounds, through)
+        return CatchUp(base_round=base, through_round=through, entries=tuple(self.history[start:stop]))
+
+    def sampling_probabilities(self) -> list[float] | None:
+        """FedKSeed-Pro's probability per pool seed (pool order); None means uniform."""
+        if not self.pro or not self._magnitude_counts.any():
+            return None
+        # The reference code's mean includes one initial 0.0 per seed, which also shrinks
+        # seeds seen only once or twice towards "unimportant".
+        importance = self._magnitude_sums / (self._magnitude_counts + 1)
+        spread = importance.max() - importance.min()
+        normalised = (importance - importance.min()) / spread if spread > 0 else np.zeros_like(importance)
+        weights = np.exp(normalised - normalised.max())
+        return (weights / weights.sum()).tolist()
+
+    def probability_spread(self) -> float:
+        """Max over min sampling probability: 1.0 when uniform, at most e with min-max + softmax."""
+        probabilities = self.sampling_probabilities()
+        return 1.0 if probabilities is None else max(probabilities) / min(probabilities)
+
+    def round_plan(self, client_id: int, server_round: int) -> RoundPlan:
+        """Everything ``client_id`` needs in ``server_round``; encode it with ``encode_round_config``."""
+        return RoundPlan(run_seed=int(self.spec.seed), k=self.k, eps=self.eps, lr=self.lr, steps=self.steps,
+                         fingerprint=direction_fingerprint(), probabilities=self.sampling_probabilities(),
+                         catch_up=self.catch_up(client_id, server_round))
+
+    def configure_client(self, server_round: int, client_id: int) -> ClientInstruction:
+        """No tensors: the catch-up history, the probabilities and the settings, in ``config``.
+
+        ``config`` holds lists (``ConfigRecord`` accepts them, and the current server glue
+        passes ``config`` through unchanged), though ``ClientInstruction.config`` is typed
+        as scalars only. ``expects`` is empty: the reply's payload is in its metrics, which
+        :meth:`aggregate` reads (see :func:`fedtune.zeroth_order.encode_steps`).
+        """
+        return ClientInstruction(arrays={}, trainable=self.trainable, expects={}, mode=ZEROTH_ORDER_MODE,
+                                 config=encode_round_config(self.round_plan(client_id, server_round)))
+
+    # ------------------------------------------------------------------ client -> server
+
+    def aggregate(self, server_round: int, updates: Sequence[ClientUpdate]) -> dict[str, float]:
+        """Decode each reply's steps from its metrics, then :meth:`aggregate_steps`.
+
+        A reply whose steps are missing or malformed, use seeds outside the pool, or were
+        trained from another state than round ``server_round - 1`` is left out and counted
+        in ``fedkseed_replies_rejected``.
+        """
+        replies, rejected, skipped = [], 0, 0
+        for update in updates:
+            try:
+                history, state_round, skipped_steps = decode_steps(update.metrics)
+                self._check_reply(server_round, history, state_round)
+            except ValueError as e:
+                rejected += 1
+                log.warning("round %d: FedKSeed left out client %d's reply: %s", server_round, update.client_id, e)
+                continue
+            skipped += skipped_steps
+            replies.append(ClientSteps(update.client_id, update.num_examples, history, state_round))
+        metrics = self.aggregate_steps(server_round, replies)
+        return {**metrics, "fedkseed_replies_rejected": float(rejected), "fedkseed_skipped_steps": float(skipped)}
+
+    def aggregate_steps(self, server_round: int, replies: Sequence[ClientSteps]) -> dict[str, float]:
+        """Fold the round's decoded replies into the global history and model.
+
+        For each seed j: ``G_j = Σ_i p_i Σ_{t: s_t = j} g_{i,t}`` with ``p`` the normalised
+        weights, every sum ``math.fsum`` in float64 (exactly rounded, so independent of the
+        order replies arrive in). The round's entries are appended in pool order, zeros
+        dropped, and replayed onto the server's fp32 masters.
+        """
+        replies = sorted(replies, key=lambda r: r.client_id)
+        weights = [r.num_examples if self.weighting == "examples" else 1.0 for r in replies]
+        if not replies or sum(weights) <= 0:
+            return {"fedkseed_entries": 0.0, "fedkseed_history_length": float(len(self.history))}
+        probabilities = normalized_weights(weights)
+        terms: dict[int, list[float]] = {}
+        for p, reply in zip(probabilities, replies):
+            for seed, per_client_sum in group_history(reply.history):
+                terms.setdefault(seed, []).append(p * per_client_sum)
+            self._record_magnitudes(reply.history)
+            self.last_seen[reply.client_id] = reply.state_round
+        round_entries = [HistoryEntry(server_round, seed, math.fsum(terms[seed]))
+                         for seed in sorted(terms, key=self._pool_index.__getitem__)]
+        round_entries = [e for e in round_entries if e.scalar != 0.0]
+        self.history.extend(round_entries)
+        self._history_rounds.extend(e.round for e in round_entries)
+        replay(self._masters, [(e.seed, e.scalar) for e in round_entries], self.lr)
+        metrics = {"fedkseed_entries": float(len(round_entries)), "fedkseed_history_length": float(len(self.history))}
+        if self.pro:
+            metrics["fedkseed_probability_spread"] = self.probability_spread()
+        return metrics
+
+    def _check_reply(self, server_round: int, history: Sequence[Step], state_round: int) -> None:
+        if state_round != server_round - 1:
+            raise ValueError(f"it trained from round {state_round}'s state, expected round {server_round - 1}; "
+                             "the client must apply the catch-up before training")
+        if len(history) > self.steps:
+            raise ValueError(f"it reports {len(history)} steps, more than steps={self.steps}")
+        foreign = [seed for seed, _ in history if seed not in self._pool_index]
+        if foreign:
+            raise ValueError(f"seed {foreign[0]} is not in the pool (k={self.k}, run seed {self.spec.seed}); "
+                             "the client must draw from seed_pool(run_seed, k)")
+
+    def _record_magnitudes(self, history: Sequence[Step]) -> None:
+        for seed, scalar in history:
+            index = self._pool_index[seed]
+            self._magnitude_sums[index] += min(abs(scalar), self.importance_clip)
+            self._magnitude_counts[index] += 1
+
+    # ------------------------------------------------------------------ the global model
+
+    def global_adapter(self) -> Tensors:
+        """The initial adapter with the tuned tensors replaced by the replayed masters."""
+        result = {name: t.clone() for name, t in self._initial.items()}
+        for name, master in self._masters.items():
+            result[name] = master.to(self._initial[name].dtype)
+        return result
+
+    def hyperparameters(self) -> dict[str, object]:
+        return {"k": self.k, "eps": self.eps, "lr": self.lr, "steps": self.steps, "pro": self.pro,
+                "importance_clip": self.importance_clip, "weighting": self.weighting,
+                "trainable": list(self.trainable)}
+
+
+@register_strategy
+class FedKSeedPro(FedKSeed):
+    """FedKSeed with importance-based seed sampling (``pro=True``); same options otherwise."""
+
+    name = "fedkseed-pro"
+    summary_line = "FedKSeed sampling seeds by the magnitude of their past scalars (Qin et al. 2024)"
+
+    def __init__(self, *, k: int = 4096, eps: float = 5e-4, lr: float = 3e-7, steps: int = 200,
+                 importance_clip: float = 1000.0, weighting: str = "examples",
+                 trainable: Sequence[str] = (".*",)) -> None:
+        super().__init__(k=k, eps=eps, lr=lr, steps=steps, pro=True, importance_clip=importance_clip,
+                         weighting=weighting, trainable=trainable)
+
+
+__all__ = ["ClientSteps", "FedKSeed", "FedKSeedPro", "decode_history", "encode_history"]

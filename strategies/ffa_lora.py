@@ -1,0 +1,83 @@
+"""FFA-LoRA: federated LoRA with A frozen, so that averaging is exact.
+
+Sun et al., "Improving LoRA in Privacy-preserving Federated Learning", ICLR 2024
+(https://arxiv.org/abs/2403.12313).
+
+Every client starts from the same random A (the PEFT initialisation under the run's seed,
+identical everywhere, and checked by digest) and trains only B (and any task head). With A
+shared, Σ p_k·s·B_k·A = s·(Σ p_k·B_k)·A: averaging B is exact. A never travels, so the
+upload is half of FedIT's LoRA payload.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from fedtune import protocol
+from fedtune.codec import tensor_digest
+from fedtune.strategy import (
+    AdapterSpec,
+    ClientInstruction,
+    ClientUpdate,
+    Strategy,
+    Tensors,
+    register_strategy,
+    select,
+    shapes_of,
+)
+from strategies.aggregation import factor_average_error, weighted_average
+
+FROZEN_A = r"\.lora_A\.weight$"
+NOT_A = r"^(?!.*\.lora_A\.weight$)"
+
+
+@register_strategy
+class FFALoRA(Strategy):
+    """Frozen-A LoRA: clients train B (and the head); the server averages them, weighted by examples.
+
+    Parameters
+    ----------
+    weighting : {"examples", "uniform"}
+        Weight each client by its number of training examples or equally.
+    """
+
+    name = "ffa-lora"
+    summary_line = "frozen shared A, train and average B only (Sun et al. 2024); exact, half the upload"
+
+    def __init__(self, *, weighting: str = "examples") -> None:
+        if weighting not in ("examples", "uniform"):
+            raise ValueError(f"weighting={weighting!r} must be 'examples' or 'uniform'")
+        self.weighting = weighting
+        self._frozen: Tensors = {}
+        self._trained: Tensors = {}
+
+    def initialize(self, spec: AdapterSpec) -> None:
+        super().initialize(spec)
+        initial = {k: v.detach().clone() for k, v in spec.initial.items()}
+        self._frozen = select(initial, [FROZEN_A])
+        self._trained = select(initial, [NOT_A])
+        self._digest = tensor_digest(self._frozen)
+
+    def configure_client(self, server_round: int, client_id: int) -> ClientInstruction:
+        return ClientInstruction(
+            arrays=self._trained,
+            trainable=(NOT_A,),
+            expects=shapes_of(self._trained),
+            config={protocol.FROZEN_PATTERN: FROZEN_A, protocol.FROZEN_DIGEST: self._digest},
+        )
+
+    def aggregate(self, server_round: int, updates: Sequence[ClientUpdate]) -> dict[str, float]:
+        weights = [u.num_examples if self.weighting == "examples" else 1.0 for u in updates]
+        self._trained = weighted_average([u.arrays for u in updates], weights)
+        # Measured, not assumed: float rounding is all that separates it from the ideal.
+        clients = [{**self._frozen, **u.arrays} for u in updates]
+        return {"aggregation_error": factor_average_error(clients, weights, self.global_adapter())}
+
+    def global_adapter(self) -> Tensors:
+        return {**self._frozen, **self._trained}
+
+    def hyperparameters(self) -> dict[str, object]:
+        return {"weighting": self.weighting, "frozen_tensors": len(self._frozen)}
+
+
+__all__ = ["FFALoRA"]

@@ -1,0 +1,185 @@
+"""FLoRA: exact aggregation of heterogeneous-rank LoRA by stacking.
+
+Wang et al., "FLoRA: Federated Fine-Tuning Large Language Models with Heterogeneous
+Low-Rank Adaptations", NeurIPS 2024 (https://arxiv.org/abs/2409.05976).
+
+Each client k trains a fresh LoRA of its own rank r_k (scaling s_k = α / r_k). The server
+stacks the factors, A = [p_1·s_1·A_1; …; p_K·s_K·A_K] (rows) and B = [B_1, …, B_K]
+(columns), so that B·A = Σ_k p_k·s_k·B_k·A_k exactly, with no cross terms. The stacked
+update is merged into the model and every client starts the next round from a fresh LoRA
+(A random, B zero) on the merged model.
+
+Merging: the merged updates are kept as dense float32 deltas beside the base weights
+(:mod:`fedtune.residual`), never written into them, so nothing is lost on a quantized base.
+The download carries the stacked factors, Σ_k r_k·(m + n) numbers per adapted matrix: it
+grows with the number of clients. A client that missed rounds receives every stack it has
+not merged (the server sends the history since the oldest round any known client saw).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from fedtune import protocol
+from fedtune.errors import AggregationError
+from fedtune.residual import residual_key
+from fedtune.strategy import (
+    AdapterSpec,
+    ClientInstruction,
+    ClientUpdate,
+    ExportedAdapter,
+    Strategy,
+    Tensors,
+    register_strategy,
+    select,
+    shapes_of,
+)
+from strategies.aggregation import (
+    LORA_A,
+    LORA_B,
+    average_non_lora,
+    ideal_updates,
+    is_lora_key,
+    lora_modules,
+    normalized_weights,
+    relative_error,
+)
+
+Stack = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (A_stack, B_stack)
+
+
+def stack_factors(tensors: Sequence[Tensors], weights: Sequence[float], scalings: Sequence[float]) -> Stack:
+    """Stack client factors so that B_stack @ A_stack = Σ_k p_k·s_k·B_k·A_k.
+
+    Parameters
+    ----------
+    tensors : sequence of dict
+        Each client's adapter tensors (``X.lora_A.weight`` of shape r_k×n and
+        ``X.lora_B.weight`` of shape m×r_k for every module X); ranks may differ.
+    weights : sequence of float
+        Non-negative client weights (normalised to p_k).
+    scalings : sequence of float
+        Each client's LoRA scaling s_k = α_k / r_k, folded into its rows of A.
+
+    Returns
+    -------
+    dict
+        Per module, ``(A_stack, B_stack)`` in float32 with Σ_k r_k rows / columns.
+    """
+    probs = normalized_weights(weights)
+    modules = lora_modules(tensors[0])
+    stack = {}
+    for module in modules:
+        a_parts, b_parts = [], []
+        for k, (p, s, t) in enumerate(zip(probs, scalings, tensors)):
+            if module + LORA_A not in t:
+                raise AggregationError(f"client {k} has no LoRA factors for {module}")
+            a, b = t[module + LORA_A].to(torch.float64), t[module + LORA_B].to(torch.float64)
+            if a.shape[0] != b.shape[1]:
+                raise AggregationError(f"client {k}, {module}: A {tuple(a.shape)} and B {tuple(b.shape)} differ in rank")
+            a_parts.append((p * s) * a)
+            b_parts.append(b)
+        stack[module] = (torch.cat(a_parts, dim=0).to(torch.float32), torch.cat(b_parts, dim=1).to(torch.float32))
+    return stack
+
+
+@register_strategy
+class FLoRA(Strategy):
+    """Stack every client's LoRA (any ranks), merge the stack into the model, restart LoRA.
+
+    Parameters
+    ----------
+    weighting : {"examples", "uniform"}
+        p_k proportional to each client's training examples, or equal.
+    """
+
+    name = "flora"
+    summary_line = "stack heterogeneous-rank LoRA factors, merge exactly (Wang et al. 2024)"
+    accepts_mixed_ranks = True
+
+    def __init__(self, *, weighting: str = "examples") -> None:
+        if weighting not in ("examples", "uniform"):
+            raise ValueError(f"weighting={weighting!r} must be 'examples' or 'uniform'")
+        self.weighting = weighting
+        # Merge number v (1, 2, ...) -> stacked factors; a round with no valid reply merges nothing.
+        self._stacks: list[Stack] = []
+        self._merged: dict[str, torch.Tensor] = {}  # module -> Σ B_stack @ A_stack so far (float64)
+        self._seen: dict[int, int] = {}  # client -> merges it had when last told to train
+        self._head: Tensors = {}
+
+    def initialize(self, spec: AdapterSpec) -> None:
+        super().initialize(spec)
+        self._fresh = {k: v.detach().clone() for k, v in spec.initial.items() if is_lora_key(k)}
+        self._head = {k: v.detach().clone() for k, v in spec.initial.items() if not is_lora_key(k)}
+
+    def _history_for(self, client_id: int) -> Tensors:
+        """Every merge after the oldest one any known client (or this new one) has seen.
+
+        A client process may serve several clients (simulation) or be a new process
+        (restart), so the history reaches back to the least up-to-date client; a process
+        skips the merges it has already applied.
+        """
+        oldest = min([self._seen.get(client_id, 0), *self._seen.values()])
+        out = {}
+        for version in range(oldest + 1, len(self._stacks) + 1):
+            for module, (a, b) in self._stacks[version - 1].items():
+                out[residual_key(version, module, "A")] = a
+                out[residual_key(version, module, "B")] = b
+        return out
+
+    def configure_client(self, server_round: int, client_id: int) -> ClientInstruction:
+        arrays = {**self._head, **self._history_for(client_id)}
+        self._seen[client_id] = len(self._stacks)
+        expects = {**shapes_of(self._head)}
+        for key, value in self._fresh.items():
+            # The client picks its own rank: any number of rows of A / columns of B.
+            expects[key] = (-1, value.shape[1]) if key.endswith(LORA_A) else (value.shape[0], -1)
+        return ClientInstruction(arrays=arrays, trainable=(".*",), expects=expects)
+
+    def evaluation_arrays(self, server_round: int, client_id: int) -> Tensors:
+        return {**self._head, **self._history_for(client_id)}
+
+    def aggregate(self, server_round: int, updates: Sequence[ClientUpdate]) -> dict[str, float]:
+        weights = [u.num_examples if self.weighting == "examples" else 1.0 for u in updates]
+        scalings = []
+        for u in updates:
+            if protocol.LORA_SCALING not in u.metrics:
+                raise AggregationError(f"client {u.client_id} did not report {protocol.LORA_SCALING}")
+            scalings.append(u.metrics[protocol.LORA_SCALING])
+        lora = [select(u.arrays, [r"\.lora_[AB]\.weight$"]) for u in updates]
+        stack = stack_factors(lora, weights, scalings)
+        self._stacks.append(stack)
+        got = {}
+        for module, (a, b) in stack.items():
+            delta = b.to(torch.float64) @ a.to(torch.float64)
+            got[module] = delta
+            self._merged[module] = self._merged.get(module, 0) + delta
+        self._head = average_non_lora([u.arrays for u in updates], weights)
+        ranks = [u.arrays[next(k for k in u.arrays if k.endswith(LORA_A))].shape[0] for u in updates]
+        return {"aggregation_error": relative_error(ideal_updates(lora, weights, scalings), got),
+                "stacked_rank": float(sum(ranks))}
+
+    def global_adapter(self) -> Tensors:
+        return {**self._fresh, **self._head}
+
+    def global_residual(self) -> tuple[dict[str, torch.Tensor], int] | None:
+        return {m: d.to(torch.float32) for m, d in self._merged.items()}, len(self._stacks)
+
+    def export_adapter(self) -> ExportedAdapter | None:
+        """Every round's stack side by side: one LoRA of rank Σ_rounds Σ_k r_k, scaling 1."""
+        if not self._stacks:
+            return None
+        tensors = dict(self._head)
+        for module in self._stacks[0]:
+            tensors[module + LORA_A] = torch.cat([stack[module][0] for stack in self._stacks], dim=0)
+            tensors[module + LORA_B] = torch.cat([stack[module][1] for stack in self._stacks], dim=1)
+        rank = next(t.shape[0] for k, t in tensors.items() if k.endswith(LORA_A))
+        return ExportedAdapter(tensors=tensors, rank=rank, alpha=float(rank))
+
+    def hyperparameters(self) -> dict[str, object]:
+        return {"weighting": self.weighting}
+
+
+__all__ = ["FLoRA", "stack_factors"]
