@@ -45,8 +45,9 @@ class ClientRuntime:
         The run's configuration.
     """
 
-    def __init__(self, cfg: FedtuneConfig) -> None:
+    def __init__(self, cfg: FedtuneConfig, run_id: int = 0) -> None:
         self.cfg = cfg
+        self.run_id = run_id
         self._tokenized: dict[int, tuple[datasets.Dataset, datasets.Dataset]] = {}
 
     @cached_property
@@ -75,7 +76,9 @@ class ClientRuntime:
         """Merge residual history, load the server's tensors, check frozen tensors match the server's."""
         handle, load_seconds = self.adapter(partition_id)
         plain, rounds = split_residual(arrays)
-        residual_of(handle.model).merge_rounds(rounds)
+        residual = residual_of(handle.model)
+        residual.claim(self.run_id)  # merges of an earlier run in this process do not carry over
+        residual.merge_rounds(rounds)
         handle.load(plain)
         digest = config.get(protocol.STRATEGY_PREFIX + protocol.FROZEN_DIGEST)
         if digest is not None:
@@ -126,14 +129,14 @@ class ClientRuntime:
                            metrics={protocol.EVAL_LOSS: result["loss"], protocol.EVAL_ACCURACY: result["accuracy"]})
 
 
-_RUNTIMES: dict[str, ClientRuntime] = {}
+_RUNTIMES: dict[tuple[str, int], ClientRuntime] = {}
 
 
-def runtime_for(cfg: FedtuneConfig) -> ClientRuntime:
-    """The process's runtime for ``cfg`` (created once, reused by every later message)."""
+def runtime_for(cfg: FedtuneConfig, run_id: int = 0) -> ClientRuntime:
+    """The process's runtime for ``cfg`` and run (created once, reused by every later message)."""
     from fedtune.config import to_yaml
 
-    key = to_yaml(cfg)
+    key = (to_yaml(cfg), run_id)
     if key not in _RUNTIMES:
-        _RUNTIMES[key] = ClientRuntime(cfg)
+        _RUNTIMES[key] = ClientRuntime(cfg, run_id)
     return _RUNTIMES[key]

@@ -67,7 +67,14 @@ class Residual:
         self.model = model
         self.deltas: dict[str, torch.Tensor] = {}
         self.version = 0
+        self.owner: object = None
         self._hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
+
+    def claim(self, owner: object) -> None:
+        """Start from nothing when a new owner (a new run) uses this model; keep state otherwise."""
+        if owner != self.owner:
+            self.clear()
+            self.owner = owner
 
     def _install(self, module_name: str) -> None:
         layer = self.model.get_submodule(module_name)

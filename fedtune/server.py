@@ -75,6 +75,8 @@ def load_global(handle: AdapterHandle, strategy: Strategy) -> None:
     residual = strategy.global_residual()
     if residual is not None:
         residual_of(handle.model).set(*residual)
+    else:
+        residual_of(handle.model).clear()
     handle.load(strategy.global_adapter())
 
 

@@ -13,12 +13,14 @@ which every client rebuilds bit for bit from the entries it has not seen yet.
 
 FedKSeed-Pro samples seeds non-uniformly: a seed's importance is the mean clipped
 magnitude of the scalars clients reported for it, min-max normalised and turned into
-probabilities with a softmax (the paper's Section 4.3 and its reference code).
+probabilities with a softmax (the paper's scheme; the clipping, the mean and the min-max +
+softmax are computed as in the public implementations).
 
-No message carries a tensor. The payloads are plain Python values built by
-:meth:`FedKSeed.catch_up`, :meth:`FedKSeed.sampling_probabilities` and
-:func:`fedtune.zeroth_order.encode_history`; see :meth:`FedKSeed.configure_client` for
-what the Flower glue must do with them.
+No message carries a tensor. The payloads are plain Python values: :meth:`FedKSeed.round_plan`
+(settings, :meth:`FedKSeed.catch_up`, :meth:`FedKSeed.sampling_probabilities`) encoded by
+:func:`fedtune.zeroth_order.encode_round_config`, and the client's steps encoded by
+:func:`fedtune.zeroth_order.encode_steps`; see :meth:`FedKSeed.configure_client` for what
+the Flower glue must do with them.
 """
 
 from __future__ import annotations
@@ -158,8 +160,8 @@ class FedKSeed(Strategy):
         """FedKSeed-Pro's probability per pool seed (pool order); None means uniform."""
         if not self.pro or not self._magnitude_counts.any():
             return None
-        # The reference code's mean includes one initial 0.0 per seed, which also shrinks
-        # seeds seen only once or twice towards "unimportant".
+        # Public implementations start each seed's list with 0.0: one more term in the mean,
+        # which shrinks seeds seen only once or twice towards "unimportant".
         importance = self._magnitude_sums / (self._magnitude_counts + 1)
         spread = importance.max() - importance.min()
         normalised = (importance - importance.min()) / spread if spread > 0 else np.zeros_like(importance)

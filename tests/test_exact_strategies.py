@@ -252,3 +252,14 @@ def test_mixed_ranks_need_a_strategy_that_accepts_them() -> None:
     assert "adapter.client_ranks=[4, 8, 16]" in str(excinfo.value) and "flora" in str(excinfo.value)
     cfg = load_config(None, ["adapter.client_ranks=[4,8,16]", "strategy.name=flora"])
     assert [cfg.adapter.rank_for(i) for i in range(4)] == [4, 8, 16, 4]
+
+
+def test_a_new_run_in_the_same_process_starts_from_an_empty_residual() -> None:
+    model = torch.nn.ModuleDict({"lin": torch.nn.Linear(N, M)})
+    residual = Residual(model)
+    residual.claim(run := 101)
+    residual.merge_rounds({1: {"lin": (torch.randn(2, N), torch.randn(M, 2))}})
+    residual.claim(run)  # same run: keeps its merges
+    assert residual.version == 1 and "lin" in residual.deltas
+    residual.claim(202)  # next run: round 1 must be merged again, not skipped
+    assert residual.version == 0 and not residual.deltas

@@ -17,7 +17,6 @@ from fedtune.zeroth_order import (
     HistoryEntry,
     apply_catch_up,
     decode_round_config,
-    encode_round_config,
     encode_steps,
     replay,
     seed_pool,

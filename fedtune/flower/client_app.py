@@ -51,7 +51,7 @@ def make_client_app(fixed_run_config: Mapping[str, Any] | None = None) -> Client
     def train(msg: Message, context: Context) -> Message:
         cfg = _config(context, fixed_run_config)
         config: ConfigRecord = msg.content[protocol.CONFIG]
-        reply = runtime_for(cfg).train(
+        reply = runtime_for(cfg, context.run_id).train(
             partition_id=_partition_id(context, cfg),
             server_round=int(config[protocol.SERVER_ROUND]),
             arrays=record_to_tensors(msg.content[protocol.ARRAYS]),
@@ -64,7 +64,8 @@ def make_client_app(fixed_run_config: Mapping[str, Any] | None = None) -> Client
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         cfg = _config(context, fixed_run_config)
-        reply = runtime_for(cfg).evaluate(_partition_id(context, cfg), record_to_tensors(msg.content[protocol.ARRAYS]))
+        arrays = record_to_tensors(msg.content[protocol.ARRAYS])
+        reply = runtime_for(cfg, context.run_id).evaluate(_partition_id(context, cfg), arrays)
         return _reply(msg, reply)
 
     return app
