@@ -218,10 +218,12 @@ def _zo_step(params: Params, loss_fn: Callable[[], float | torch.Tensor], seed: 
     z = {name: z[name].to(param.device) for name, param in params.items()}
     restore_point = {name: param.detach().clone() for name, param in params.items()}
     with torch.no_grad():
-        loss_plus = _evaluate_at(params, restore_point, z, eps, loss_fn)
-        loss_minus = _evaluate_at(params, restore_point, z, -eps, loss_fn)
-        for name, param in params.items():
-            param.copy_(restore_point[name])
+        try:
+            loss_plus = _evaluate_at(params, restore_point, z, eps, loss_fn)
+            loss_minus = _evaluate_at(params, restore_point, z, -eps, loss_fn)
+        finally:  # a loss that raises must not leave the weights perturbed
+            for name, param in params.items():
+                param.copy_(restore_point[name])
     scalar = (loss_plus - loss_minus) / (2.0 * eps)
     if not (math.isfinite(loss_plus) and math.isfinite(loss_minus) and math.isfinite(scalar)):
         return None, math.nan

@@ -187,6 +187,18 @@ def test_a_non_finite_loss_skips_the_step_and_leaves_params_bitwise_untouched(ba
     assert raw_bytes(params) == start
 
 
+def test_a_loss_that_raises_leaves_params_bitwise_untouched() -> None:
+    params, _ = linear_problem()
+    start = raw_bytes(params)
+
+    def loss_fn():
+        raise RuntimeError("out of memory")
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        zo_step(params, loss_fn, 3, 1e-3, 0.1)
+    assert raw_bytes(params) == start
+
+
 def test_a_step_whose_scalar_overflows_is_skipped() -> None:
     params, _ = linear_problem()
     start = raw_bytes(params)
