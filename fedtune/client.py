@@ -24,7 +24,16 @@ from fedtune.data import load_splits, num_labels, partition_dataset, split_train
 from fedtune.models import AdapterHandle, get_adapter
 from fedtune.residual import residual_of, split_residual
 from fedtune.strategy import GRADIENT_MODE, select
-from fedtune.training import evaluate, train_adapter
+from fedtune.training import batches, evaluate, train_adapter
+from fedtune.zeroth_order import (
+    ZEROTH_ORDER_MODE,
+    RoundPlan,
+    apply_catch_up,
+    decode_round_config,
+    encode_steps,
+    seed_pool,
+    zo_train,
+)
 
 
 @dataclass(frozen=True)
@@ -49,6 +58,8 @@ class ClientRuntime:
         self.cfg = cfg
         self.run_id = run_id
         self._tokenized: dict[int, tuple[datasets.Dataset, datasets.Dataset]] = {}
+        self._zo_masters: dict[str, torch.Tensor] | None = None
+        self._zo_round = 0
 
     @cached_property
     def _pool(self) -> tuple[datasets.Dataset, int | None]:
@@ -103,9 +114,12 @@ class ClientRuntime:
 
     def train(self, partition_id: int, server_round: int, arrays: Mapping[str, torch.Tensor],
               trainable: Sequence[str], mode: str, config: Mapping[str, Any] | None = None) -> ClientReply:
-        """Load the server's tensors, train the trainable ones, and return them."""
+        """Run the routine ``mode`` names: load, train the trainable tensors, reply."""
+        if mode == ZEROTH_ORDER_MODE:
+            return self._train_zeroth_order(partition_id, server_round, trainable, config or {})
         if mode != GRADIENT_MODE:
-            raise ValueError(f"client mode {mode!r} is not supported by this fedtune version")
+            raise ValueError(f"client mode {mode!r} is not supported by this fedtune version; "
+                             f"known: {GRADIENT_MODE!r}, {ZEROTH_ORDER_MODE!r}")
         handle, load_seconds = self._prepare(partition_id, arrays, config or {})
         train_ds, _ = self.splits(partition_id)
         names = handle.set_trainable(trainable)
@@ -120,13 +134,67 @@ class ClientRuntime:
                      protocol.LORA_SCALING: self.cfg.adapter.alpha / self.adapter_config(partition_id).rank},
         )
 
-    def evaluate(self, partition_id: int, arrays: Mapping[str, torch.Tensor]) -> ClientReply:
-        """Evaluate the server's adapter on this client's local eval split."""
-        handle, _ = self._prepare(partition_id, arrays, {})
+    def evaluate(self, partition_id: int, arrays: Mapping[str, torch.Tensor], mode: str = GRADIENT_MODE,
+                 config: Mapping[str, Any] | None = None, trainable: Sequence[str] = ()) -> ClientReply:
+        """Evaluate the server's global model on this client's local eval split."""
+        if mode == ZEROTH_ORDER_MODE:
+            handle, _ = self._zeroth_order_state(partition_id, config or {}, trainable)
+        else:
+            handle, _ = self._prepare(partition_id, arrays, config or {})
         _, eval_ds = self.splits(partition_id)
         result = evaluate(handle, eval_ds, self.cfg.train.eval_batch_size)
         return ClientReply(arrays={}, num_examples=int(result["num_examples"]),
                            metrics={protocol.EVAL_LOSS: result["loss"], protocol.EVAL_ACCURACY: result["accuracy"]})
+
+
+
+    # ------------------------------------------------------------------ zeroth order (FedKSeed)
+
+    def _zeroth_order_state(self, partition_id: int, config: Mapping[str, Any],
+                            trainable: Sequence[str]) -> tuple[AdapterHandle, RoundPlan]:
+        """Bring this process's copy of the global tuned tensors up to date; load it into the model.
+
+        The copy (float32 masters and the round they reach) is shared by every virtual
+        client this process serves: history it has already replayed is skipped.
+        """
+        plan = decode_round_config(config, prefix=protocol.STRATEGY_PREFIX)
+        plan.check_fingerprint()
+        handle, _ = self.adapter(partition_id)
+        if self._zo_masters is None:
+            tuned = select(handle.initial, trainable)
+            not_fp32 = [k for k, v in tuned.items() if v.dtype != torch.float32]
+            if not tuned or not_fp32:
+                raise ValueError(f"zeroth-order tuning needs float32 tensors matching {list(trainable)}; "
+                                 f"none match or these are not float32: {not_fp32[:3]} (set model.dtype=float32)")
+            self._zo_masters = {k: v.clone() for k, v in sorted(tuned.items())}
+        self._zo_round = apply_catch_up(self._zo_masters, plan.catch_up, self._zo_round, plan.lr)
+        handle.load(self._zo_masters)
+        return handle, plan
+
+    def _train_zeroth_order(self, partition_id: int, server_round: int, trainable: Sequence[str],
+                            config: Mapping[str, Any]) -> ClientReply:
+        """FedKSeed's local round: τ two-point steps along pool seeds; only (seed, scalar) pairs go back."""
+        handle, plan = self._zeroth_order_state(partition_id, config, trainable)
+        train_ds, _ = self.splits(partition_id)
+        params = {k: handle.params[k].data for k in self._zo_masters}  # the model reads these in place
+        handle.model.eval()  # no dropout: both evaluations of a step must see the same function
+        seed = self.cfg.train.seed * 1_000_003 + server_round * 10_007 + partition_id
+
+        @torch.no_grad()
+        def loss_on_batch(batch: dict) -> float:
+            return float(handle.model(**batch).loss)
+
+        start = time.perf_counter()
+        result = zo_train(params, batches(train_ds, self.cfg.train.batch_size, handle.tokenizer.pad_token_id, seed),
+                          loss_on_batch, seed_pool(plan.run_seed, plan.k), plan.probabilities, plan.steps,
+                          plan.eps, plan.lr, rng_seed=seed)
+        return ClientReply(
+            arrays={},
+            num_examples=len(train_ds),
+            metrics={**encode_steps(result.history, state_round=self._zo_round, skipped=result.skipped),
+                     protocol.TRAIN_LOSS: result.mean_loss, protocol.TRAIN_STEPS: float(result.steps),
+                     protocol.TRAIN_SECONDS: time.perf_counter() - start},
+        )
 
 
 _RUNTIMES: dict[tuple[str, int], ClientRuntime] = {}

@@ -94,6 +94,14 @@ class AdapterConfig:
         return out
 
 
+def resolve_data_path(value: str) -> Path:
+    """A data path as given when it exists, else relative to the project root (where configs live)."""
+    path = Path(value)
+    if path.exists() or path.is_absolute() or not (PROJECT_ROOT / path).exists():
+        return path
+    return PROJECT_ROOT / path
+
+
 @dataclass
 class DataConfig:
     """Where the examples come from and which columns hold what.
@@ -116,6 +124,8 @@ class DataConfig:
     # Alpaca-style records (instruction/input/output) become prompt/response when set.
     alpaca: bool = False
     test_source: str | None = None
+    # The test file's text column when it differs (SST-2: "sentence" in train, "content" in dev).
+    test_text_column: str | None = None
     eval_fraction: float = 0.2
     max_examples: int | None = None
     max_test_examples: int | None = None
@@ -128,10 +138,10 @@ class DataConfig:
             out.append(f"data.format={self.format!r} is not known; use one of {DATA_FORMATS}")
         for key in ("source", "test_source"):
             value = getattr(self, key)
-            if value and not value.startswith("generated:") and not Path(value).exists():
+            if value and not value.startswith("generated:") and not resolve_data_path(value).exists():
                 out.append(
                     f"data.{key}={value!r} does not exist; give an existing file or folder "
-                    "(relative paths are read from the current directory)"
+                    "(relative paths are read from the current directory, then from the project root)"
                 )
         if not 0.0 <= self.eval_fraction < 1.0:
             out.append(f"data.eval_fraction={self.eval_fraction} must be in [0, 1), e.g. 0.2")
@@ -365,7 +375,7 @@ def _absolute_paths(cfg: FedtuneConfig) -> None:
     for key in ("source", "test_source"):
         value = getattr(cfg.data, key)
         if value and not value.startswith("generated:"):
-            setattr(cfg.data, key, str(Path(value).resolve()))
+            setattr(cfg.data, key, str(resolve_data_path(value).resolve()))
 
 
 def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:

@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 
 Tensors = dict[str, torch.Tensor]
 Scalar = bool | int | float | str
+# What a Flower ConfigRecord / MetricRecord holds: scalars and lists of them.
+Value = Scalar | list[int] | list[float] | list[str]
 
 # Client routines a ClientInstruction can ask for (see fedtune.training).
 GRADIENT_MODE = "gradient"
@@ -87,15 +89,16 @@ class ClientInstruction:
         shapes is rejected before aggregation.
     mode : str
         The client routine, ``"gradient"`` (AdamW on the trainable tensors) by default.
-    config : dict of str to scalar
-        Extra strategy-specific settings sent to the client.
+    config : dict of str to scalar or list
+        Extra strategy-specific settings sent to the client (sent under the
+        ``strategy.`` prefix).
     """
 
     arrays: Mapping[str, torch.Tensor]
     trainable: tuple[str, ...]
     expects: Mapping[str, tuple[int, ...]]
     mode: str = GRADIENT_MODE
-    config: Mapping[str, Scalar] = field(default_factory=dict)
+    config: Mapping[str, Value] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -105,7 +108,7 @@ class ClientUpdate:
     client_id: int
     arrays: Mapping[str, torch.Tensor]
     num_examples: int
-    metrics: Mapping[str, float] = field(default_factory=dict)
+    metrics: Mapping[str, Value] = field(default_factory=dict)
 
 
 class Strategy(ABC):
@@ -136,9 +139,12 @@ class Strategy(ABC):
     def global_adapter(self) -> Tensors:
         """The adapter tensors (PEFT state-dict names) that represent the global model."""
 
-    def evaluation_arrays(self, server_round: int, client_id: int) -> Tensors:
-        """What a client loads to evaluate the global model (default: the global adapter)."""
-        return self.global_adapter()
+    def configure_evaluation(self, server_round: int, client_id: int) -> ClientInstruction:
+        """What a client loads to evaluate the global model (default: the global adapter).
+
+        Only ``arrays``, ``mode`` and ``config`` are used: nothing is trained or sent back.
+        """
+        return ClientInstruction(arrays=self.global_adapter(), trainable=(), expects={})
 
     def global_residual(self) -> tuple[dict[str, torch.Tensor], int] | None:
         """Dense deltas merged into the base so far and the round they reach, if the strategy merges."""

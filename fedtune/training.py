@@ -25,6 +25,11 @@ class TrainResult:
     seconds: float
 
 
+def batches(ds: datasets.Dataset, batch_size: int, pad_id: int, seed: int) -> DataLoader:
+    """Shuffled, padded training batches, in an order fixed by ``seed``."""
+    return _loader(ds, batch_size, pad_id, shuffle=True, seed=seed)
+
+
 def _loader(ds: datasets.Dataset, batch_size: int, pad_id: int, shuffle: bool, seed: int) -> DataLoader:
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=generator,

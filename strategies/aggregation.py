@@ -56,14 +56,17 @@ def weighted_average(
 LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
 
 
-def lora_modules(tensors: Mapping[str, torch.Tensor]) -> list[str]:
-    """Names of the LoRA-adapted modules (``X`` for each ``X.lora_A.weight``/``X.lora_B.weight`` pair)."""
+def lora_modules(tensors: Mapping[str, torch.Tensor], *, strict: bool = True) -> list[str]:
+    """Names of the LoRA-adapted modules (``X`` for each ``X.lora_A.weight``/``X.lora_B.weight`` pair).
+
+    With ``strict``, a factor without its partner is an error; otherwise it is left out.
+    """
     modules = sorted(k[: -len(LORA_A)] for k in tensors if k.endswith(LORA_A))
     unpaired = [m for m in modules if m + LORA_B not in tensors]
     unpaired += sorted(k[: -len(LORA_B)] for k in tensors if k.endswith(LORA_B) and k[: -len(LORA_B)] + LORA_A not in tensors)
-    if unpaired:
+    if unpaired and strict:
         raise AggregationError(f"LoRA tensors without their partner for modules {unpaired[:3]}")
-    return modules
+    return [m for m in modules if m not in unpaired]
 
 
 def is_lora_key(key: str) -> bool:
@@ -107,9 +110,13 @@ def factor_average_error(
 ) -> float:
     """‖B̄Ā − Σ p_k B_k A_k‖ / ‖Σ p_k B_k A_k‖: how far averaging the factors is from the ideal.
 
-    Every client has the same scaling here, so it cancels in the ratio.
+    Every client has the same scaling here, so it cancels in the ratio. NaN when the
+    tensors hold no complete A/B pair.
     """
-    ideal = ideal_updates(tensors, weights, [1.0] * len(tensors))
-    got = {m: averaged[m + LORA_B].to(torch.float64) @ averaged[m + LORA_A].to(torch.float64)
-           for m in lora_modules(averaged)}
+    modules = lora_modules(averaged, strict=False)
+    if not modules:
+        return float("nan")  # nothing to measure: no complete A/B pair
+    ideal = ideal_updates([{k: t[k] for m in modules for k in (m + LORA_A, m + LORA_B)} for t in tensors],
+                          weights, [1.0] * len(tensors))
+    got = {m: averaged[m + LORA_B].to(torch.float64) @ averaged[m + LORA_A].to(torch.float64) for m in modules}
     return relative_error(ideal, got)

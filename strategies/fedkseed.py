@@ -150,7 +150,9 @@ class FedKSeed(Strategy):
         initial adapter, for a client not seen yet); the entries after it bring the client
         to the state of round ``server_round - 1``.
         """
-        base = self.last_seen.get(client_id, 0)
+        # From the least up-to-date known client: a process may serve several clients
+        # (simulation) and skips the entries it has already replayed.
+        base = min([self.last_seen.get(client_id, 0), *self.last_seen.values()])
         through = max(base, server_round - 1)
         start = bisect.bisect_right(self._history_rounds, base)
         stop = bisect.bisect_right(self._history_rounds, through)
@@ -189,6 +191,11 @@ class FedKSeed(Strategy):
         """
         return ClientInstruction(arrays={}, trainable=self.trainable, expects={}, mode=ZEROTH_ORDER_MODE,
                                  config=encode_round_config(self.round_plan(client_id, server_round)))
+
+    def configure_evaluation(self, server_round: int, client_id: int) -> ClientInstruction:
+        """Evaluation needs no tensors either: the client replays the history it lacks."""
+        return ClientInstruction(arrays={}, trainable=self.trainable, expects={}, mode=ZEROTH_ORDER_MODE,
+                                 config=encode_round_config(self.round_plan(client_id, server_round + 1)))
 
     # ------------------------------------------------------------------ client -> server
 

@@ -138,8 +138,8 @@ class FLoRA(Strategy):
             expects[key] = (-1, value.shape[1]) if key.endswith(LORA_A) else (value.shape[0], -1)
         return ClientInstruction(arrays=arrays, trainable=(".*",), expects=expects)
 
-    def evaluation_arrays(self, server_round: int, client_id: int) -> Tensors:
-        return {**self._head, **self._history_for(client_id)}
+    def configure_evaluation(self, server_round: int, client_id: int) -> ClientInstruction:
+        return ClientInstruction(arrays={**self._head, **self._history_for(client_id)}, trainable=(), expects={})
 
     def aggregate(self, server_round: int, updates: Sequence[ClientUpdate]) -> dict[str, float]:
         weights = [u.num_examples if self.weighting == "examples" else 1.0 for u in updates]

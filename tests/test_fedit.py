@@ -36,13 +36,16 @@ def test_hand_worked_weighted_average() -> None:
     strategy = fedit(initial)
     u1 = update(0, {A_KEY: two_by_two([[1, 2], [3, 4]]), B_KEY: two_by_two([[0, 0], [4, 8]])}, num_examples=1)
     u2 = update(1, {A_KEY: two_by_two([[5, 6], [7, 8]]), B_KEY: two_by_two([[4, -4], [0, 0]])}, num_examples=3)
-    assert strategy.aggregate(1, [u1, u2]) == {}
+    metrics = strategy.aggregate(1, [u1, u2])
     result = strategy.global_adapter()
     # (1 * [[1,2],[3,4]] + 3 * [[5,6],[7,8]]) / 4
     assert torch.equal(result[A_KEY], two_by_two([[4, 5], [6, 7]]))
     # (1 * [[0,0],[4,8]] + 3 * [[4,-4],[0,0]]) / 4
     assert torch.equal(result[B_KEY], two_by_two([[3, -3], [1, 2]]))
     assert result[A_KEY].dtype == torch.float32
+    # B̄Ā = [[-6,-6],[16,19]]; ideal 1/4·B1A1 + 3/4·B2A2 = 1/4·[[0,0],[28,40]] + 3/4·[[-8,-8],[0,0]]
+    # = [[-6,-6],[7,10]]; difference [[0,0],[9,9]]: relative error sqrt(162 / 221).
+    assert metrics == {"aggregation_error": pytest.approx((162 / 221) ** 0.5, rel=1e-12)}
 
 
 def test_uniform_weighting_ignores_example_counts() -> None:

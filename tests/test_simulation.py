@@ -212,3 +212,17 @@ def test_lora_fair_runs_and_reports_its_correction(tiny_bert: str, tmp_path: Pat
     row = read_rows(run_dir)[1]
     assert row["aggregation_error"] < row["fedit_aggregation_error"]
     assert 0 < row["error_removed"] < 1
+
+
+def test_fedkseed_sends_only_seeds_and_scalars(tiny_bert: str, tmp_path: Path) -> None:
+    run_dir = simulate(load_config(None, tiny_overrides(tiny_bert, tmp_path, rounds=2) + [
+        "strategy.name=fedkseed-pro", "strategy.options.k=64", "strategy.options.steps=6",
+        "strategy.options.lr=1e-3", "strategy.options.eps=1e-3", "adapter.dropout=0.0"]))
+    rows = read_rows(run_dir)
+    for row in rows[1:]:
+        assert row["clients_aggregated"] == 3 and row["fedkseed_replies_rejected"] == 0
+        # No tensors either way: a few hundred bytes of config, 6 (seed, scalar) pairs back.
+        assert row["bytes_up_per_client"] < 2_000
+        assert row["bytes_down_per_client"] < 4_000 + 64 * 8
+    assert rows[2]["fedkseed_history_length"] > rows[1]["fedkseed_history_length"] > 0
+    assert rows[2]["fedkseed_probability_spread"] > 1.0  # Pro: seeds seen with larger |g| are favoured

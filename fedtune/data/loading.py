@@ -7,6 +7,7 @@ for classification, ``prompt`` and ``response`` for causal-LM instruction tuning
 from __future__ import annotations
 
 import csv
+import dataclasses
 from pathlib import Path
 
 import datasets
@@ -127,7 +128,8 @@ def load_splits(cfg: DataConfig, task: str) -> tuple[datasets.Dataset, datasets.
         test = datasets.Dataset.from_dict(make(GENERATED_TEST_SIZE, seed=cfg.seed + 10_000))
     else:
         train = standardize(read_table(cfg.source, cfg), cfg, task, cfg.source)
-        test = (standardize(read_table(cfg.test_source, cfg), cfg, task, cfg.test_source)
+        test_cfg = dataclasses.replace(cfg, text_column=cfg.test_text_column or cfg.text_column)
+        test = (standardize(read_table(cfg.test_source, cfg), test_cfg, task, cfg.test_source)
                 if cfg.test_source else None)
     if cfg.max_examples is not None and len(train) > cfg.max_examples:
         train = train.shuffle(seed=cfg.seed).select(range(cfg.max_examples))

@@ -16,6 +16,7 @@ from fedtune import protocol  # noqa: E402
 from fedtune.client import ClientReply, runtime_for  # noqa: E402
 from fedtune.codec import record_to_tensors, tensors_to_record  # noqa: E402
 from fedtune.config import FedtuneConfig, config_from_run_config  # noqa: E402
+from fedtune.strategy import GRADIENT_MODE  # noqa: E402
 
 
 def _config(context: Context, fixed_run_config: Mapping[str, Any] | None) -> FedtuneConfig:
@@ -33,6 +34,11 @@ def _partition_id(context: Context, cfg: FedtuneConfig) -> int:
         raise ValueError(f"the federation has {node[protocol.NUM_PARTITIONS]} nodes but "
                          f"federation.num_clients={cfg.federation.num_clients}; make them equal")
     return int(node[protocol.PARTITION_ID])
+
+
+def _arrays(msg: Message) -> dict:
+    """The message's tensors (none for strategies that send only scalars)."""
+    return record_to_tensors(msg.content[protocol.ARRAYS]) if protocol.ARRAYS in msg.content.array_records else {}
 
 
 def _reply(msg: Message, reply: ClientReply) -> Message:
@@ -54,7 +60,7 @@ def make_client_app(fixed_run_config: Mapping[str, Any] | None = None) -> Client
         reply = runtime_for(cfg, context.run_id).train(
             partition_id=_partition_id(context, cfg),
             server_round=int(config[protocol.SERVER_ROUND]),
-            arrays=record_to_tensors(msg.content[protocol.ARRAYS]),
+            arrays=_arrays(msg),
             trainable=str(config[protocol.TRAINABLE]).splitlines(),
             mode=str(config[protocol.MODE]),
             config=dict(config),
@@ -64,8 +70,10 @@ def make_client_app(fixed_run_config: Mapping[str, Any] | None = None) -> Client
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         cfg = _config(context, fixed_run_config)
-        arrays = record_to_tensors(msg.content[protocol.ARRAYS])
-        reply = runtime_for(cfg, context.run_id).evaluate(_partition_id(context, cfg), arrays)
+        config: ConfigRecord = msg.content[protocol.CONFIG]
+        reply = runtime_for(cfg, context.run_id).evaluate(
+            _partition_id(context, cfg), _arrays(msg), mode=str(config.get(protocol.MODE, GRADIENT_MODE)),
+            config=dict(config), trainable=str(config.get(protocol.TRAINABLE, "")).splitlines())
         return _reply(msg, reply)
 
     return app

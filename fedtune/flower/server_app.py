@@ -81,15 +81,7 @@ class FlowerStrategy(FlwrStrategy):
         for node_id in self._sample(grid, self.cfg.federation.fraction_train, server_round, 0):
             instruction = self.strategy.configure_client(server_round, node_id)
             self._expects[node_id] = instruction
-            content = RecordDict({
-                protocol.ARRAYS: tensors_to_record(instruction.arrays),
-                protocol.CONFIG: ConfigRecord({
-                    protocol.SERVER_ROUND: server_round,
-                    protocol.MODE: instruction.mode,
-                    protocol.TRAINABLE: "\n".join(instruction.trainable),
-                    **{protocol.STRATEGY_PREFIX + k: v for k, v in instruction.config.items()},
-                }),
-            })
+            content = _instruction_content(server_round, instruction)
             down.append(wire_bytes(content))
             messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id))
         self.on_metrics(bytes_down=sum(down), bytes_down_per_client=sum(down) / max(len(down), 1),
@@ -103,16 +95,19 @@ class FlowerStrategy(FlwrStrategy):
         if node_id not in self._expects:
             raise InvalidUpdateError("reply from a client that was not sampled this round")
         content = msg.content
-        if protocol.ARRAYS not in content.array_records or protocol.METRICS not in content.metric_records:
-            raise InvalidUpdateError(f"reply lacks the {protocol.ARRAYS!r} or {protocol.METRICS!r} record")
+        expects = self._expects[node_id].expects
+        if protocol.METRICS not in content.metric_records:
+            raise InvalidUpdateError(f"reply lacks the {protocol.METRICS!r} record")
+        if expects and protocol.ARRAYS not in content.array_records:
+            raise InvalidUpdateError(f"reply lacks the {protocol.ARRAYS!r} record")
         metrics = dict(content[protocol.METRICS])
         num_examples = metrics.pop(protocol.NUM_EXAMPLES, None)
         if not isinstance(num_examples, (int, float)) or num_examples < 0 or num_examples != num_examples:
             raise InvalidUpdateError(f"{protocol.NUM_EXAMPLES}={num_examples!r} must be a non-negative number")
-        arrays = record_to_tensors(content[protocol.ARRAYS])
-        check_update(arrays, self._expects[node_id].expects)
-        return ClientUpdate(client_id=node_id, arrays=arrays, num_examples=int(num_examples),
-                            metrics={k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+        arrays = record_to_tensors(content[protocol.ARRAYS]) if protocol.ARRAYS in content.array_records else {}
+        check_update(arrays, expects)
+        # Ints (e.g. 63-bit seeds) and lists stay as they are: a float would round them.
+        return ClientUpdate(client_id=node_id, arrays=arrays, num_examples=int(num_examples), metrics=metrics)
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -143,9 +138,9 @@ class FlowerStrategy(FlwrStrategy):
         bad = [k for k, v in global_tensors.items() if not torch.isfinite(v).all()]
         if bad:
             raise AggregationError(f"round {server_round}: aggregation produced non-finite values in {bad[:3]}")
-        train_loss = _weighted_mean([(u.metrics.get(protocol.TRAIN_LOSS, float("nan")), u.num_examples)
+        train_loss = _weighted_mean([(float(u.metrics.get(protocol.TRAIN_LOSS, float("nan"))), u.num_examples)
                                      for u in updates])
-        load = max(u.metrics.get(protocol.MODEL_LOAD_SECONDS, 0.0) for u in updates)
+        load = max(float(u.metrics.get(protocol.MODEL_LOAD_SECONDS, 0.0)) for u in updates)
         self.on_metrics(train_loss=train_loss, aggregation_seconds=aggregation_seconds,
                         max_model_load_seconds=load, **strategy_metrics)
         return tensors_to_record(global_tensors), MetricRecord({"train_loss": train_loss})
@@ -157,10 +152,7 @@ class FlowerStrategy(FlwrStrategy):
             return []
         messages, down = [], 0
         for node_id in self._sample(grid, self.cfg.federation.fraction_evaluate, server_round, 1):
-            content = RecordDict({
-                protocol.ARRAYS: tensors_to_record(self.strategy.evaluation_arrays(server_round, node_id)),
-                protocol.CONFIG: ConfigRecord({protocol.SERVER_ROUND: server_round}),
-            })
+            content = _instruction_content(server_round, self.strategy.configure_evaluation(server_round, node_id))
             down += wire_bytes(content)
             messages.append(Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=node_id))
         self.on_metrics(eval_bytes_down=down)
@@ -202,6 +194,19 @@ class FlowerStrategy(FlwrStrategy):
               evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None) -> Result:
         self.grid = grid
         return super().start(grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config, evaluate_fn)
+
+
+def _instruction_content(server_round: int, instruction: ClientInstruction) -> RecordDict:
+    """The message content for one instruction (the arrays record only when there are arrays)."""
+    content = RecordDict({protocol.CONFIG: ConfigRecord({
+        protocol.SERVER_ROUND: server_round,
+        protocol.MODE: instruction.mode,
+        protocol.TRAINABLE: "\n".join(instruction.trainable),
+        **{protocol.STRATEGY_PREFIX + k: v for k, v in instruction.config.items()},
+    })})
+    if instruction.arrays:
+        content[protocol.ARRAYS] = tensors_to_record(instruction.arrays)
+    return content
 
 
 def make_server_app(fixed_run_config: Mapping[str, Any] | None = None,

@@ -1,0 +1,45 @@
+"""FedKSeed and FedKSeed-Pro next to FedIT on SST-2, under the same rounds.
+
+    python bench/fedkseed.py [--rounds 3] [key=value ...]
+
+Same model (all-MiniLM-L6-v2 with a LoRA adapter and head), data (SST-2 from
+../shared/data, 4 IID clients, 4,000 training sentences), rounds and seed. FedKSeed tunes
+the adapter and head by zeroth-order steps (`simulations/fedkseed_sst2.yaml`); FedIT by
+AdamW. Prints accuracy at round 0 and after the last round, and the bytes each client sends
+and receives per round. Replay speed is measured by bench/zo_replay.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from lora_strategies import SHARED, print_table, run_all  # noqa: E402
+
+RUNS = [
+    ("fedit", "simulations/fedkseed_sst2.yaml", ["strategy.name=fedit", "strategy.options={}",
+                                                 "train.local_steps=10", "train.learning_rate=1e-3"]),
+    ("fedkseed", "simulations/fedkseed_sst2.yaml", []),
+    ("fedkseed-pro", "simulations/fedkseed_pro_sst2.yaml", []),
+]
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    if not (SHARED.parent / "sst2").is_dir():
+        print(f"skipped: {SHARED.parent / 'sst2'} is absent (see ../shared/data/SOURCES.md)")
+        return 0
+    results = run_all(RUNS, [f"federation.num_rounds={args.rounds}", "data.max_test_examples=500", *args.overrides])
+    print()
+    print_table(results)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
