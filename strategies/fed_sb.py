@@ -1,0 +1,399 @@
+"""Fed-SB: federated LoRA-SB, where clients train and the server averages only the r×r matrix R.
+
+Singhal, Ponkshe, Vartak, Varshney, Vepakomma, "Fed-SB: A Silver Bullet for Extreme
+Communication Efficiency and Performance in (Private) Federated LoRA Fine-Tuning",
+arXiv:2502.15436 (reference code github.com/CERT-Lab/fed-sb).
+
+Every client holds the same frozen B (m×r) and A (r×n) per adapted matrix, from the LoRA-SB
+initialisation (:mod:`fedtune.lora_sb`), and trains only R (r×r). Because B and A are shared,
+averaging R is exact: s·B·(Σ p_k R_k)·A = Σ p_k s·B·R_k·A, with no cross terms, and each
+round moves r² numbers per matrix each way, independent of the number of clients. The
+paper averages R uniformly (R_agg = (1/c) Σ R_i); ``weighting="examples"`` weighs clients by
+their training examples like the other strategies here. In the private variant the
+clients run DP-SGD on R (:mod:`fedtune.privacy`): the noise enters ΔW linearly through
+B·ξ·A, with no noise×noise product as when both factors are noisy (FedIT, FLoRA).
+
+Rounds. Until the initialisation has been aggregated, every round is an *init round*
+(``init_passes`` of them when all goes well): clients estimate their first full fine-tuning
+update ΔW_k and upload linear sketches of it (:mod:`fedtune.lora_sb`): by default a
+two-pass randomized range finder (round 1: ΔW_k·Ω; round 2: QᵀΔW_k for the server's
+Q = orth(Σ p_k ΔW_k·Ω)), or one single-pass sketch, or ΔW_k itself
+(``init_upload="dense"``). The server computes B, R_0, A in float64 with a deterministic
+algorithm and *ships* B and A to each client once (4·r·(m+n) bytes per matrix), so every
+client holds bitwise the same factors (a digest in each instruction lets the client prove
+it). Recomputing them on every client from the aggregated sketch would save no bytes (the
+sketches are larger than B and A) and is not bitwise reproducible across LAPACK/BLAS
+builds. A pass whose round gets no valid reply is simply asked again in the next round.
+Later rounds send R̄ (and the task head), train R (and the head), and average them.
+
+No reply outlives its round: :meth:`FedSB.aggregate` reads only the updates it is given,
+builds the new R̄ from them alone, keeps no per-client buffer, and drops an update whose
+``lora_sb_round`` metric (the round the client was told, echoed back) is not this round.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from fedtune import protocol
+from fedtune.codec import tensor_digest
+from fedtune.errors import AggregationError
+from fedtune.lora_sb import (
+    CFG_INIT_ESTIMATOR,
+    CFG_INIT_LEARNING_RATE,
+    CFG_INIT_RANK,
+    CFG_INIT_SAMPLES,
+    CFG_INIT_SEED,
+    CFG_INIT_STAGE,
+    CFG_ROUND,
+    DENSE_ESTIMATE,
+    ESTIMATORS,
+    LORA_R,
+    LORA_SB_INIT_MODE,
+    LORA_SB_MODE,
+    METRIC_ROUND,
+    METRIC_SKETCH_FINGERPRINT,
+    SKETCH_BASIS,
+    SKETCH_CORANGE,
+    SKETCH_RANGE,
+    LoraSBFactors,
+    UpdateSketch,
+    factors_from_projection,
+    fold_r_into_a,
+    init_from_update,
+    low_rank_from_sketch,
+    orthonormal_basis,
+    parse_init_reply,
+    sketch_dims,
+    sketch_fingerprint,
+    sketch_matrices,
+)
+from fedtune.strategy import (
+    AdapterSpec,
+    ClientInstruction,
+    ClientUpdate,
+    Strategy,
+    Tensors,
+    register_strategy,
+    select,
+    shapes_of,
+)
+from strategies.aggregation import (
+    LORA_A,
+    LORA_B,
+    ideal_updates,
+    lora_modules,
+    normalized_weights,
+    relative_error,
+    weighted_average,
+)
+
+log = logging.getLogger(__name__)
+
+FROZEN = r"\.lora_[AB]\.weight$"
+R_ONLY = r"\.lora_R\.weight$"
+NOT_R = r"^(?!.*\.lora_R\.weight$)"
+NOT_FROZEN = r"^(?!.*\.lora_[AB]\.weight$)"  # R and the task head
+
+
+def weighted_sum(parts: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> dict[str, torch.Tensor]:
+    """Σ_k p_k·T_k per key in float64 (the aggregate of a linear sketch)."""
+    return weighted_average([{k: v.to(torch.float64) for k, v in p.items()} for p in parts], weights)
+
+
+def federated_init(
+    client_estimates: Sequence[Mapping[str, UpdateSketch | torch.Tensor]],
+    weights: Sequence[float],
+    rank: int,
+    *,
+    scaling: float = 1.0,
+    seed: int = 0,
+) -> dict[str, LoraSBFactors]:
+    """B, R_0, A per module from the clients' single-pass sketches (or dense estimates), in one step.
+
+    The weighted sum of the clients' sketches is the sketch of ΔW = Σ_k p_k ΔW_k (sketches
+    are linear), from which :func:`fedtune.lora_sb.low_rank_from_sketch` recovers the rank-r
+    truncation; dense estimates are averaged and decomposed exactly
+    (:func:`fedtune.lora_sb.init_from_update`). Deterministic: float64 on the CPU, clients in
+    the order given. The server runs this and sends B and A to every client. (The two-pass
+    protocol spans two rounds and runs in :meth:`FedSB.aggregate`.)
+
+    Parameters
+    ----------
+    client_estimates : sequence of dict
+        Per client, module -> :class:`~fedtune.lora_sb.UpdateSketch` (made with ``seed``) or
+        an m×n ΔW_k; every client must send the same kind for the same modules.
+    weights : sequence of float
+        Non-negative client weights, normalised to p_k.
+    rank : int
+        r.
+    scaling : float
+        s = lora_alpha / r; R_0 = Σ_r / s so that s·B·R_0·A is the truncation.
+    seed : int
+        The seed the clients' test matrices were drawn with.
+
+    Returns
+    -------
+    dict of str to LoraSBFactors
+        ``(B, R, A)`` per module, float64.
+    """
+    probs = normalized_weights(weights)
+    if len(probs) != len(client_estimates):
+        raise AggregationError(f"{len(client_estimates)} client estimates but {len(probs)} weights")
+    modules = sorted(client_estimates[0])
+    for k, est in enumerate(client_estimates[1:], start=1):
+        if sorted(est) != modules:
+            diff = sorted(set(modules).symmetric_difference(est))[:3]
+            raise AggregationError(f"client {k} sent estimates for other modules than client 0 (e.g. {diff})")
+    out = {}
+    for module in modules:
+        parts = [est[module] for est in client_estimates]
+        if all(isinstance(p, UpdateSketch) for p in parts):
+            summed = weighted_sum([{"Y": p.range, "W": p.corange} for p in parts], probs)
+            m, n = summed["Y"].shape[0], summed["W"].shape[1]
+            _, psi = sketch_matrices(module, m, n, rank, seed)
+            if summed["W"].shape[0] != psi.shape[0] or summed["Y"].shape[1] != sketch_dims(m, n, rank)[0]:
+                shapes = f"{tuple(summed['Y'].shape)}, {tuple(summed['W'].shape)}"
+                raise AggregationError(f"{module}: sketch shapes {shapes} do not match rank {rank}; every client "
+                                       "must sketch with the same rank")
+            out[module] = low_rank_from_sketch(UpdateSketch(summed["Y"], summed["W"]), psi, rank, scaling=scaling)
+        elif all(isinstance(p, torch.Tensor) for p in parts):
+            delta = weighted_sum([{"dW": p} for p in parts], probs)["dW"]
+            out[module] = init_from_update(delta, rank, scaling=scaling)
+        else:
+            raise AggregationError(f"{module}: clients mixed sketches and dense estimates; send one kind")
+    return out
+
+
+def dense_updates(frozen: Mapping[str, torch.Tensor], r_tensors: Mapping[str, torch.Tensor],
+                  scaling: float) -> dict[str, torch.Tensor]:
+    """s·B·R·A per module in float64 (``frozen`` holds B and A, ``r_tensors`` holds R)."""
+    out = {}
+    for module in lora_modules(frozen):
+        b, a = frozen[module + LORA_B].to(torch.float64), frozen[module + LORA_A].to(torch.float64)
+        out[module] = scaling * (b @ r_tensors[module + LORA_R].to(torch.float64) @ a)
+    return out
+
+
+@register_strategy
+class FedSB(Strategy):
+    """Frozen shared B and A from a federated LoRA-SB initialisation; train and average R only.
+
+    Parameters
+    ----------
+    weighting : {"examples", "uniform"}
+        p_k proportional to each client's training examples, or equal (the paper).
+    init_upload : {"sketch", "dense"}
+        What a client uploads for the initialisation: linear sketches of its update estimate
+        (see ``init_passes``) or the m×n estimate itself (one round, 4·m·n bytes per matrix).
+    init_passes : int
+        Sketch passes (init rounds): 1 = single-pass sketch, 4·((2r+1)·m + (4r+3)·n) bytes up;
+        2 = two-pass range finder, 4·(2r+1)·(m+n) up and 4·(2r+1)·m down; 2 + 2q = q power
+        iterations on top, each 4·(2r+1)·(m+n) more each way. More passes, closer to the
+        optimal truncation.
+    init_samples : int
+        Examples each client uses to estimate its first update.
+    init_estimator : {"adam", "sgd"}
+        −η·sign(G) (Adam's first step; the paper) or −η·G/N (SGD's; linear in the data).
+    init_learning_rate : float, optional
+        η of the estimated first step; by default the client's ``train.learning_rate``.
+    resend_frozen : bool
+        Send B and A with every instruction, not only to clients that have not had them
+        (costs 4·r·(m+n) bytes per matrix per round; survives client restarts).
+    """
+
+    name = "fed-sb"
+    summary_line = "frozen B, A from the first-update SVD; train and average r×r R only (Singhal et al. 2025); exact"
+
+    def __init__(self, *, weighting: str = "examples", init_upload: str = "sketch", init_passes: int = 2,
+                 init_samples: int = 64, init_estimator: str = "adam", init_learning_rate: float | None = None,
+                 resend_frozen: bool = False) -> None:
+        if weighting not in ("examples", "uniform"):
+            raise ValueError(f"weighting={weighting!r} must be 'examples' or 'uniform'")
+        if init_upload not in ("sketch", "dense"):
+            raise ValueError(f"init_upload={init_upload!r} must be 'sketch' or 'dense'")
+        if not (isinstance(init_passes, int) and (init_passes == 1 or (init_passes >= 2 and init_passes % 2 == 0))):
+            raise ValueError(f"init_passes={init_passes!r} must be 1 (single-pass sketch) or even: 2 (two-pass "
+                             "range finder), 4 (one power iteration), ...")
+        if init_estimator not in ESTIMATORS:
+            raise ValueError(f"init_estimator={init_estimator!r} must be one of {ESTIMATORS}")
+        if not (isinstance(init_samples, int) and init_samples >= 1):
+            raise ValueError(f"init_samples={init_samples!r} must be a positive integer, e.g. 64")
+        if init_learning_rate is not None and not init_learning_rate > 0:
+            raise ValueError(f"init_learning_rate={init_learning_rate} must be positive, or null to use "
+                             "train.learning_rate")
+        self.weighting = weighting
+        self.init_upload = init_upload
+        self.init_passes = init_passes
+        self.init_samples = init_samples
+        self.init_estimator = init_estimator
+        self.init_learning_rate = init_learning_rate
+        self.resend_frozen = resend_frozen
+        self._frozen: Tensors = {}  # B and A after the initialisation
+        self._trained: Tensors = {}  # R and the head
+        self._digest = ""
+        self._has_frozen: set[int] = set()
+
+    # ------------------------------------------------------------------ set-up
+    def initialize(self, spec: AdapterSpec) -> None:
+        super().initialize(spec)
+        initial = {k: v.detach().clone() for k, v in spec.initial.items() if not k.endswith(LORA_R)}
+        self._plain = select(initial, [FROZEN])  # PEFT's initial A and B, the model until the init ends
+        self._modules = lora_modules(self._plain)
+        if not self._modules:
+            raise ValueError("fed-sb needs LoRA adapter tensors (X.lora_A.weight / X.lora_B.weight) in the spec")
+        self._dtype = self._plain[self._modules[0] + LORA_A].dtype
+        self._shapes = {m: (self._plain[m + LORA_B].shape[0], self._plain[m + LORA_A].shape[1]) for m in self._modules}
+        rank = self._plain[self._modules[0] + LORA_A].shape[0]
+        if rank != spec.rank:
+            raise ValueError(f"the adapter tensors have rank {rank} but spec.rank={spec.rank}")
+        identity = {m + LORA_R: torch.eye(rank, dtype=self._dtype) for m in self._modules}
+        self._trained = {**identity, **select(initial, [NOT_FROZEN])}
+        self._init_seed = int(spec.seed) * 1_000_003 + 17  # the sketches' test matrices
+        self._frozen, self._digest = {}, ""
+        if self.init_upload == "dense":
+            self._stage = "dense"
+        else:
+            self._stage = "single" if self.init_passes == 1 else "range"
+        self._bases: Tensors = {}  # what the next pass sends: Q (m×k) before "corange", P (n×k) before "range"
+        self._power_left = max(0, (self.init_passes - 2) // 2)
+
+    @property
+    def initialized(self) -> bool:
+        """Whether the LoRA-SB initialisation has been aggregated (B and A are fixed)."""
+        return bool(self._frozen)
+
+    # ------------------------------------------------------------------ instructions
+    def _init_expects(self) -> dict[str, tuple[int, ...]]:
+        expects: dict[str, tuple[int, ...]] = {}
+        for module, (m, n) in self._shapes.items():
+            k, l = sketch_dims(m, n, self.spec.rank)
+            if self._stage == "dense":
+                expects[module + DENSE_ESTIMATE] = (m, n)
+            if self._stage in ("single", "range"):
+                expects[module + SKETCH_RANGE] = (m, k)
+            if self._stage in ("single", "corange"):
+                expects[module + SKETCH_CORANGE] = (l if self._stage == "single" else k, n)
+        return expects
+
+    def _init_instruction(self, server_round: int) -> ClientInstruction:
+        config = {CFG_ROUND: server_round, CFG_INIT_STAGE: self._stage, CFG_INIT_SEED: self._init_seed,
+                  CFG_INIT_RANK: self.spec.rank, CFG_INIT_SAMPLES: self.init_samples,
+                  CFG_INIT_ESTIMATOR: self.init_estimator}
+        if self.init_learning_rate is not None:
+            config[CFG_INIT_LEARNING_RATE] = self.init_learning_rate
+        arrays = {module + SKETCH_BASIS: basis for module, basis in self._bases.items()}
+        return ClientInstruction(arrays=arrays, trainable=(), expects=self._init_expects(), mode=LORA_SB_INIT_MODE,
+                                 config=config)
+
+    def configure_client(self, server_round: int, client_id: int) -> ClientInstruction:
+        if not self.initialized:
+            return self._init_instruction(server_round)
+        arrays = dict(self._trained)
+        if self.resend_frozen or client_id not in self._has_frozen:
+            arrays.update(self._frozen)
+            self._has_frozen.add(client_id)
+        return ClientInstruction(
+            arrays=arrays,
+            trainable=(NOT_FROZEN,),
+            expects=shapes_of(self._trained),
+            mode=LORA_SB_MODE,
+            config={CFG_ROUND: server_round, protocol.FROZEN_PATTERN: FROZEN, protocol.FROZEN_DIGEST: self._digest},
+        )
+
+    # ------------------------------------------------------------------ aggregation
+    def _current(self, server_round: int, updates: Sequence[ClientUpdate]) -> list[ClientUpdate]:
+        """The updates that belong to this round (a reply echoing another round is dropped)."""
+        fresh = [u for u in updates if u.metrics.get(METRIC_ROUND, server_round) == server_round]
+        if len(fresh) < len(updates):
+            log.warning("round %d: dropped %d replies made for another round", server_round, len(updates) - len(fresh))
+        if not fresh:
+            raise AggregationError(f"round {server_round}: no update was made for this round")
+        return fresh
+
+    def _weights(self, updates: Sequence[ClientUpdate]) -> list[float]:
+        return [u.num_examples if self.weighting == "examples" else 1.0 for u in updates]
+
+    def aggregate(self, server_round: int, updates: Sequence[ClientUpdate]) -> dict[str, float]:
+        fresh = self._current(server_round, updates)
+        stale = float(len(updates) - len(fresh))
+        metrics = self._aggregate_init(fresh) if not self.initialized else self._aggregate_r(fresh)
+        return {**metrics, "stale_dropped": stale}
+
+    def _check_fingerprints(self, updates: Sequence[ClientUpdate]) -> None:
+        expected = sketch_fingerprint(self._init_seed)
+        for u in updates:
+            got = u.metrics.get(METRIC_SKETCH_FINGERPRINT)
+            if got is not None and got != expected:
+                raise AggregationError(f"client {u.client_id} drew other sketch test matrices (fingerprint {got!r}, "
+                                       f"server {expected!r}); every party needs the same NumPy random streams")
+
+    def _aggregate_init(self, updates: Sequence[ClientUpdate]) -> dict[str, float]:
+        """Fold one init pass; set B, A and R_0 after the last one."""
+        self._check_fingerprints(updates)
+        weights, replies = self._weights(updates), [parse_init_reply(u.arrays) for u in updates]
+        stage, metrics = self._stage, {"init_clients": float(len(updates))}
+        if stage in ("single", "dense"):
+            estimates = [{m: UpdateSketch(p["range"], p["corange"]) if stage == "single" else p["dense"]
+                          for m, p in reply.items()} for reply in replies]
+            return {**metrics, **self._set_factors(federated_init(
+                estimates, weights, self.spec.rank, scaling=self.spec.scaling, seed=self._init_seed))}
+        part = "range" if stage == "range" else "corange"
+        summed = weighted_sum([{m: p[part] for m, p in reply.items()} for reply in replies], weights)
+        if stage == "range":  # Q = orth(Σ p_k ΔW_k·Ω) (or ·P), sent in the corange pass
+            self._bases = {m: orthonormal_basis(y).to(self._dtype) for m, y in summed.items()}
+            self._stage = "corange"
+        elif self._power_left > 0:  # power iteration: P = orth((Σ p_k QᵀΔW_k)ᵀ), sent in a range pass
+            self._bases = {m: orthonormal_basis(z.T).to(self._dtype) for m, z in summed.items()}
+            self._power_left -= 1
+            self._stage = "range"
+        else:  # the last pass: SVD of QᵀΔW with the Q the clients used
+            factors = {m: factors_from_projection(self._bases[m], z, self.spec.rank, scaling=self.spec.scaling)
+                       for m, z in summed.items()}
+            return {**metrics, **self._set_factors(factors)}
+        return {**metrics, "init_pass_done": 1.0}
+
+    def _set_factors(self, factors: Mapping[str, LoraSBFactors]) -> dict[str, float]:
+        if sorted(factors) != self._modules:
+            raise AggregationError(f"init replies cover modules {sorted(factors)[:3]}..., the adapter has "
+                                   f"{self._modules[:3]}...; every client must sketch every adapted module")
+        for module, (b, r, a) in factors.items():
+            self._frozen[module + LORA_B] = b.to(self._dtype)
+            self._frozen[module + LORA_A] = a.to(self._dtype)
+            self._trained[module + LORA_R] = r.to(self._dtype)
+        self._digest = tensor_digest(self._frozen)
+        self._has_frozen.clear()
+        self._bases, self._stage = {}, None
+        top = max(float(f.R.diagonal().max()) for f in factors.values()) * self.spec.scaling
+        return {"init_top_singular_value": top}
+
+    def _aggregate_r(self, updates: Sequence[ClientUpdate]) -> dict[str, float]:
+        weights = self._weights(updates)
+        self._trained = weighted_average([u.arrays for u in updates], weights)
+        # Measured, not assumed: the ideal is the clients' own dense updates, averaged.
+        clients = [fold_r_into_a({**self._frozen, **select(u.arrays, [R_ONLY])}) for u in updates]
+        ideal = ideal_updates(clients, weights, [self.spec.scaling] * len(updates))
+        got = dense_updates(self._frozen, self._trained, self.spec.scaling)
+        return {"aggregation_error": relative_error(ideal, got)}
+
+    # ------------------------------------------------------------------ the global model
+    def global_adapter(self) -> Tensors:
+        """The global model as a plain PEFT LoRA adapter: A' = R̄·A (before the init, PEFT's initial A and B)."""
+        if not self.initialized:
+            return {**self._plain, **select(self._trained, [NOT_R])}
+        return fold_r_into_a({**self._frozen, **self._trained})
+
+    def lora_sb_tensors(self) -> Tensors:
+        """B, A, R̄ and the head as LoRA-SB tensors (what a LoRA-SB client holds after loading)."""
+        return {**(self._frozen or self._plain), **self._trained}
+
+    def hyperparameters(self) -> dict[str, object]:
+        return {"weighting": self.weighting, "init_upload": self.init_upload, "init_passes": self.init_passes,
+                "init_samples": self.init_samples, "init_estimator": self.init_estimator,
+                "init_learning_rate": self.init_learning_rate, "resend_frozen": self.resend_frozen}
+
+
+__all__ = ["FedSB", "dense_updates", "federated_init", "weighted_sum"]
