@@ -28,8 +28,9 @@ RUNS = [
 ]
 
 
-def summarize(label: str, rows: list[dict]) -> dict:
-    trained = [r for r in rows if r["round"] > 0]
+def summarize(label: str, rows: list[dict], skip_rounds: int = 0) -> dict:
+    """Accuracy before and after, and per-round means over the training rounds (after ``skip_rounds``)."""
+    trained = [r for r in rows if r["round"] > skip_rounds]
     return {
         "strategy": label,
         "acc_round0": rows[0]["eval_accuracy"],
@@ -40,22 +41,25 @@ def summarize(label: str, rows: list[dict]) -> dict:
                           for r in trained),
         "agg_ms": 1000 * mean(r["aggregation_seconds"] for r in trained),
         "round_s": mean(r["round_seconds"] for r in trained),
+        "dp_epsilon": trained[-1].get("dp_epsilon_max"),
     }
 
 
-def print_table(results: list[dict]) -> None:
-    base_up = next(r["up_per_client"] for r in results if r["strategy"] == "fedit")
-    head = (f"{'strategy':<14}{'acc r0':>8}{'acc final':>10}{'up/client/round':>17}{'vs fedit':>9}"
+def print_table(results: list[dict], baseline: str = "fedit") -> None:
+    base_up = next(r["up_per_client"] for r in results if r["strategy"] == baseline)
+    head = (f"{'strategy':<16}{'acc r0':>8}{'acc final':>10}{'up/client/round':>17}{'vs base':>9}"
             f"{'down/client/round':>19}{'agg error':>11}{'agg ms':>9}{'round s':>9}")
     print(head)
     print("-" * len(head))
     for r in results:
-        print(f"{r['strategy']:<14}{r['acc_round0']:>8.4f}{r['acc_final']:>10.4f}{r['up_per_client']:>17,.0f}"
+        print(f"{r['strategy']:<16}{r['acc_round0']:>8.4f}{r['acc_final']:>10.4f}{r['up_per_client']:>17,.0f}"
               f"{r['up_per_client'] / base_up:>9.2f}{r['down_per_client']:>19,.0f}{r['agg_error']:>11.2e}"
-              f"{r['agg_ms']:>9.1f}{r['round_s']:>9.1f}")
+              f"{r['agg_ms']:>9.1f}{r['round_s']:>9.1f}"
+              + (f"   ε={r['dp_epsilon']:.2f}" if r.get("dp_epsilon") is not None else ""))
 
 
-def run_all(runs: list[tuple[str, str, list[str]]], overrides: list[str]) -> list[dict]:
+def run_all(runs: list[tuple[str, str, list[str]]], overrides: list[str],
+            skip_rounds: dict[str, int] | None = None) -> list[dict]:
     """Simulate each (label, config, extra overrides) in turn and summarise its metrics."""
     sys.path.insert(0, str(ROOT))
     from fedtune.config import load_config
@@ -72,7 +76,7 @@ def run_all(runs: list[tuple[str, str, list[str]]], overrides: list[str]) -> lis
             print(f"== {label}: {config} {' '.join(run_overrides)}", flush=True)
             run_dir = simulate(load_config(ROOT / config, run_overrides))
             rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-            results.append(summarize(label, rows))
+            results.append(summarize(label, rows, (skip_rounds or {}).get(label, 0)))
     return results
 
 

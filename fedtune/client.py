@@ -24,7 +24,37 @@ from fedtune.data import load_splits, num_labels, partition_dataset, split_train
 from fedtune.models import AdapterHandle, get_adapter
 from fedtune.residual import residual_of, split_residual
 from fedtune.strategy import GRADIENT_MODE, select
-from fedtune.training import batches, evaluate, train_adapter
+from fedtune.lora_sb import (
+    CFG_ROUND,
+    LORA_SB_INIT_MODE,
+    LORA_SB_MODE,
+    METRIC_ROUND,
+    adopt_frozen,
+    init_reply,
+    prepare_handle,
+)
+from fedtune.privacy import PrivacyLedger, noise_multiplier_for
+
+# Keys of a client's own state (Flower's context.state) for its privacy ledger.
+LEDGER_SIGMAS, LEDGER_RATES, LEDGER_STEPS = "dp.sigmas", "dp.rates", "dp.steps"
+LEDGER_SIGMA, LEDGER_RATE = "dp.noise_multiplier", "dp.sample_rate"
+INIT_ACCOUNTED = "dp.init_accounted"
+
+
+def save_ledger(ledger: PrivacyLedger, state: dict[str, Any]) -> None:
+    """Write a ledger into a client's state as plain lists (a Flower ConfigRecord holds them)."""
+    state[LEDGER_SIGMA], state[LEDGER_RATE] = float(ledger.noise_multiplier), float(ledger.sample_rate)
+    state[LEDGER_SIGMAS] = [float(s) for s, _, _ in ledger.history]
+    state[LEDGER_RATES] = [float(q) for _, q, _ in ledger.history]
+    state[LEDGER_STEPS] = [int(n) for _, _, n in ledger.history]
+
+
+def load_ledger(state: Mapping[str, Any], delta: float) -> PrivacyLedger:
+    ledger = PrivacyLedger(float(state[LEDGER_SIGMA]), float(state[LEDGER_RATE]), delta)
+    for sigma, rate, steps in zip(state[LEDGER_SIGMAS], state[LEDGER_RATES], state[LEDGER_STEPS]):
+        ledger.step(int(steps), noise_multiplier=float(sigma), sample_rate=float(rate))
+    return ledger
+from fedtune.training import batches, evaluate, steps_per_round, train_adapter, train_adapter_private
 from fedtune.zeroth_order import (
     ZEROTH_ORDER_MODE,
     RoundPlan,
@@ -113,26 +143,101 @@ class ClientRuntime:
         return self._tokenized[partition_id]
 
     def train(self, partition_id: int, server_round: int, arrays: Mapping[str, torch.Tensor],
-              trainable: Sequence[str], mode: str, config: Mapping[str, Any] | None = None) -> ClientReply:
-        """Run the routine ``mode`` names: load, train the trainable tensors, reply."""
+              trainable: Sequence[str], mode: str, config: Mapping[str, Any] | None = None,
+              state: dict[str, Any] | None = None) -> ClientReply:
+        """Run the routine ``mode`` names: load, train the trainable tensors, reply.
+
+        ``state`` is this client's own record across rounds (Flower's ``context.state``, which
+        follows the client whichever process serves it): the privacy ledger lives there.
+        """
+        config = config or {}
+        state = {} if state is None else state
         if mode == ZEROTH_ORDER_MODE:
-            return self._train_zeroth_order(partition_id, server_round, trainable, config or {})
-        if mode != GRADIENT_MODE:
-            raise ValueError(f"client mode {mode!r} is not supported by this fedtune version; "
-                             f"known: {GRADIENT_MODE!r}, {ZEROTH_ORDER_MODE!r}")
-        handle, load_seconds = self._prepare(partition_id, arrays, config or {})
+            return self._train_zeroth_order(partition_id, server_round, trainable, config)
+        if mode == LORA_SB_INIT_MODE:
+            return self._lora_sb_init(partition_id, arrays, config, state)
+        if mode not in (GRADIENT_MODE, LORA_SB_MODE):
+            raise ValueError(f"client mode {mode!r} is not supported by this fedtune version; known: "
+                             f"{[GRADIENT_MODE, LORA_SB_MODE, LORA_SB_INIT_MODE, ZEROTH_ORDER_MODE]}")
+        if mode == LORA_SB_MODE:
+            handle, _ = self.adapter(partition_id)
+            prepare_handle(handle, self.adapter_config(partition_id).rank)
+            adopt_frozen(handle, arrays)  # B and A stay put when later rounds send only R
+        handle, load_seconds = self._prepare(partition_id, arrays, config)
         train_ds, _ = self.splits(partition_id)
         names = handle.set_trainable(trainable)
         seed = self.cfg.train.seed + 1000 * server_round + partition_id
-        result = train_adapter(handle, train_ds, self.cfg.train, seed)
+        metrics: dict[str, Any] = {}
+        if self.cfg.privacy.enabled:
+            ledger = self._ledger(state, len(train_ds))
+            sigma = ledger.noise_multiplier
+            result = train_adapter_private(handle, train_ds, self.cfg.train, clip_norm=self.cfg.privacy.clip_norm,
+                                           noise_multiplier=sigma, ledger=ledger, seed=seed)
+            save_ledger(ledger, state)
+            metrics.update({protocol.DP_EPSILON: ledger.epsilon(), protocol.DP_NOISE_MULTIPLIER: sigma})
+        else:
+            result = train_adapter(handle, train_ds, self.cfg.train, seed)
+        if mode == LORA_SB_MODE:
+            metrics[METRIC_ROUND] = float(config[protocol.STRATEGY_PREFIX + CFG_ROUND])
         return ClientReply(
             arrays={k: handle.params[k].detach().clone() for k in names},
             num_examples=result.num_examples,
             metrics={protocol.TRAIN_LOSS: result.loss, protocol.TRAIN_STEPS: float(result.steps),
                      protocol.TRAIN_SECONDS: result.seconds, protocol.MODEL_LOAD_SECONDS: load_seconds,
                      protocol.LORA_RANK: float(self.adapter_config(partition_id).rank),
-                     protocol.LORA_SCALING: self.cfg.adapter.alpha / self.adapter_config(partition_id).rank},
+                     protocol.LORA_SCALING: self.cfg.adapter.alpha / self.adapter_config(partition_id).rank,
+                     **metrics},
         )
+
+    # ------------------------------------------------------------------ LoRA-SB (Fed-SB)
+
+    def _lora_sb_init(self, partition_id: int, arrays: Mapping[str, torch.Tensor],
+                      config: Mapping[str, Any], state: dict[str, Any]) -> ClientReply:
+        """One pass of the federated LoRA-SB initialisation: estimate ΔW_k at W0, reply with its sketch.
+
+        Every pass uses the same examples in the same order (and, under DP, the same noise),
+        so all passes sketch one estimate.
+        """
+        handle, load_seconds = self.adapter(partition_id)
+        prepare_handle(handle, self.adapter_config(partition_id).rank)
+        handle.load({})  # the untrained model: B = 0, R = I
+        train_ds, _ = self.splits(partition_id)
+        plain = {k[len(protocol.STRATEGY_PREFIX):]: v for k, v in config.items()
+                 if k.startswith(protocol.STRATEGY_PREFIX)}
+        seed = self.cfg.train.seed * 1_000_003 + partition_id
+        privacy: dict[str, Any] = {}
+        ledger = None
+        if self.cfg.privacy.enabled:
+            ledger = self._ledger(state, len(train_ds))
+            privacy = {"clip_norm": self.cfg.privacy.clip_norm, "noise_multiplier": ledger.noise_multiplier,
+                       "generator": torch.Generator().manual_seed(seed)}
+            if not state.get(INIT_ACCOUNTED):  # one noisy estimate, however many passes read it
+                ledger.step(1, sample_rate=1.0)
+                state[INIT_ACCOUNTED] = True
+                save_ledger(ledger, state)
+        start = time.perf_counter()
+        out, metrics = init_reply(handle.model, batches(train_ds, self.cfg.train.batch_size,
+                                                        handle.tokenizer.pad_token_id, seed, shuffle=False),
+                                  plain, arrays, learning_rate=self.cfg.train.learning_rate,
+                                  adapter_name=handle.adapter_name, **privacy)
+        if ledger is not None:
+            metrics[protocol.DP_EPSILON] = ledger.epsilon()
+        return ClientReply(arrays=out, num_examples=len(train_ds),
+                           metrics={**metrics, protocol.TRAIN_SECONDS: time.perf_counter() - start,
+                                    protocol.MODEL_LOAD_SECONDS: load_seconds})
+
+    def _ledger(self, state: Mapping[str, Any], num_examples: int) -> PrivacyLedger:
+        """This client's privacy ledger, rebuilt from its state (σ for the target ε over the whole run)."""
+        if LEDGER_SIGMAS in state:
+            return load_ledger(state, self.cfg.privacy.delta)
+        p = self.cfg.privacy
+        rate = min(1.0, self.cfg.train.batch_size / num_examples)
+        sigma = p.noise_multiplier
+        if sigma is None:
+            # Every round's local steps plus the one-off initialisation step, at most.
+            steps = self.cfg.federation.num_rounds * steps_per_round(self.cfg.train, num_examples) + 1
+            sigma = noise_multiplier_for(p.target_epsilon, p.delta, rate, steps)
+        return PrivacyLedger(sigma, rate, p.delta)
 
     def evaluate(self, partition_id: int, arrays: Mapping[str, torch.Tensor], mode: str = GRADIENT_MODE,
                  config: Mapping[str, Any] | None = None, trainable: Sequence[str] = ()) -> ClientReply:

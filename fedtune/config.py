@@ -265,6 +265,40 @@ class FederationConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    """Example-level differential privacy on each client: DP-SGD on the trained tensors.
+
+    Every example's gradient is clipped to ``clip_norm`` and Gaussian noise of standard
+    deviation ``noise_multiplier · clip_norm`` is added to each Poisson-sampled batch's sum.
+    Give ``noise_multiplier`` or ``target_epsilon`` (then σ is chosen so that the whole run,
+    every round's local steps, spends at most that ε at ``delta``).
+    """
+
+    enabled: bool = False
+    clip_norm: float = 1.0
+    noise_multiplier: float | None = None
+    target_epsilon: float | None = None
+    delta: float = 1e-5
+
+    def problems(self) -> list[str]:
+        out = []
+        if not self.enabled:
+            return out
+        if self.clip_norm <= 0:
+            out.append(f"privacy.clip_norm={self.clip_norm} must be positive, e.g. 1.0")
+        if (self.noise_multiplier is None) == (self.target_epsilon is None):
+            out.append(f"privacy.noise_multiplier={self.noise_multiplier} and privacy.target_epsilon="
+                       f"{self.target_epsilon}: set exactly one of them")
+        if self.noise_multiplier is not None and self.noise_multiplier < 0:
+            out.append(f"privacy.noise_multiplier={self.noise_multiplier} must be >= 0")
+        if self.target_epsilon is not None and self.target_epsilon <= 0:
+            out.append(f"privacy.target_epsilon={self.target_epsilon} must be positive, e.g. 8")
+        if not 0 < self.delta < 1:
+            out.append(f"privacy.delta={self.delta} must be in (0, 1), below 1 / examples per client")
+        return out
+
+
+@dataclass
 class OutputConfig:
     """Where the run directory goes and what is shown while running."""
 
@@ -279,7 +313,7 @@ class OutputConfig:
 
 @dataclass
 class FedtuneConfig:
-    """A whole run: model, adapter, data, partitioning, training, strategy, federation, output."""
+    """A whole run: model, adapter, data, partitioning, training, strategy, federation, privacy, output."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
@@ -288,6 +322,7 @@ class FedtuneConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     seed: int = 0
 
@@ -489,6 +524,7 @@ __all__ = [
     "ModelConfig",
     "OutputConfig",
     "PartitionConfig",
+    "PrivacyConfig",
     "StrategyConfig",
     "TrainConfig",
     "build_config",

@@ -25,6 +25,8 @@ EVAL_LOSS = "eval_loss"
 EVAL_ACCURACY = "eval_accuracy"
 LORA_RANK = "lora_rank"
 LORA_SCALING = "lora_scaling"  # alpha / rank of the client's adapter
+DP_EPSILON = "dp_epsilon"  # ε spent so far by the client (privacy.enabled)
+DP_NOISE_MULTIPLIER = "dp_noise_multiplier"
 
 # node_config keys (simulation sets the first two)
 PARTITION_ID = "partition-id"

@@ -122,6 +122,8 @@ class Strategy(ABC):
     summary_line: ClassVar[str] = ""
     # Whether clients may train different LoRA ranks (adapter.client_ranks) in one federation.
     accepts_mixed_ranks: ClassVar[bool] = False
+    # Whether the client routine is gradient training, which privacy.enabled turns into DP-SGD.
+    supports_privacy: ClassVar[bool] = True
 
     def initialize(self, spec: AdapterSpec) -> None:
         """Receive the initial adapter before round 1. Called once, on the server."""
@@ -153,6 +155,10 @@ class Strategy(ABC):
     def export_adapter(self) -> ExportedAdapter | None:
         """The final model as one PEFT LoRA adapter, when it differs from :meth:`global_adapter`."""
         return None
+
+    def config_problems(self, cfg: FedtuneConfig) -> list[str]:
+        """Problems with this strategy in this configuration (checked before anything loads)."""
+        return []
 
     def hyperparameters(self) -> dict[str, Any]:
         """Every hyperparameter in use, for the start-up log line."""
@@ -287,12 +293,16 @@ def strategy_problems(cfg: FedtuneConfig) -> list[str]:
         strategy = build_strategy(cfg.strategy.name, cfg.strategy.options)
     except ConfigError as e:
         return e.problems
+    problems = strategy.config_problems(cfg)
+    if cfg.privacy.enabled and not strategy.supports_privacy:
+        problems.append(f"privacy.enabled=true with strategy.name={cfg.strategy.name!r}: its client routine is "
+                        "not DP-SGD; use a gradient-trained strategy such as fed-sb or fedit")
     ranks = cfg.adapter.client_ranks
     if ranks and len(set(ranks)) > 1 and not strategy.accepts_mixed_ranks:
         mixed = sorted(n for n, c in registered_strategies().items() if c.accepts_mixed_ranks)
         return [f"adapter.client_ranks={list(ranks)} mixes ranks, which strategy.name={cfg.strategy.name!r} "
                 f"cannot aggregate; use one rank or a strategy that accepts mixed ranks: {mixed}"]
-    return []
+    return problems
 
 
 __all__ = [

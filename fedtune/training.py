@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from fedtune.config import TrainConfig
 from fedtune.data.tokenize import IGNORE_INDEX, collate
 from fedtune.models import AdapterHandle
+from fedtune.privacy import PrivacyLedger, dp_step, model_loss_fn, poisson_batch
 
 
 @dataclass(frozen=True)
@@ -25,9 +26,9 @@ class TrainResult:
     seconds: float
 
 
-def batches(ds: datasets.Dataset, batch_size: int, pad_id: int, seed: int) -> DataLoader:
-    """Shuffled, padded training batches, in an order fixed by ``seed``."""
-    return _loader(ds, batch_size, pad_id, shuffle=True, seed=seed)
+def batches(ds: datasets.Dataset, batch_size: int, pad_id: int, seed: int, shuffle: bool = True) -> DataLoader:
+    """Padded training batches, shuffled in an order fixed by ``seed`` (or in data order)."""
+    return _loader(ds, batch_size, pad_id, shuffle=shuffle, seed=seed)
 
 
 def _loader(ds: datasets.Dataset, batch_size: int, pad_id: int, shuffle: bool, seed: int) -> DataLoader:
@@ -50,8 +51,7 @@ def train_adapter(handle: AdapterHandle, train_ds: datasets.Dataset, cfg: TrainC
         raise ValueError("no adapter tensor is trainable; the strategy's `trainable` patterns matched nothing")
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     loader = _loader(train_ds, cfg.batch_size, handle.tokenizer.pad_token_id, shuffle=True, seed=seed)
-    per_epoch = max(1, math.ceil(len(loader) / cfg.gradient_accumulation))
-    total_steps = cfg.local_steps or cfg.local_epochs * per_epoch
+    total_steps = steps_per_round(cfg, len(train_ds))
     handle.model.train()
     start = time.perf_counter()
     steps, micro, loss_sum, loss_count = 0, 0, 0.0, 0
@@ -98,3 +98,48 @@ def evaluate(handle: AdapterHandle, ds: datasets.Dataset, batch_size: int) -> di
         weight += n
         total += n
     return {"loss": loss_sum / max(weight, 1), "accuracy": correct / max(total, 1), "num_examples": len(ds)}
+
+
+def train_adapter_private(handle: AdapterHandle, train_ds: datasets.Dataset, cfg: TrainConfig, *,
+                          clip_norm: float, noise_multiplier: float, ledger: PrivacyLedger, seed: int) -> TrainResult:
+    """DP-SGD with AdamW on the trainable adapter tensors; every step is recorded in ``ledger``.
+
+    Each step draws a Poisson batch (rate q = batch_size / examples), clips every example's
+    gradient to ``clip_norm``, adds N(0, (noise_multiplier·clip_norm)²) to the sum and divides
+    by the expected batch size (:func:`fedtune.privacy.dp_step`). Gradient-norm clipping of
+    the ordinary loop is not applied: the per-example clipping replaces it.
+    """
+    params = {name: p for name, p in handle.model.named_parameters() if p.requires_grad}
+    if not params:
+        raise ValueError("no adapter tensor is trainable; the strategy's `trainable` patterns matched nothing")
+    optimizer = torch.optim.AdamW(params.values(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    generator = torch.Generator().manual_seed(seed)
+    per_example_loss = model_loss_fn(handle.model)
+    n = len(train_ds)
+    steps = steps_per_round(cfg, n)
+    rate = min(1.0, cfg.batch_size / n)
+    handle.model.train()
+    start = time.perf_counter()
+    losses = []
+    for _ in range(steps):
+        rows = [train_ds[int(i)] for i in poisson_batch(n, rate, generator)]
+        batch = collate(rows, handle.tokenizer.pad_token_id) if rows else {}
+        grads = dp_step(params, per_example_loss, batch, clip_norm, noise_multiplier, generator,
+                        expected_batch_size=cfg.batch_size)
+        for name, param in params.items():
+            param.grad = grads[name]
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ledger.step(1, noise_multiplier=noise_multiplier, sample_rate=rate)
+        if rows:
+            with torch.no_grad():
+                losses.append(float(handle.model(**batch).loss))
+    handle.model.eval()
+    return TrainResult(loss=sum(losses) / max(len(losses), 1), num_examples=n, steps=steps,
+                       seconds=time.perf_counter() - start)
+
+
+def steps_per_round(cfg: TrainConfig, num_examples: int) -> int:
+    """Optimizer steps one local round takes (``local_steps``, or epochs over the batches)."""
+    per_epoch = max(1, math.ceil(math.ceil(num_examples / cfg.batch_size) / cfg.gradient_accumulation))
+    return cfg.local_steps or cfg.local_epochs * per_epoch

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -389,6 +390,16 @@ class FedSB(Strategy):
     def lora_sb_tensors(self) -> Tensors:
         """B, A, R̄ and the head as LoRA-SB tensors (what a LoRA-SB client holds after loading)."""
         return {**(self._frozen or self._plain), **self._trained}
+
+    def init_rounds(self) -> int:
+        """Rounds the initialisation takes before R is trained."""
+        return 1 if self.init_upload == "dense" else self.init_passes
+
+    def config_problems(self, cfg: Any) -> list[str]:
+        if cfg.federation.num_rounds <= self.init_rounds():
+            return [f"federation.num_rounds={cfg.federation.num_rounds} leaves no training round after fed-sb's "
+                    f"{self.init_rounds()} initialisation round(s); use at least {self.init_rounds() + 1}"]
+        return []
 
     def hyperparameters(self) -> dict[str, object]:
         return {"weighting": self.weighting, "init_upload": self.init_upload, "init_passes": self.init_passes,

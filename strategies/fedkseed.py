@@ -101,6 +101,7 @@ class FedKSeed(Strategy):
     """
 
     name = "fedkseed"
+    supports_privacy = False
     summary_line = "zeroth-order tuning over K shared seeds, scalars only on the wire (Qin et al. 2024)"
 
     def __init__(self, *, k: int = 4096, eps: float = 5e-4, lr: float = 3e-7, steps: int = 200,

@@ -226,3 +226,25 @@ def test_fedkseed_sends_only_seeds_and_scalars(tiny_bert: str, tmp_path: Path) -
         assert row["bytes_down_per_client"] < 4_000 + 64 * 8
     assert rows[2]["fedkseed_history_length"] > rows[1]["fedkseed_history_length"] > 0
     assert rows[2]["fedkseed_probability_spread"] > 1.0  # Pro: seeds seen with larger |g| are favoured
+
+
+def test_fed_sb_initializes_then_averages_r_exactly(tiny_bert: str, tmp_path: Path) -> None:
+    run_dir = simulate(load_config(None, tiny_overrides(tiny_bert, tmp_path, rounds=4) + [
+        "strategy.name=fed-sb", "strategy.options.init_samples=16", "adapter.alpha=4"]))
+    rows = read_rows(run_dir)
+    assert rows[1]["init_pass_done"] == 1.0  # range pass
+    assert rows[2]["init_top_singular_value"] > 0  # corange pass: B, R, A fixed
+    for row in rows[3:]:
+        assert row["aggregation_error"] <= 1e-6 and row["clients_aggregated"] == 3
+        # Up: four 4x4 R (2 layers x query/value) and the 4x32+4 head, ~700 bytes overhead per tensor.
+        assert row["bytes_up_per_client"] < 4 * (4 * 16 + 4 * 32 + 4) + 6 * 700
+    assert rows[4]["bytes_down_per_client"] < rows[3]["bytes_down_per_client"]  # B and A sent once
+
+
+def test_private_fed_sb_reports_the_epsilon_spent(tiny_bert: str, tmp_path: Path) -> None:
+    run_dir = simulate(load_config(None, tiny_overrides(tiny_bert, tmp_path, rounds=4) + [
+        "strategy.name=fed-sb", "strategy.options.init_samples=16", "privacy.enabled=true",
+        "privacy.target_epsilon=8", "privacy.delta=1e-4", "train.local_steps=3"]))
+    rows = read_rows(run_dir)
+    spent = [r["dp_epsilon_max"] for r in rows[1:]]
+    assert all(a <= b for a, b in zip(spent, spent[1:])) and 0 < spent[-1] <= 8.0

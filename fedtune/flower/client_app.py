@@ -19,6 +19,9 @@ from fedtune.config import FedtuneConfig, config_from_run_config  # noqa: E402
 from fedtune.strategy import GRADIENT_MODE  # noqa: E402
 
 
+CLIENT_STATE = "fedtune.client-state"
+
+
 def _config(context: Context, fixed_run_config: Mapping[str, Any] | None) -> FedtuneConfig:
     # The strategy runs on the server only: clients need not be able to import it.
     return config_from_run_config({**dict(context.run_config), **dict(fixed_run_config or {})},
@@ -57,6 +60,8 @@ def make_client_app(fixed_run_config: Mapping[str, Any] | None = None) -> Client
     def train(msg: Message, context: Context) -> Message:
         cfg = _config(context, fixed_run_config)
         config: ConfigRecord = msg.content[protocol.CONFIG]
+        # The client's own state travels with it across rounds and processes (context.state).
+        state = dict(context.state.config_records.get(CLIENT_STATE, ConfigRecord()))
         reply = runtime_for(cfg, context.run_id).train(
             partition_id=_partition_id(context, cfg),
             server_round=int(config[protocol.SERVER_ROUND]),
@@ -64,7 +69,10 @@ def make_client_app(fixed_run_config: Mapping[str, Any] | None = None) -> Client
             trainable=str(config[protocol.TRAINABLE]).splitlines(),
             mode=str(config[protocol.MODE]),
             config=dict(config),
+            state=state,
         )
+        if state:
+            context.state[CLIENT_STATE] = ConfigRecord(state)
         return _reply(msg, reply)
 
     @app.evaluate()

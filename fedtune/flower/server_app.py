@@ -141,6 +141,9 @@ class FlowerStrategy(FlwrStrategy):
         train_loss = _weighted_mean([(float(u.metrics.get(protocol.TRAIN_LOSS, float("nan"))), u.num_examples)
                                      for u in updates])
         load = max(float(u.metrics.get(protocol.MODEL_LOAD_SECONDS, 0.0)) for u in updates)
+        spent = [float(u.metrics[protocol.DP_EPSILON]) for u in updates if protocol.DP_EPSILON in u.metrics]
+        if spent:
+            strategy_metrics = {**strategy_metrics, "dp_epsilon_max": max(spent)}
         self.on_metrics(train_loss=train_loss, aggregation_seconds=aggregation_seconds,
                         max_model_load_seconds=load, **strategy_metrics)
         return tensors_to_record(global_tensors), MetricRecord({"train_loss": train_loss})
