@@ -20,8 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lora_strategies import SHARED, print_table, run_all  # noqa: E402
 
 RUNS = [
-    ("fedit", "simulations/fedkseed_sst2.yaml", ["strategy.name=fedit", "strategy.options={}",
-                                                 "train.local_steps=10", "train.learning_rate=1e-3"]),
+    ("fedit", "simulations/fedit_sst2.yaml", []),
     ("fedkseed", "simulations/fedkseed_sst2.yaml", []),
     ("fedkseed-pro", "simulations/fedkseed_pro_sst2.yaml", []),
 ]
