@@ -1,6 +1,6 @@
 """FedKSeed and FedKSeed-Pro next to FedIT on SST-2, under the same rounds.
 
-    python bench/fedkseed.py [--rounds 3] [key=value ...]
+    python bench/fedkseed.py [--rounds 3] [--zo-steps 100] [key=value ...]
 
 Same model (all-MiniLM-L6-v2 with a LoRA adapter and head), data (SST-2 from
 ../shared/data, 4 IID clients, 4,000 training sentences), rounds and seed. FedKSeed tunes
@@ -29,12 +29,15 @@ RUNS = [
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--zo-steps", type=int, default=100, help="zeroth-order steps per client and round (τ)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     if not (SHARED.parent / "sst2").is_dir():
         print(f"skipped: {SHARED.parent / 'sst2'} is absent (see ../shared/data/SOURCES.md)")
         return 0
-    results = run_all(RUNS, [f"federation.num_rounds={args.rounds}", "data.max_test_examples=500", *args.overrides])
+    runs = [(label, config, extra + ([f"strategy.options.steps={args.zo_steps}"] if "fedkseed" in label else []))
+            for label, config, extra in RUNS]
+    results = run_all(runs, [f"federation.num_rounds={args.rounds}", "data.max_test_examples=500", *args.overrides])
     print()
     print_table(results)
     return 0

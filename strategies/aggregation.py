@@ -10,6 +10,22 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from fedtune.errors import AggregationError
+from fedtune.strategy import ClientUpdate
+
+
+WEIGHTINGS = ("examples", "uniform")
+
+
+def check_weighting(weighting: str) -> str:
+    """The ``weighting`` option every strategy takes: by training examples (FedAvg) or equal."""
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting={weighting!r} must be one of {WEIGHTINGS}")
+    return weighting
+
+
+def client_weights(updates: Sequence[ClientUpdate], weighting: str) -> list[float]:
+    """Each update's weight: its number of training examples, or 1 for ``uniform``."""
+    return [float(u.num_examples) if weighting == "examples" else 1.0 for u in updates]
 
 
 def normalized_weights(weights: Sequence[float]) -> list[float]:

@@ -83,6 +83,8 @@ from fedtune.strategy import (
     shapes_of,
 )
 from strategies.aggregation import (
+    check_weighting,
+    client_weights,
     LORA_A,
     LORA_B,
     ideal_updates,
@@ -212,8 +214,6 @@ class FedSB(Strategy):
     def __init__(self, *, weighting: str = "examples", init_upload: str = "sketch", init_passes: int = 2,
                  init_samples: int = 64, init_estimator: str = "adam", init_learning_rate: float | None = None,
                  resend_frozen: bool = False) -> None:
-        if weighting not in ("examples", "uniform"):
-            raise ValueError(f"weighting={weighting!r} must be 'examples' or 'uniform'")
         if init_upload not in ("sketch", "dense"):
             raise ValueError(f"init_upload={init_upload!r} must be 'sketch' or 'dense'")
         if not (isinstance(init_passes, int) and (init_passes == 1 or (init_passes >= 2 and init_passes % 2 == 0))):
@@ -226,7 +226,7 @@ class FedSB(Strategy):
         if init_learning_rate is not None and not init_learning_rate > 0:
             raise ValueError(f"init_learning_rate={init_learning_rate} must be positive, or null to use "
                              "train.learning_rate")
-        self.weighting = weighting
+        self.weighting = check_weighting(weighting)
         self.init_upload = init_upload
         self.init_passes = init_passes
         self.init_samples = init_samples
@@ -316,7 +316,7 @@ class FedSB(Strategy):
         return fresh
 
     def _weights(self, updates: Sequence[ClientUpdate]) -> list[float]:
-        return [u.num_examples if self.weighting == "examples" else 1.0 for u in updates]
+        return client_weights(updates, self.weighting)
 
     def aggregate(self, server_round: int, updates: Sequence[ClientUpdate]) -> dict[str, float]:
         fresh = self._current(server_round, updates)

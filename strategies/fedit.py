@@ -22,7 +22,7 @@ from fedtune.strategy import (
     register_strategy,
     shapes_of,
 )
-from strategies.aggregation import factor_average_error, weighted_average
+from strategies.aggregation import check_weighting, client_weights, factor_average_error, weighted_average
 
 
 @register_strategy
@@ -39,9 +39,7 @@ class FedIT(Strategy):
     summary_line = "FedAvg of LoRA A and B separately (Zhang et al. 2024); inexact baseline"
 
     def __init__(self, *, weighting: str = "examples") -> None:
-        if weighting not in ("examples", "uniform"):
-            raise ValueError(f"weighting={weighting!r} must be 'examples' or 'uniform'")
-        self.weighting = weighting
+        self.weighting = check_weighting(weighting)
         self._global: Tensors = {}
 
     def initialize(self, spec: AdapterSpec) -> None:
@@ -56,7 +54,7 @@ class FedIT(Strategy):
         )
 
     def aggregate(self, server_round: int, updates: Sequence[ClientUpdate]) -> dict[str, float]:
-        weights = [u.num_examples if self.weighting == "examples" else 1.0 for u in updates]
+        weights = client_weights(updates, self.weighting)
         self._global = weighted_average([u.arrays for u in updates], weights)
         return {"aggregation_error": factor_average_error([u.arrays for u in updates], weights, self._global)}
 

@@ -58,7 +58,7 @@ from fedtune.zeroth_order import (
     replay,
     seed_pool,
 )
-from strategies.aggregation import normalized_weights
+from strategies.aggregation import check_weighting, normalized_weights
 
 log = logging.getLogger(__name__)
 
@@ -114,12 +114,11 @@ class FedKSeed(Strategy):
                 raise ValueError(f"{what}={value!r} must be a positive finite number")
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise ValueError(f"steps={steps!r} must be a positive integer (local steps per round, τ)")
-        if weighting not in ("examples", "uniform"):
-            raise ValueError(f"weighting={weighting!r} must be 'examples' or 'uniform'")
         if isinstance(trainable, str) or not trainable:
             raise ValueError(f"trainable={trainable!r} must be a non-empty list of regular expressions")
         self.k, self.eps, self.lr, self.steps = k, float(eps), float(lr), steps
-        self.pro, self.importance_clip, self.weighting = bool(pro), float(importance_clip), weighting
+        self.pro, self.importance_clip = bool(pro), float(importance_clip)
+        self.weighting = check_weighting(weighting)
         self.trainable = tuple(trainable)
         self.history: list[HistoryEntry] = []
         self.last_seen: dict[int, int] = {}

@@ -25,7 +25,7 @@ from fedtune.strategy import (
     select,
     shapes_of,
 )
-from strategies.aggregation import factor_average_error, weighted_average
+from strategies.aggregation import check_weighting, client_weights, factor_average_error, weighted_average
 
 FROZEN_A = r"\.lora_A\.weight$"
 NOT_A = r"^(?!.*\.lora_A\.weight$)"
@@ -45,9 +45,7 @@ class FFALoRA(Strategy):
     summary_line = "frozen shared A, train and average B only (Sun et al. 2024); exact, half the upload"
 
     def __init__(self, *, weighting: str = "examples") -> None:
-        if weighting not in ("examples", "uniform"):
-            raise ValueError(f"weighting={weighting!r} must be 'examples' or 'uniform'")
-        self.weighting = weighting
+        self.weighting = check_weighting(weighting)
         self._frozen: Tensors = {}
         self._trained: Tensors = {}
 
@@ -67,7 +65,7 @@ class FFALoRA(Strategy):
         )
 
     def aggregate(self, server_round: int, updates: Sequence[ClientUpdate]) -> dict[str, float]:
-        weights = [u.num_examples if self.weighting == "examples" else 1.0 for u in updates]
+        weights = client_weights(updates, self.weighting)
         self._trained = weighted_average([u.arrays for u in updates], weights)
         # Measured, not assumed: float rounding is all that separates it from the ideal.
         clients = [{**self._frozen, **u.arrays} for u in updates]

@@ -37,6 +37,8 @@ from fedtune.strategy import (
     shapes_of,
 )
 from strategies.aggregation import (
+    check_weighting,
+    client_weights,
     LORA_A,
     LORA_B,
     average_non_lora,
@@ -100,9 +102,7 @@ class FLoRA(Strategy):
     accepts_mixed_ranks = True
 
     def __init__(self, *, weighting: str = "examples") -> None:
-        if weighting not in ("examples", "uniform"):
-            raise ValueError(f"weighting={weighting!r} must be 'examples' or 'uniform'")
-        self.weighting = weighting
+        self.weighting = check_weighting(weighting)
         # Merge number v (1, 2, ...) -> stacked factors; a round with no valid reply merges nothing.
         self._stacks: list[Stack] = []
         self._merged: dict[str, torch.Tensor] = {}  # module -> Σ B_stack @ A_stack so far (float64)
@@ -142,7 +142,7 @@ class FLoRA(Strategy):
         return ClientInstruction(arrays={**self._head, **self._history_for(client_id)}, trainable=(), expects={})
 
     def aggregate(self, server_round: int, updates: Sequence[ClientUpdate]) -> dict[str, float]:
-        weights = [u.num_examples if self.weighting == "examples" else 1.0 for u in updates]
+        weights = client_weights(updates, self.weighting)
         scalings = []
         for u in updates:
             if protocol.LORA_SCALING not in u.metrics:

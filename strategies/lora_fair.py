@@ -28,7 +28,7 @@ from fedtune.strategy import (
     register_strategy,
     shapes_of,
 )
-from strategies.aggregation import LORA_A, LORA_B, ideal_updates, lora_modules, relative_error, weighted_average
+from strategies.aggregation import check_weighting, client_weights, LORA_A, LORA_B, ideal_updates, lora_modules, relative_error, weighted_average
 
 
 def cosine_distance(ideal: torch.Tensor, got: torch.Tensor) -> torch.Tensor:
@@ -105,9 +105,7 @@ class LoRAFAIR(Strategy):
             raise ValueError(f"steps={steps} must be at least 1")
         if lr <= 0:
             raise ValueError(f"lr={lr} must be positive, e.g. 0.05")
-        if weighting not in ("examples", "uniform"):
-            raise ValueError(f"weighting={weighting!r} must be 'examples' or 'uniform'")
-        self.lam, self.steps, self.lr, self.weighting = lam, steps, lr, weighting
+        self.lam, self.steps, self.lr, self.weighting = lam, steps, lr, check_weighting(weighting)
         self._global: Tensors = {}
 
     def initialize(self, spec: AdapterSpec) -> None:
@@ -118,7 +116,7 @@ class LoRAFAIR(Strategy):
         return ClientInstruction(arrays=self._global, trainable=(".*",), expects=shapes_of(self._global))
 
     def aggregate(self, server_round: int, updates: Sequence[ClientUpdate]) -> dict[str, float]:
-        weights = [u.num_examples if self.weighting == "examples" else 1.0 for u in updates]
+        weights = client_weights(updates, self.weighting)
         tensors = [u.arrays for u in updates]
         averaged = weighted_average(tensors, weights)
         # One scaling for every client: it cancels in both the cosine and the relative error.
