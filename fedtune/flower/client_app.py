@@ -51,7 +51,7 @@ def make_client_app(fixed_run_config: Mapping[str, Any] | None = None) -> Client
     def train(msg: Message, context: Context) -> Message:
         cfg = _config(context, fixed_run_config)
         config: ConfigRecord = msg.content[protocol.CONFIG]
-        reply = runtime_for(cfg, context.run_id).train(
+        reply = runtime_for(cfg, context.run_id, context.node_config).train(
             partition_id=_partition_id(context, cfg),
             server_round=int(config[protocol.SERVER_ROUND]),
             arrays=record_to_tensors(msg.content[protocol.ARRAYS]),
@@ -65,7 +65,7 @@ def make_client_app(fixed_run_config: Mapping[str, Any] | None = None) -> Client
     def evaluate(msg: Message, context: Context) -> Message:
         cfg = _config(context, fixed_run_config)
         arrays = record_to_tensors(msg.content[protocol.ARRAYS])
-        reply = runtime_for(cfg, context.run_id).evaluate(_partition_id(context, cfg), arrays)
+        reply = runtime_for(cfg, context.run_id, context.node_config).evaluate(_partition_id(context, cfg), arrays)
         return _reply(msg, reply)
 
     return app
