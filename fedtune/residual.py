@@ -10,11 +10,17 @@ float32 rounding, whatever the base's dtype or quantization.
 Updates travel as low-rank factors named ``residual.<round>.<module>.lora_A.weight`` /
 ``...lora_B.weight`` with ΔW_round = B @ A (any scaling already folded into A); a process
 applies each round once, in order, and records the last round it merged.
+
+A process may hold several bases of one run (clients with different quantizations): each
+has its own residual, and one that falls behind starts from the most advanced residual of
+the same run in the process (:meth:`Residual.catch_up`), so the process as a whole needs
+each round once, as with a single base.
 """
 
 from __future__ import annotations
 
 import re
+import weakref
 from collections.abc import Mapping
 
 import torch
@@ -76,6 +82,21 @@ class Residual:
             self.clear()
             self.owner = owner
 
+    def catch_up(self) -> int:
+        """Copy the merges of the most advanced residual of the same owner in this process.
+
+        Another base of the same run (another quantization) has merged the same rounds from
+        the same factors in the same order, so its deltas are bitwise those this one would
+        compute. Returns the version reached.
+        """
+        if self.owner is None:
+            return self.version
+        ahead = max((r for r in list(_ALL) if r is not self and r.owner == self.owner and r.version > self.version),
+                    key=lambda r: r.version, default=None)
+        if ahead is not None:
+            self.set(ahead.deltas, ahead.version)  # add() copies each delta
+        return self.version
+
     def _install(self, module_name: str) -> None:
         layer = self.model.get_submodule(module_name)
 
@@ -132,10 +153,14 @@ class Residual:
         self.version = 0
 
 
+_ALL: weakref.WeakSet[Residual] = weakref.WeakSet()  # every residual of this process
+
+
 def residual_of(model: torch.nn.Module) -> Residual:
     """The model's residual (created on first use; shared by every adapter on that model)."""
     residual = getattr(model, "_fedtune_residual", None)
     if residual is None:
         residual = Residual(model)
         model._fedtune_residual = residual  # type: ignore[attr-defined]
+        _ALL.add(residual)
     return residual

@@ -35,7 +35,8 @@ def run_federation(grid: Grid, cfg: FedtuneConfig) -> Path:
     strategy = build_strategy(cfg.strategy.name, cfg.strategy.options)
     pool, test = load_splits(cfg.data, cfg.model.task)
     labels = num_labels(pool) if cfg.model.task == "classification" else None
-    handle = get_adapter(cfg.model, cfg.adapter, labels, cfg.seed)
+    # The server's own base: unquantized unless model.server_quantization says otherwise.
+    handle = get_adapter(cfg.model.for_server(), cfg.adapter, labels, cfg.seed)
     test_tok = tokenize(test, handle.tokenizer, cfg.model.task, cfg.data.max_length) if test is not None else None
     # The handle may be cached from an earlier run in this process: start from its initial values.
     strategy.initialize(AdapterSpec(initial=dict(handle.initial), rank=cfg.adapter.rank, alpha=cfg.adapter.alpha,
@@ -89,7 +90,7 @@ def save_global(cfg: FedtuneConfig, labels: int | None, handle: AdapterHandle, s
         handle.save(directory)
         return
     adapter_cfg = dataclasses.replace(cfg.adapter, rank=exported.rank, alpha=exported.alpha, client_ranks=None)
-    export_handle = get_adapter(cfg.model, adapter_cfg, labels, cfg.seed)
+    export_handle = get_adapter(cfg.model.for_server(), adapter_cfg, labels, cfg.seed)
     residual_of(export_handle.model).clear()  # the exported adapter carries the whole update
     export_handle.load(exported.tensors)
     export_handle.save(directory)

@@ -124,6 +124,10 @@ class Strategy(ABC):
     accepts_mixed_ranks: ClassVar[bool] = False
     # Whether the client routine is gradient training, which privacy.enabled turns into DP-SGD.
     supports_privacy: ClassVar[bool] = True
+    # Whether clients may train on a quantized base (model.quantization 8bit/4bit); when not,
+    # quantized_base_reason says why, and the run is refused at start-up with it.
+    supports_quantized_base: ClassVar[bool] = True
+    quantized_base_reason: ClassVar[str] = ""
 
     def initialize(self, spec: AdapterSpec) -> None:
         """Receive the initial adapter before round 1. Called once, on the server."""
@@ -300,8 +304,18 @@ def strategy_problems(cfg: FedtuneConfig) -> list[str]:
     ranks = cfg.adapter.client_ranks
     if ranks and len(set(ranks)) > 1 and not strategy.accepts_mixed_ranks:
         mixed = sorted(n for n, c in registered_strategies().items() if c.accepts_mixed_ranks)
-        return [f"adapter.client_ranks={list(ranks)} mixes ranks, which strategy.name={cfg.strategy.name!r} "
-                f"cannot aggregate; use one rank or a strategy that accepts mixed ranks: {mixed}"]
+        problems.append(f"adapter.client_ranks={list(ranks)} mixes ranks, which strategy.name={cfg.strategy.name!r} "
+                        f"cannot aggregate; use one rank or a strategy that accepts mixed ranks: {mixed}")
+    quantized = cfg.model.quantized_anywhere()
+    if quantized and not strategy.supports_quantized_base:
+        where = ", ".join(f"model.{key}={getattr(cfg.model, key)!r}"
+                          for key in ("quantization", "client_quantization", "server_quantization")
+                          if getattr(cfg.model, key) not in (None, "none"))
+        able = sorted(n for n, c in registered_strategies().items() if c.supports_quantized_base)
+        reason = f" ({strategy.quantized_base_reason})" if strategy.quantized_base_reason else ""
+        problems.append(f"{where} puts strategy.name={cfg.strategy.name!r} on a {'/'.join(quantized)} base, which "
+                        f"it does not support{reason}; use model.quantization=none or a strategy that supports "
+                        f"quantized bases: {able}")
     return problems
 
 

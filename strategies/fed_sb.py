@@ -209,6 +209,9 @@ class FedSB(Strategy):
     """
 
     name = "fed-sb"
+    supports_quantized_base = False
+    quantized_base_reason = ("its initialisation needs gradients with respect to the base weights, which a "
+                             "bitsandbytes 4-bit or 8-bit layer does not provide")
     summary_line = "frozen B, A from the first-update SVD; train and average r×r R only (Singhal et al. 2025); exact"
 
     def __init__(self, *, weighting: str = "examples", init_upload: str = "sketch", init_passes: int = 2,

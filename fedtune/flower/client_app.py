@@ -62,7 +62,7 @@ def make_client_app(fixed_run_config: Mapping[str, Any] | None = None) -> Client
         config: ConfigRecord = msg.content[protocol.CONFIG]
         # The client's own state travels with it across rounds and processes (context.state).
         state = dict(context.state.config_records.get(CLIENT_STATE, ConfigRecord()))
-        reply = runtime_for(cfg, context.run_id).train(
+        reply = runtime_for(cfg, context.run_id, context.node_config).train(
             partition_id=_partition_id(context, cfg),
             server_round=int(config[protocol.SERVER_ROUND]),
             arrays=_arrays(msg),
@@ -79,7 +79,7 @@ def make_client_app(fixed_run_config: Mapping[str, Any] | None = None) -> Client
     def evaluate(msg: Message, context: Context) -> Message:
         cfg = _config(context, fixed_run_config)
         config: ConfigRecord = msg.content[protocol.CONFIG]
-        reply = runtime_for(cfg, context.run_id).evaluate(
+        reply = runtime_for(cfg, context.run_id, context.node_config).evaluate(
             _partition_id(context, cfg), _arrays(msg), mode=str(config.get(protocol.MODE, GRADIENT_MODE)),
             config=dict(config), trainable=str(config.get(protocol.TRAINABLE, "")).splitlines())
         return _reply(msg, reply)

@@ -38,6 +38,22 @@ def _weighted_mean(pairs: list[tuple[float, float]]) -> float:
     return sum(v * w for v, w in pairs) / total if total > 0 else float("nan")
 
 
+def _client_resources(updates: Iterable[ClientUpdate]) -> list[dict[str, float]]:
+    """Per client: bits per base weight, LoRA rank, base memory, peak process memory, seconds per step.
+
+    Sorted by bits then rank, so mixed federations read the same every round.
+    """
+    rows = []
+    for u in updates:
+        m = u.metrics
+        steps = m.get(protocol.TRAIN_STEPS, 0.0)
+        rows.append({"base_bits": m.get(protocol.BASE_BITS), "lora_rank": m.get(protocol.LORA_RANK),
+                     "base_weight_bytes": m.get(protocol.BASE_WEIGHT_BYTES),
+                     "peak_rss_bytes": m.get(protocol.PEAK_RSS_BYTES),
+                     "step_seconds": m[protocol.TRAIN_SECONDS] / steps if steps and protocol.TRAIN_SECONDS in m else None})
+    return sorted(rows, key=lambda r: (r["base_bits"] or 0, r["lora_rank"] or 0))
+
+
 class FlowerStrategy(FlwrStrategy):
     """Runs any fedtune :class:`~fedtune.strategy.Strategy` under Flower's round loop.
 
@@ -82,6 +98,9 @@ class FlowerStrategy(FlwrStrategy):
             instruction = self.strategy.configure_client(server_round, node_id)
             self._expects[node_id] = instruction
             content = _instruction_content(server_round, instruction)
+            # A node quantized by its own node config checks the strategy accepts that.
+            content[protocol.CONFIG][protocol.STRATEGY_NAME] = self.cfg.strategy.name
+            content[protocol.CONFIG][protocol.QUANTIZED_BASE_OK] = bool(self.strategy.supports_quantized_base)
             down.append(wire_bytes(content))
             messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id))
         self.on_metrics(bytes_down=sum(down), bytes_down_per_client=sum(down) / max(len(down), 1),
@@ -145,7 +164,7 @@ class FlowerStrategy(FlwrStrategy):
         if spent:
             strategy_metrics = {**strategy_metrics, "dp_epsilon_max": max(spent)}
         self.on_metrics(train_loss=train_loss, aggregation_seconds=aggregation_seconds,
-                        max_model_load_seconds=load, **strategy_metrics)
+                        max_model_load_seconds=load, client_resources=_client_resources(updates), **strategy_metrics)
         return tensors_to_record(global_tensors), MetricRecord({"train_loss": train_loss})
 
     # ------------------------------------------------------------------ evaluation
