@@ -212,21 +212,11 @@ def peak_rss_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)  # bytes on macOS, KiB on Linux
 
 
-def describe(cfg: ModelConfig) -> str:
-    """A short label of a base's precision, e.g. ``4bit nf4 + double quant`` or ``float32``."""
-    if cfg.quantization == "none":
-        return cfg.dtype
-    if cfg.quantization == "8bit":
-        return "8bit"
-    return f"4bit {cfg.quant_type}" + (" + double quant" if cfg.double_quant else "")
-
-
 __all__ = [
     "HEAD_MODULES",
     "bits_of",
     "bnb_config",
     "checkpoint_folder",
-    "describe",
     "is_adapter_tensor",
     "is_quantized",
     "keep_trainable_layout",

@@ -85,6 +85,23 @@ def test_per_client_settings_in_simulation_and_per_node_in_a_deployment() -> Non
         client_settings(cfg, 0, {"adapter.rank": "eight"})
 
 
+def test_a_supernode_node_config_reaches_client_settings_as_flower_parses_it() -> None:
+    """``flower-supernode --node-config "..."`` goes through Flower's own parser into dotted keys."""
+    from flwr.common.config import parse_config_args
+
+    node = parse_config_args(["partition-id=1 num-partitions=4 model.quantization='4bit' model.quant_type='fp4' "
+                              "adapter.rank=8"])
+    assert node["model.quantization"] == "4bit" and node["adapter.rank"] == 8
+    model, adapter = client_settings(load_config(None, ["federation.num_clients=4"]), 1, node)
+    assert (model.quantization, model.quant_type, adapter.rank) == ("4bit", "fp4", 8)
+
+
+def test_the_example_config_mixes_quantizations_and_ranks(shared_data: Path) -> None:
+    cfg = load_config(Path(__file__).resolve().parents[1] / "simulations" / "flora_quantized_clients.yaml")
+    got = [(m.quantization, a.rank) for m, a in (client_settings(cfg, i) for i in range(cfg.federation.num_clients))]
+    assert got[:4] == [("4bit", 8), ("8bit", 16), ("none", 16), ("4bit", 8)]
+
+
 def test_the_server_keeps_an_unquantized_base_unless_told_otherwise() -> None:
     cfg = load_config(None, ["model.quantization=4bit"])
     assert cfg.model.for_server().quantization == "none"
