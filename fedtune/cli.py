@@ -1,4 +1,4 @@
-"""The ``fedtune`` command line: ``fedtune simulate``, ``fedtune strategies``."""
+"""The ``fedtune`` command line: ``fedtune simulate``, ``fedtune resume``, ``fedtune strategies``."""
 
 from __future__ import annotations
 
@@ -26,6 +26,22 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_resume(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fedtune.config import load_config
+    from fedtune.runlog import CONFIG_FILE
+    from fedtune.simulation import simulate
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / CONFIG_FILE).is_file():
+        raise ConfigError([f"{run_dir} is not a run directory (no {CONFIG_FILE}); pass the output.dir of a run"])
+    cfg = load_config(run_dir / CONFIG_FILE, [*args.overrides, f"output.dir={run_dir}", "output.resume=true"])
+    run_dir = simulate(cfg, verbose=args.verbose)
+    print(f"done: {run_dir}")
+    return 0
+
+
 def cmd_strategies(args: argparse.Namespace) -> int:
     from fedtune.strategy import registered_strategies
 
@@ -45,6 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("args", nargs="*", metavar="[CONFIG] [key=value ...]")
     sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     sim.set_defaults(func=cmd_simulate)
+    resume = sub.add_parser(
+        "resume", help="continue a simulated run from its last complete round",
+        description="Continue the run in RUN_DIR from its checkpoint (written after every round) with "
+                    "the configuration it was started with; key=value pairs may change how long it runs "
+                    "(federation.num_rounds) and its fault settings, nothing that changes the result.")
+    resume.add_argument("run_dir", metavar="RUN_DIR")
+    resume.add_argument("overrides", nargs="*", metavar="key=value")
+    resume.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    resume.set_defaults(func=cmd_resume)
     strat = sub.add_parser("strategies", help="list the built-in aggregation strategies",
                            description="List the registered strategies, one line each.")
     strat.set_defaults(func=cmd_strategies)

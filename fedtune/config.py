@@ -280,7 +280,17 @@ class FederationConfig:
     fraction_evaluate: float = 1.0
     min_train_clients: int = 1
     min_available_clients: int = 1
+    # Seconds the server waits for a round's replies; clients that have not replied by
+    # then (disconnected, crashed, slow) are left out of that round.
     round_timeout: float = 3600.0
+    # Fewest valid replies a round aggregates; with fewer the global model stays as it
+    # was and the run log says why.
+    min_replies: int = 1
+    # Replies whose update (reply minus what the server sent, over all tensors) has a
+    # larger L2 norm are rejected. None: no bound.
+    max_update_norm: float | None = None
+    # Replies larger than this on the wire are rejected (and clients refuse to send them).
+    max_message_bytes: int = 256 * 2**20
     # CPUs reserved per simulated client; with all cores per client, one process
     # serves every virtual client in turn and keeps the base model loaded once.
     client_cpus: float = 2.0
@@ -304,6 +314,13 @@ class FederationConfig:
             )
         if self.round_timeout <= 0:
             out.append(f"federation.round_timeout={self.round_timeout} must be positive (seconds)")
+        if not 1 <= self.min_replies <= self.num_clients:
+            out.append(f"federation.min_replies={self.min_replies} must be in 1..federation.num_clients "
+                       f"({self.num_clients})")
+        if self.max_update_norm is not None and not self.max_update_norm > 0:
+            out.append(f"federation.max_update_norm={self.max_update_norm} must be positive, or null for no bound")
+        if self.max_message_bytes <= 0:
+            out.append(f"federation.max_message_bytes={self.max_message_bytes} must be positive")
         if self.client_cpus <= 0:
             out.append(f"federation.client_cpus={self.client_cpus} must be positive")
         return out
@@ -345,14 +362,18 @@ class PrivacyConfig:
 
 @dataclass
 class OutputConfig:
-    """Where the run directory goes and what is shown while running."""
+    """Where the run directory goes, what is shown while running, and whether to resume."""
 
     # None: runs/<strategy>-<timestamp>
     dir: str | None = None
     save_adapter: bool = True
     progress: bool = True
+    # Continue the run in ``dir`` from its last checkpoint (the last complete round).
+    resume: bool = False
 
     def problems(self) -> list[str]:
+        if self.resume and not self.dir:
+            return ["output.resume=true needs output.dir, the run directory to continue"]
         return []
 
 
@@ -532,19 +553,24 @@ def config_from_run_config(run_config: Mapping[str, Any], *, check_strategy: boo
     return build_config(merge_nested(base, from_string, from_keys), check_strategy=check_strategy)
 
 
-def to_run_config(cfg: FedtuneConfig) -> dict[str, Any]:
-    """Flatten a config into Flower's run_config form (dotted keys, scalar values)."""
+def flatten(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """Dotted keys to leaf values; ``strategy.options`` stays one value (its keys are free-form)."""
     out: dict[str, Any] = {}
 
-    def walk(node: Any, prefix: str) -> None:
+    def walk(node: Mapping[str, Any], prefix: str) -> None:
         for key, value in node.items():
             if isinstance(value, Mapping) and value and key != "options":
                 walk(value, f"{prefix}{key}.")
             else:
                 out[f"{prefix}{key}"] = value
 
-    walk(OmegaConf.to_container(OmegaConf.structured(cfg)), "")
-    pairs = (f"{k}={_yaml_scalar(v)}" for k, v in out.items())
+    walk(tree, "")
+    return out
+
+
+def to_run_config(cfg: FedtuneConfig) -> dict[str, Any]:
+    """Flatten a config into Flower's run_config form (dotted keys, scalar values)."""
+    pairs = (f"{k}={_yaml_scalar(v)}" for k, v in flatten(OmegaConf.to_container(OmegaConf.structured(cfg))).items())
     return {RUN_CONFIG_OVERRIDES_KEY: " ".join(shlex.quote(p) for p in pairs)}
 
 
@@ -574,6 +600,7 @@ __all__ = [
     "TrainConfig",
     "build_config",
     "config_from_run_config",
+    "flatten",
     "load_config",
     "parse_overrides",
     "to_run_config",

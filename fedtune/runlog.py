@@ -51,17 +51,20 @@ class RunLog:
         The resolved configuration (written as ``config.yaml``).
     run_dir : Path
         The run directory; created if missing.
+    rows : list of dict, optional
+        Rows of earlier rounds (a resumed run): ``metrics.jsonl`` is rewritten to hold
+        exactly these, dropping any round after the checkpoint.
     """
 
-    def __init__(self, cfg: FedtuneConfig, run_dir: Path) -> None:
+    def __init__(self, cfg: FedtuneConfig, run_dir: Path, rows: list[dict[str, Any]] | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / CONFIG_FILE).write_text(to_yaml(cfg))
+        self.rows: list[dict[str, Any]] = list(rows or [])
         self.metrics_path = self.run_dir / METRICS_FILE
-        self.metrics_path.write_text("")
+        self.metrics_path.write_text("".join(json.dumps(row) + "\n" for row in self.rows))
         self.strategy = cfg.strategy.name
         self.num_rounds = cfg.federation.num_rounds
-        self.rows: list[dict[str, Any]] = []
         self._pending: dict[str, Any] = {}
         self._round_start = time.perf_counter()
         self.console = Console(stderr=False, highlight=False)
@@ -69,11 +72,16 @@ class RunLog:
         if cfg.output.progress:
             self._progress = Progress(TextColumn("[bold]federated rounds"), BarColumn(), MofNCompleteColumn(),
                                       TimeElapsedColumn(), console=self.console, transient=True)
-            self._task = self._progress.add_task("rounds", total=self.num_rounds)
+            self._task = self._progress.add_task("rounds", total=self.num_rounds,
+                                                completed=self.rows[-1]["round"] if self.rows else 0)
             self._progress.start()
             self.console = self._progress.console
         self.console.print(f"run directory: {self.run_dir}")
         self.console.print("  ".join(title.rjust(len(_cell(0, fmt))) for _, title, fmt in _COLUMNS))
+        for row in self.rows:
+            self._print_row(row)
+        if self.rows:
+            self.console.print(f"resumed after round {self.rows[-1]['round']}")
 
     def add(self, **metrics: Any) -> None:
         """Metrics for the round in progress (later calls add to or replace earlier keys)."""
@@ -94,10 +102,13 @@ class RunLog:
         self.rows.append(row)
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        self.console.print("  ".join(_cell(row.get(key), fmt) for key, _, fmt in _COLUMNS))
+        self._print_row(row)
         if self._progress is not None and server_round > 0:
             self._progress.update(self._task, completed=server_round)
         return row
+
+    def _print_row(self, row: dict[str, Any]) -> None:
+        self.console.print("  ".join(_cell(row.get(key), fmt) for key, _, fmt in _COLUMNS))
 
     def close(self) -> None:
         if self._progress is not None:

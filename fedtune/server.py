@@ -3,8 +3,9 @@
 The coordinator builds the same model and adapter as the clients (same seed, so the same
 initial adapter), hands the initial tensors to the strategy, runs Flower's round loop
 through :class:`~fedtune.flower.server_app.FlowerStrategy`, evaluates the global adapter
-on the central test set (when there is one) after every round and before the first, and
-writes the run directory.
+on the central test set (when there is one) after every round and before the first,
+checkpoints after every round (``output.resume`` continues from there), and writes the
+run directory.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from pathlib import Path
 from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp import Grid
 
+from fedtune.checkpoint import Checkpoint, checkpoint_to_resume, rng_state, save_checkpoint, set_rng_state
 from fedtune.codec import tensors_to_record
-from fedtune.config import FedtuneConfig
+from fedtune.config import FedtuneConfig, to_yaml
 from fedtune.data import load_splits, num_labels, tokenize
 from fedtune.flower.server_app import FlowerStrategy
 from fedtune.models import AdapterHandle, get_adapter
@@ -31,21 +33,33 @@ log = logging.getLogger("fedtune.server")
 
 
 def run_federation(grid: Grid, cfg: FedtuneConfig) -> Path:
-    """Run every round of ``cfg`` on ``grid``; return the run directory."""
+    """Run every round of ``cfg`` on ``grid`` (after the checkpoint's, when resuming); return the run directory."""
+    run_dir = Path(cfg.output.dir) if cfg.output.dir else default_run_dir(cfg)
+    checkpoint = checkpoint_to_resume(cfg, run_dir)
     strategy = build_strategy(cfg.strategy.name, cfg.strategy.options)
     pool, test = load_splits(cfg.data, cfg.model.task)
     labels = num_labels(pool) if cfg.model.task == "classification" else None
     # The server's own base: unquantized unless model.server_quantization says otherwise.
     handle = get_adapter(cfg.model.for_server(), cfg.adapter, labels, cfg.seed)
     test_tok = tokenize(test, handle.tokenizer, cfg.model.task, cfg.data.max_length) if test is not None else None
-    # The handle may be cached from an earlier run in this process: start from its initial values.
-    strategy.initialize(AdapterSpec(initial=dict(handle.initial), rank=cfg.adapter.rank, alpha=cfg.adapter.alpha,
-                                    seed=cfg.seed))
+    done = checkpoint.round if checkpoint else 0
+    if checkpoint:
+        strategy.load_state_dict(checkpoint.strategy_state)
+        set_rng_state(checkpoint.rng)
+    else:
+        # The handle may be cached from an earlier run in this process: start from its initial values.
+        strategy.initialize(AdapterSpec(initial=dict(handle.initial), rank=cfg.adapter.rank,
+                                        alpha=cfg.adapter.alpha, seed=cfg.seed))
 
-    run_log = RunLog(cfg, Path(cfg.output.dir) if cfg.output.dir else default_run_dir(cfg))
-    glue = FlowerStrategy(strategy, cfg, on_metrics=run_log.add)
+    run_log = RunLog(cfg, run_dir, rows=checkpoint.metrics if checkpoint else None)
+    glue = FlowerStrategy(strategy, cfg, on_metrics=run_log.add, completed_rounds=done)
+    glue.rejected = list(checkpoint.rejected) if checkpoint else []
+    config_yaml = to_yaml(cfg)
 
-    def end_of_round(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+    def end_of_round(flower_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if flower_round == 0 and done:
+            return None  # the resumed run evaluated round 0 already
+        server_round = flower_round + done
         if test_tok is not None:
             load_global(handle, strategy)
             result = evaluate(handle, test_tok, cfg.train.eval_batch_size)
@@ -56,10 +70,15 @@ def run_federation(grid: Grid, cfg: FedtuneConfig) -> Path:
             run_log.add(eval_loss=run_log.pending("client_eval_loss"),
                         eval_accuracy=run_log.pending("client_eval_accuracy"))
         row = run_log.end_round(server_round)
+        if server_round > 0:
+            save_checkpoint(run_log.run_dir, Checkpoint(
+                round=server_round, config_yaml=config_yaml, strategy_state=strategy.state_dict(),
+                metrics=run_log.rows, rejected=glue.rejected, rng=rng_state()))
         return MetricRecord({k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
 
     try:
-        glue.start(grid, tensors_to_record(strategy.global_adapter()), num_rounds=cfg.federation.num_rounds,
+        glue.start(grid, tensors_to_record(strategy.global_adapter()),
+                   num_rounds=max(cfg.federation.num_rounds - done, 0),
                    timeout=cfg.federation.round_timeout, evaluate_fn=end_of_round)
     finally:
         run_log.close()

@@ -5,17 +5,25 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from fedtune.config import FedtuneConfig, to_run_config
 from fedtune.errors import FedtuneError
 
+if TYPE_CHECKING:
+    from flwr.clientapp import ClientApp
 
-def simulate(cfg: FedtuneConfig, verbose: bool = False) -> Path:
+
+def simulate(cfg: FedtuneConfig, verbose: bool = False,
+             client_app_factory: Callable[[dict[str, Any]], ClientApp] | None = None) -> Path:
     """Simulate ``cfg.federation.num_clients`` SuperNodes and run every round; return the run directory.
 
     Server and clients exchange real Flower messages; clients run in Ray worker processes,
     each of which keeps its base model loaded across rounds and virtual clients.
+    ``client_app_factory`` (run config -> ClientApp) replaces fedtune's ClientApp, e.g. to
+    wrap it with fault injection in tests.
     """
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -30,7 +38,7 @@ def simulate(cfg: FedtuneConfig, verbose: bool = False) -> Path:
     outcome: dict[str, object] = {}
 
     server_app = make_server_app(run_config, on_finish=lambda result: outcome.__setitem__("result", result))
-    client_app = make_client_app(run_config)
+    client_app = (client_app_factory or make_client_app)(run_config)
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.ERROR)
     cpus = os.cpu_count() or 1
@@ -54,10 +62,13 @@ def preflight(cfg: FedtuneConfig) -> None:
     """Fail fast, before Ray starts, on a model that cannot be found or data that cannot be read."""
     from transformers import AutoConfig
 
+    from fedtune.checkpoint import checkpoint_to_resume
     from fedtune.data import load_splits
     from fedtune.errors import ModelLoadError
     from fedtune.models import resolve_model_path
 
+    if cfg.output.resume and cfg.output.dir:
+        checkpoint_to_resume(cfg, Path(cfg.output.dir))
     path = resolve_model_path(cfg.model.name)
     try:
         AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)

@@ -18,6 +18,7 @@ named by a dotted path, ``package.module:ClassName``.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib
 import importlib.util
@@ -167,6 +168,20 @@ class Strategy(ABC):
     def hyperparameters(self) -> dict[str, Any]:
         """Every hyperparameter in use, for the start-up log line."""
         return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything the strategy holds, for the server's checkpoint after each round.
+
+        The default copies the instance's attributes (tensors, numpy arrays, plain
+        Python); override this and :meth:`load_state_dict` if the strategy holds
+        something that cannot be pickled, such as an open file or a model.
+        """
+        return copy.deepcopy(vars(self))
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (on resume, instead of :meth:`initialize`)."""
+        vars(self).clear()
+        vars(self).update(copy.deepcopy(dict(state)))
 
 
 @dataclass(frozen=True)

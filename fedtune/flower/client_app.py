@@ -14,7 +14,7 @@ quiet_libraries()  # before peft/bitsandbytes are imported below
 
 from fedtune import protocol  # noqa: E402
 from fedtune.client import ClientReply, runtime_for  # noqa: E402
-from fedtune.codec import record_to_tensors, tensors_to_record  # noqa: E402
+from fedtune.codec import record_to_tensors, tensors_to_record, wire_bytes  # noqa: E402
 from fedtune.config import FedtuneConfig, config_from_run_config  # noqa: E402
 from fedtune.strategy import GRADIENT_MODE  # noqa: E402
 
@@ -44,12 +44,23 @@ def _arrays(msg: Message) -> dict:
     return record_to_tensors(msg.content[protocol.ARRAYS]) if protocol.ARRAYS in msg.content.array_records else {}
 
 
-def _reply(msg: Message, reply: ClientReply) -> Message:
-    metrics = MetricRecord({**reply.metrics, protocol.NUM_EXAMPLES: reply.num_examples})
+def _reply(msg: Message, reply: ClientReply, cfg: FedtuneConfig, partition_id: int) -> Message:
+    return Message(content=reply_content(reply, cfg, partition_id), reply_to=msg)
+
+
+def reply_content(reply: ClientReply, cfg: FedtuneConfig, partition_id: int) -> RecordDict:
+    """The reply's records; raises if they exceed ``federation.max_message_bytes``."""
+    metrics = MetricRecord({**reply.metrics, protocol.NUM_EXAMPLES: reply.num_examples,
+                            protocol.PARTITION_ID: partition_id})
     content = RecordDict({protocol.METRICS: metrics})
     if reply.arrays:
         content[protocol.ARRAYS] = tensors_to_record(reply.arrays)
-    return Message(content=content, reply_to=msg)
+    size, limit = wire_bytes(content), cfg.federation.max_message_bytes
+    if size > limit:
+        # Fails this message (the server logs the reason) instead of sending what it would reject.
+        raise ValueError(f"the reply would be {size:,} bytes, more than federation.max_message_bytes={limit:,}; "
+                         f"raise the limit or send a smaller adapter (lower adapter.rank or target_modules)")
+    return content
 
 
 def make_client_app(fixed_run_config: Mapping[str, Any] | None = None) -> ClientApp:
@@ -62,8 +73,9 @@ def make_client_app(fixed_run_config: Mapping[str, Any] | None = None) -> Client
         config: ConfigRecord = msg.content[protocol.CONFIG]
         # The client's own state travels with it across rounds and processes (context.state).
         state = dict(context.state.config_records.get(CLIENT_STATE, ConfigRecord()))
+        partition_id = _partition_id(context, cfg)
         reply = runtime_for(cfg, context.run_id, context.node_config).train(
-            partition_id=_partition_id(context, cfg),
+            partition_id=partition_id,
             server_round=int(config[protocol.SERVER_ROUND]),
             arrays=_arrays(msg),
             trainable=str(config[protocol.TRAINABLE]).splitlines(),
@@ -73,16 +85,17 @@ def make_client_app(fixed_run_config: Mapping[str, Any] | None = None) -> Client
         )
         if state:
             context.state[CLIENT_STATE] = ConfigRecord(state)
-        return _reply(msg, reply)
+        return _reply(msg, reply, cfg, partition_id)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         cfg = _config(context, fixed_run_config)
         config: ConfigRecord = msg.content[protocol.CONFIG]
+        partition_id = _partition_id(context, cfg)
         reply = runtime_for(cfg, context.run_id, context.node_config).evaluate(
-            _partition_id(context, cfg), _arrays(msg), mode=str(config.get(protocol.MODE, GRADIENT_MODE)),
+            partition_id, _arrays(msg), mode=str(config.get(protocol.MODE, GRADIENT_MODE)),
             config=dict(config), trainable=str(config.get(protocol.TRAINABLE, "")).splitlines())
-        return _reply(msg, reply)
+        return _reply(msg, reply, cfg, partition_id)
 
     return app
 

@@ -65,12 +65,17 @@ class FlowerStrategy(FlwrStrategy):
         The run's configuration (sampling fractions, minimum clients, seed).
     on_metrics : callable
         Receives keyword metrics for the round in progress (the run log's ``add``).
+    completed_rounds : int
+        Rounds done before this start (a resumed run): Flower's round ``r`` is the run's
+        round ``r + completed_rounds``.
     """
 
-    def __init__(self, strategy: Strategy, cfg: FedtuneConfig, on_metrics: Callable[..., None]) -> None:
+    def __init__(self, strategy: Strategy, cfg: FedtuneConfig, on_metrics: Callable[..., None],
+                 completed_rounds: int = 0) -> None:
         self.strategy = strategy
         self.cfg = cfg
         self.on_metrics = on_metrics
+        self.completed_rounds = completed_rounds
         self._expects: dict[int, ClientInstruction] = {}
         self.grid: Grid | None = None
         self.rejected: list[dict[str, Any]] = []
@@ -92,6 +97,7 @@ class FlowerStrategy(FlwrStrategy):
     # ------------------------------------------------------------------ training
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        server_round += self.completed_rounds
         messages, down = [], []
         self._expects = {}
         for node_id in self._sample(grid, self.cfg.federation.fraction_train, server_round, 0):
@@ -114,6 +120,9 @@ class FlowerStrategy(FlwrStrategy):
         if node_id not in self._expects:
             raise InvalidUpdateError("reply from a client that was not sampled this round")
         content = msg.content
+        size, limit = wire_bytes(content), self.cfg.federation.max_message_bytes
+        if size > limit:
+            raise InvalidUpdateError(f"reply of {size:,} bytes exceeds federation.max_message_bytes={limit:,}")
         expects = self._expects[node_id].expects
         if protocol.METRICS not in content.metric_records:
             raise InvalidUpdateError(f"reply lacks the {protocol.METRICS!r} record")
@@ -125,11 +134,17 @@ class FlowerStrategy(FlwrStrategy):
             raise InvalidUpdateError(f"{protocol.NUM_EXAMPLES}={num_examples!r} must be a non-negative number")
         arrays = record_to_tensors(content[protocol.ARRAYS]) if protocol.ARRAYS in content.array_records else {}
         check_update(arrays, expects)
+        bound = self.cfg.federation.max_update_norm
+        if bound is not None and arrays:
+            norm = update_norm(arrays, self._expects[node_id].arrays)
+            if not norm <= bound:
+                raise InvalidUpdateError(f"update norm {norm:.4g} exceeds federation.max_update_norm={bound:g}")
         # Ints (e.g. 63-bit seeds) and lists stay as they are: a float would round them.
         return ClientUpdate(client_id=node_id, arrays=arrays, num_examples=int(num_examples), metrics=metrics)
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.completed_rounds
         updates, up, received = [], [], 0
         for msg in replies:
             received += 1
@@ -141,12 +156,21 @@ class FlowerStrategy(FlwrStrategy):
                 self.rejected.append({"round": server_round, "client": msg.metadata.src_node_id, "reason": str(e)})
                 log.warning("round %d: rejected reply from client %d: %s", server_round,
                             msg.metadata.src_node_id, e)
+        missing = len(self._expects) - received
         self.on_metrics(bytes_up=sum(up), bytes_up_per_client=sum(up) / max(len(up), 1),
                         clients_aggregated=len(updates), clients_rejected=received - len(updates),
-                        clients_missing=len(self._expects) - received)
-        if not updates:
-            log.warning("round %d: no valid replies; the global adapter is unchanged", server_round)
+                        clients_missing=missing)
+        if missing:
+            log.warning("round %d: %d of %d sampled clients did not reply within federation.round_timeout=%gs",
+                        server_round, missing, len(self._expects), self.cfg.federation.round_timeout)
+        if len(updates) < self.cfg.federation.min_replies:
+            log.warning("round %d: %d valid replies, fewer than federation.min_replies=%d; the global model "
+                        "is unchanged", server_round, len(updates), self.cfg.federation.min_replies)
+            self.on_metrics(clients_aggregated=0, round_skipped=True)
             return None, None
+        # Replies arrive in any order: aggregate in partition order, so that a rerun (or a
+        # resumed run, whose nodes may have new ids) sums in the same order, bit for bit.
+        updates.sort(key=lambda u: (u.metrics.get(protocol.PARTITION_ID, -1), u.client_id))
         if sum(u.num_examples for u in updates) <= 0:
             log.warning("round %d: every reply has zero examples; the global adapter is unchanged", server_round)
             return None, None
@@ -170,6 +194,7 @@ class FlowerStrategy(FlwrStrategy):
     # ------------------------------------------------------------------ evaluation
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
+        server_round += self.completed_rounds
         if self.cfg.federation.fraction_evaluate == 0.0:
             return []
         messages, down = [], 0
@@ -181,6 +206,7 @@ class FlowerStrategy(FlwrStrategy):
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        server_round += self.completed_rounds
         pairs_loss, pairs_acc = [], []
         for msg in replies:
             if msg.has_error():
@@ -216,6 +242,16 @@ class FlowerStrategy(FlwrStrategy):
               evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None) -> Result:
         self.grid = grid
         return super().start(grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config, evaluate_fn)
+
+
+def update_norm(reply: Mapping[str, torch.Tensor], sent: Mapping[str, torch.Tensor]) -> float:
+    """L2 norm, in float64, of what a reply changes: ``reply - sent`` (``reply`` where nothing was sent)."""
+    total = 0.0
+    for key, value in reply.items():
+        delta = value.double() - sent[key].double() if key in sent and sent[key].shape == value.shape \
+            else value.double()
+        total += float(delta.square().sum())
+    return total ** 0.5
 
 
 def _instruction_content(server_round: int, instruction: ClientInstruction) -> RecordDict:

@@ -1,0 +1,141 @@
+"""The server's checkpoint: everything needed to continue a run after its last complete round.
+
+After every round the server writes ``checkpoint.pt`` in the run directory: the round
+number, the strategy's state (global adapter, seed history, merged residuals, whatever the
+strategy holds), the run's metrics so far, the rejected replies, the random number
+generators' states and the configuration. The file is written to a temporary name in the
+same folder, flushed to disk and renamed over the old one, so a crash at any moment leaves
+either the previous round's checkpoint or this one, never a torn file.
+
+The file is a ``torch.save`` pickle: strategy state is arbitrary Python (tensors, numpy
+arrays, dicts), which safetensors cannot hold. It is the server's own file; load only
+checkpoints you wrote.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from omegaconf import OmegaConf
+
+from fedtune.config import FedtuneConfig, flatten, to_yaml
+from fedtune.errors import ConfigError
+
+log = logging.getLogger("fedtune.server")
+
+CHECKPOINT_FILE = "checkpoint.pt"
+FORMAT_VERSION = 1
+# Settings a resumed run may change: how long it runs and how it treats slow or bad
+# clients, not what it computes.
+RESUMABLE_KEYS = ("federation.num_rounds", "federation.round_timeout", "federation.client_cpus",
+                  "federation.min_available_clients", "federation.min_replies", "federation.max_update_norm",
+                  "federation.max_message_bytes", "output.")
+
+
+@dataclass
+class Checkpoint:
+    """The server's state after round ``round``.
+
+    Parameters
+    ----------
+    round : int
+        The last complete round.
+    config_yaml : str
+        The run's configuration, to refuse resuming under a different one.
+    strategy_state : dict
+        What :meth:`fedtune.strategy.Strategy.state_dict` returned.
+    metrics : list of dict
+        The run log's rows so far (round 0 to ``round``).
+    rejected : list of dict
+        Replies rejected so far, with their reasons.
+    rng : dict
+        States of Python's, numpy's and torch's global generators.
+    """
+
+    round: int
+    config_yaml: str
+    strategy_state: dict[str, Any]
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+    rng: dict[str, Any] = field(default_factory=dict)
+
+
+def rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> Path:
+    """Write ``run_dir/checkpoint.pt`` atomically (temporary file, fsync, rename)."""
+    run_dir = Path(run_dir)
+    target = run_dir / CHECKPOINT_FILE
+    payload = {"version": FORMAT_VERSION, **vars(checkpoint)}
+    fd, tmp = tempfile.mkstemp(prefix=".checkpoint-", suffix=".tmp", dir=run_dir)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def load_checkpoint(run_dir: Path) -> Checkpoint | None:
+    """The checkpoint in ``run_dir``, or None when the run never completed a round."""
+    path = Path(run_dir) / CHECKPOINT_FILE
+    if not path.is_file():
+        return None
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    version = payload.pop("version", None)
+    if version != FORMAT_VERSION:
+        raise ConfigError(f"{path} has checkpoint format {version!r}; this fedtune reads format {FORMAT_VERSION}")
+    return Checkpoint(**payload)
+
+
+def resume_problems(config_yaml: str, checkpoint: Checkpoint) -> list[str]:
+    """Settings that differ from the checkpointed run's and would change what it computes."""
+    now, then = (flatten(OmegaConf.to_container(OmegaConf.create(text)))
+                 for text in (config_yaml, checkpoint.config_yaml))
+    return [f"{key}={now.get(key)!r} differs from the checkpointed run's {then.get(key)!r}; "
+            f"resume with the original value or start a new run"
+            for key in sorted(set(now) | set(then))
+            if now.get(key) != then.get(key) and not key.startswith(RESUMABLE_KEYS)]
+
+
+def checkpoint_to_resume(cfg: FedtuneConfig, run_dir: Path) -> Checkpoint | None:
+    """The checkpoint to continue from when ``output.resume`` is set, checked against ``cfg``.
+
+    Raises :class:`~fedtune.errors.ConfigError` listing every setting that would make the
+    resumed run compute something else.
+    """
+    if not cfg.output.resume:
+        return None
+    checkpoint = load_checkpoint(run_dir)
+    if checkpoint is None:
+        log.warning("output.resume: %s holds no checkpoint (no round completed); starting at round 1", run_dir)
+        return None
+    problems = resume_problems(to_yaml(cfg), checkpoint)
+    if cfg.privacy.enabled:
+        problems.append("output.resume with privacy.enabled: the clients' privacy ledgers belong to the "
+                        "interrupted run, so ε would restart from 0; start a new run instead")
+    if problems:
+        raise ConfigError(problems)
+    log.info("resuming %s after round %d of %d", run_dir, checkpoint.round, cfg.federation.num_rounds)
+    return checkpoint

@@ -1,0 +1,128 @@
+"""Server checkpoints: atomic writes, strategy state round trips, resume refusals, update norms."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedtune.checkpoint import (
+    CHECKPOINT_FILE,
+    Checkpoint,
+    checkpoint_to_resume,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from fedtune.config import load_config, to_yaml
+from fedtune.errors import ConfigError
+from fedtune.flower.server_app import update_norm
+from strategies import FedIT, FLoRA, LoRAFAIR
+from strategies.fedkseed import FedKSeed
+from tests.test_exact_strategies import spec, updates
+
+
+def checkpoint(round_: int = 1, state: dict | None = None, cfg_yaml: str = "") -> Checkpoint:
+    return Checkpoint(round=round_, config_yaml=cfg_yaml, strategy_state=state or {"x": torch.arange(3)},
+                      metrics=[{"round": 0}, {"round": round_}], rejected=[{"round": 1, "reason": "r"}],
+                      rng=rng_state())
+
+
+def test_checkpoint_round_trips_and_leaves_no_temporary_file(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path, checkpoint(2))
+    back = load_checkpoint(tmp_path)
+    assert back is not None and back.round == 2
+    assert torch.equal(back.strategy_state["x"], torch.arange(3))
+    assert back.metrics[-1] == {"round": 2} and back.rejected[0]["reason"] == "r"
+    assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_FILE]
+
+
+def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path, checkpoint(1))
+    with pytest.raises(Exception):
+        save_checkpoint(tmp_path, checkpoint(2, state={"unpicklable": lambda: None}))
+    back = load_checkpoint(tmp_path)
+    assert back is not None and back.round == 1
+    assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_FILE]
+
+
+def test_no_checkpoint_is_none(tmp_path: Path) -> None:
+    assert load_checkpoint(tmp_path) is None
+
+
+def test_rng_state_restores_every_generator() -> None:
+    state = rng_state()
+    first = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+    set_rng_state(state)
+    assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == first
+
+
+@pytest.mark.parametrize("make", [FedIT, FLoRA, LoRAFAIR])
+def test_a_restored_strategy_continues_exactly_like_the_original(make) -> None:
+    original = make()
+    original.initialize(spec())
+    original.aggregate(1, updates([4, 4, 4], [3, 1, 2], seed=1))
+    restored = make()
+    restored.load_state_dict(original.state_dict())
+    for s in (original, restored):  # the same second round on both
+        s.aggregate(2, updates([4, 4, 4], [1, 2, 5], seed=2))
+    a, b = original.global_adapter(), restored.global_adapter()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert original.global_residual() is None or all(
+        torch.equal(x, y) for x, y in zip(original.global_residual()[0].values(), restored.global_residual()[0].values()))
+
+
+def test_the_state_is_a_copy_not_a_view() -> None:
+    strategy = FedIT()
+    strategy.initialize(spec())
+    state = strategy.state_dict()
+    strategy.aggregate(1, updates([4, 4], [1, 1]))
+    restored = FedIT()
+    restored.load_state_dict(state)
+    key = next(k for k in restored.global_adapter() if "lora_B" in k)
+    assert torch.count_nonzero(restored.global_adapter()[key]) == 0  # still the initial (zero) B
+
+
+def test_fedkseed_seed_history_survives_the_round_trip() -> None:
+    original = FedKSeed(k=16, steps=4)
+    original.initialize(spec())
+    restored = FedKSeed(k=16, steps=4)
+    restored.load_state_dict(original.state_dict())
+    assert original.configure_client(1, 7).config == restored.configure_client(1, 7).config
+
+
+def test_resume_refuses_a_changed_setting_and_names_it(tmp_path: Path) -> None:
+    cfg = load_config(None, [f"output.dir={tmp_path}", "output.resume=true"])
+    save_checkpoint(tmp_path, checkpoint(1, cfg_yaml=to_yaml(cfg)))
+    longer = load_config(None, [f"output.dir={tmp_path}", "output.resume=true", "federation.num_rounds=9"])
+    assert checkpoint_to_resume(longer, tmp_path).round == 1  # running longer is allowed
+    changed = load_config(None, [f"output.dir={tmp_path}", "output.resume=true", "train.learning_rate=0.5",
+                                 "adapter.rank=2"])
+    with pytest.raises(ConfigError) as err:
+        checkpoint_to_resume(changed, tmp_path)
+    text = str(err.value)
+    assert "train.learning_rate=0.5" in text and "adapter.rank=2" in text
+
+
+def test_resume_refuses_private_runs(tmp_path: Path) -> None:
+    private = ["privacy.enabled=true", "privacy.noise_multiplier=1.0", "strategy.name=fedit"]
+    cfg = load_config(None, [f"output.dir={tmp_path}", "output.resume=true", *private])
+    save_checkpoint(tmp_path, checkpoint(1, cfg_yaml=to_yaml(cfg)))
+    with pytest.raises(ConfigError, match="privacy ledgers"):
+        checkpoint_to_resume(cfg, tmp_path)
+
+
+def test_resume_needs_a_run_directory() -> None:
+    with pytest.raises(ConfigError, match="output.resume=true needs output.dir"):
+        load_config(None, ["output.resume=true"])
+
+
+def test_update_norm_by_hand() -> None:
+    sent = {"a": torch.tensor([1.0, 2.0]), "b": torch.zeros(2, 2)}
+    reply = {"a": torch.tensor([4.0, 6.0]), "b": torch.zeros(2, 2), "head": torch.tensor([12.0])}
+    # (3, 4) changed in "a", "b" unchanged, "head" was not sent: counted whole.
+    assert update_norm(reply, sent) == pytest.approx((9 + 16 + 144) ** 0.5, rel=1e-15)

@@ -1,0 +1,101 @@
+"""Kill the server process after a round, resume, and get what an uninterrupted run gets, bit for bit."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedtune.checkpoint import load_checkpoint
+from tests.test_simulation import read_rows, tiny_overrides
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[1]
+ROUNDS = 2
+STRATEGIES = {
+    "fedit": [],
+    "fedkseed": ["strategy.name=fedkseed", "strategy.options.k=64", "strategy.options.steps=6",
+                 "strategy.options.lr=1e-3", "strategy.options.eps=1e-3", "adapter.dropout=0.0"],
+}
+# What the run computes. (Bytes may differ: FedKSeed sends resumed clients, new to the
+# server, the whole seed history to replay.)
+RESULT_KEYS = ("round", "train_loss", "eval_loss", "eval_accuracy", "clients_aggregated")
+
+
+def start_fedtune(*args: str) -> subprocess.Popen:
+    """``fedtune ARGS`` in its own process group (so that a kill takes its Ray workers too)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "fedtune.cli", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def fedtune(*args: str) -> str:
+    """Run ``fedtune ARGS`` to the end; return its output."""
+    proc = start_fedtune(*args)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def kill_after_first_checkpoint(proc: subprocess.Popen, run_dir: Path) -> int:
+    """SIGKILL the whole process group once a round's checkpoint exists; return that round."""
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (run_dir / "checkpoint.pt").is_file():
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return load_checkpoint(run_dir).round
+        time.sleep(0.05)
+    raise AssertionError(f"no checkpoint appeared; the run ended with {proc.returncode}: {proc.stdout.read()[-2000:]}")
+
+
+def results(rows: list[dict]) -> list[dict]:
+    return [{k: row.get(k) for k in RESULT_KEYS} for row in rows]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_bert: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    runs = {}
+    for strategy, extra in STRATEGIES.items():
+        runs[strategy] = tmp_path_factory.mktemp(f"whole-{strategy}")
+        fedtune("simulate", *tiny_overrides(tiny_bert, runs[strategy], rounds=ROUNDS), *extra,
+                "federation.client_cpus=1")
+    return runs
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_killed_then_resumed_equals_uninterrupted(strategy: str, uninterrupted: dict[str, Path], tiny_bert: str,
+                                                  tmp_path: Path) -> None:
+    whole, broken = uninterrupted[strategy], tmp_path / "broken"
+    extra = [*STRATEGIES[strategy], "federation.client_cpus=1"]
+
+    proc = start_fedtune("simulate", *tiny_overrides(tiny_bert, broken, rounds=ROUNDS), *extra)
+    killed_after = kill_after_first_checkpoint(proc, broken)
+    assert 1 <= killed_after < ROUNDS, "the run finished before it could be killed"
+    assert not (broken / "adapter").exists()
+
+    assert f"resumed after round {killed_after}" in fedtune("resume", str(broken))
+
+    a, b = load_file(whole / "adapter" / "adapter_model.safetensors"), \
+        load_file(broken / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "the resumed adapter differs from the uninterrupted one"
+    assert results(read_rows(broken)) == results(read_rows(whole))
+    assert load_checkpoint(broken).round == ROUNDS
+
+
+def test_resume_refuses_a_different_configuration_before_loading_anything(uninterrupted: dict[str, Path]) -> None:
+    run_dir = uninterrupted["fedit"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "fedtune.cli", "resume", str(run_dir), "train.learning_rate=0.1"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "train.learning_rate=0.1 differs from the checkpointed run's 0.005" in proc.stderr
