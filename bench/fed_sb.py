@@ -27,6 +27,8 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train-rounds", type=int, default=4)
     parser.add_argument("--local-steps", type=int, default=10)
+    parser.add_argument("--only", nargs="+", metavar="LABEL",
+                        help="run only these rows (e.g. --only 'fed-sb dp e=8'); the baseline always runs")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     if not SHARED.is_dir():
@@ -39,6 +41,8 @@ def main(argv: list[str]) -> int:
         ("fed-sb dp e=8", "simulations/fed_sb_private_agnews.yaml", [sb_rounds, "privacy.target_epsilon=8"]),
         ("fed-sb dp e=2", "simulations/fed_sb_private_agnews.yaml", [sb_rounds, "privacy.target_epsilon=2"]),
     ]
+    if args.only:
+        runs = [r for r in runs if r[0] in {"fedit r=8", *args.only}]
     # Sized for 2 CPU cores: short sequences, central evaluation only.
     common = [f"train.local_steps={args.local_steps}", "train.batch_size=8", "data.max_length=64",
               "data.max_test_examples=500", "federation.fraction_evaluate=0", *args.overrides]
