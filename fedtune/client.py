@@ -61,12 +61,14 @@ def load_ledger(state: Mapping[str, Any], delta: float) -> PrivacyLedger:
     return ledger
 from fedtune.training import batches, evaluate, steps_per_round, train_adapter, train_adapter_private
 from fedtune.zeroth_order import (
+    TUNE_FULL,
     ZEROTH_ORDER_MODE,
     RoundPlan,
     apply_catch_up,
     decode_round_config,
     encode_steps,
     seed_pool,
+    tunable_tensors,
     zo_train,
 )
 
@@ -329,7 +331,8 @@ class ClientRuntime:
         plan.check_fingerprint()
         handle, _ = self.adapter(partition_id)
         if self._zo_masters is None:
-            tuned = select(handle.initial, trainable)
+            tuned = select(tunable_tensors(handle.initial, handle.base_initial() if plan.tune == TUNE_FULL else {},
+                                           plan.tune), trainable)
             not_fp32 = [k for k, v in tuned.items() if v.dtype != torch.float32]
             if not tuned or not_fp32:
                 raise ValueError(f"zeroth-order tuning needs float32 tensors matching {list(trainable)}; "
@@ -344,7 +347,8 @@ class ClientRuntime:
         """FedKSeed's local round: τ two-point steps along pool seeds; only (seed, scalar) pairs go back."""
         handle, plan = self._zeroth_order_state(partition_id, config, trainable)
         train_ds, _ = self.splits(partition_id)
-        params = {k: handle.params[k].data for k in self._zo_masters}  # the model reads these in place
+        tunable = {**handle.base_params(), **handle.params}
+        params = {k: tunable[k].data for k in self._zo_masters}  # the model reads these in place
         handle.model.eval()  # no dropout: both evaluations of a step must see the same function
         seed = self.cfg.train.seed * 1_000_003 + server_round * 10_007 + partition_id
 

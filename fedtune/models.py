@@ -194,16 +194,47 @@ class AdapterHandle:
         return self.tensors(self.params)
 
     def load(self, tensors: Mapping[str, torch.Tensor]) -> None:
-        """Reset the adapter to its initial values, then overwrite the tensors given."""
-        unknown = sorted(set(tensors) - set(self.params))
+        """Reset the adapter (and a tuned base) to its initial values, then overwrite the tensors given.
+
+        Names of base weights (see :meth:`base_params`) are accepted too: full-parameter
+        tuning loads them. A base loaded that way is restored to its pretrained weights by
+        the next ``load`` that does not give them.
+        """
+        base = {k: v for k, v in tensors.items() if k not in self.params}
+        base_params = self.base_params() if base or id(self.model) in _TUNED_BASES else {}
+        unknown = sorted(set(base) - set(base_params))
         if unknown:
-            raise KeyError(f"tensors {unknown[:3]} are not in this adapter (it has e.g. {sorted(self.params)[:2]})")
+            raise KeyError(f"tensors {unknown[:3]} are not in this model (its adapter has e.g. "
+                           f"{sorted(self.params)[:2]})")
+        pristine = self.base_initial() if base_params else {}
         with torch.no_grad():
             for key, param in self.params.items():
-                source = tensors.get(key, self.initial[key])
-                if tuple(source.shape) != tuple(param.shape):
-                    raise ValueError(f"{key}: shape {tuple(source.shape)} does not fit {tuple(param.shape)}")
-                param.copy_(source.to(param.dtype))
+                _copy_into(param, key, tensors.get(key, self.initial[key]))
+            for key, param in base_params.items():
+                _copy_into(param, key, base.get(key, pristine[key]))
+        if base:
+            _TUNED_BASES.add(id(self.model))
+        else:
+            _TUNED_BASES.discard(id(self.model))
+
+    def base_params(self) -> dict[str, torch.nn.Parameter]:
+        """The base model's own weights that the forward pass uses, by wire name.
+
+        Every parameter but the LoRA factors, PEFT's untrained ``original_module`` copies
+        and other adapters' tensors: with :attr:`params`, what full-parameter tuning tunes.
+        """
+        out = {}
+        for name, param in self.model.named_parameters():
+            if ".lora_" in name or ".original_module." in name or ".modules_to_save." in name:
+                continue
+            out[_wire_name(name, self.adapter_name)] = param
+        return out
+
+    def base_initial(self) -> dict[str, torch.Tensor]:
+        """The base weights as loaded (pretrained), copied the first time they are asked for."""
+        if id(self.model) not in _PRISTINE:
+            _PRISTINE[id(self.model)] = {k: p.detach().clone() for k, p in self.base_params().items()}
+        return _PRISTINE[id(self.model)]
 
     def set_trainable(self, patterns: Sequence[str]) -> list[str]:
         """Train exactly the adapter tensors matching ``patterns``; return their names."""
@@ -229,6 +260,12 @@ class AdapterHandle:
             shutil.move(str(Path(staging) / self.adapter_name), str(directory))
 
 
+def _copy_into(param: torch.nn.Parameter, key: str, source: torch.Tensor) -> None:
+    if tuple(source.shape) != tuple(param.shape):
+        raise ValueError(f"{key}: shape {tuple(source.shape)} does not fit {tuple(param.shape)}")
+    param.copy_(source.to(param.dtype))
+
+
 def _wire_name(param_name: str, adapter_name: str) -> str:
     return param_name.replace(f".modules_to_save.{adapter_name}.", ".").replace(f".{adapter_name}.", ".")
 
@@ -246,6 +283,9 @@ def wire_dtype(name: str, model_cfg: ModelConfig) -> torch.dtype:
 
 _BASES: dict[tuple, tuple[PeftModel | torch.nn.Module, Any]] = {}
 _ADAPTERS: dict[tuple, AdapterHandle] = {}
+# Per model (id): its base weights before any full-parameter tuning, and whether they are tuned now.
+_PRISTINE: dict[int, dict[str, torch.Tensor]] = {}
+_TUNED_BASES: set[int] = set()
 
 
 def _base_key(model_cfg: ModelConfig, num_labels: int | None, seed: int) -> tuple:
@@ -295,3 +335,5 @@ def clear_model_cache() -> None:
     """Forget every cached model (tests use it to measure a cold start)."""
     _BASES.clear()
     _ADAPTERS.clear()
+    _PRISTINE.clear()
+    _TUNED_BASES.clear()

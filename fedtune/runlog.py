@@ -16,6 +16,7 @@ from fedtune.config import FedtuneConfig, to_yaml
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 ADAPTER_DIR = "adapter"
+MODEL_DIR = "model"  # strategies that tune the base weights (FedKSeed, tune=full) save a whole model
 
 # (metrics key, column title, format) for the terminal table.
 _COLUMNS = [

@@ -10,6 +10,7 @@ run directory.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -25,7 +26,7 @@ from fedtune.data import load_splits, num_labels, tokenize
 from fedtune.flower.server_app import FlowerStrategy
 from fedtune.models import AdapterHandle, get_adapter
 from fedtune.residual import residual_of
-from fedtune.runlog import ADAPTER_DIR, RunLog, default_run_dir
+from fedtune.runlog import ADAPTER_DIR, MODEL_DIR, RunLog, default_run_dir
 from fedtune.strategy import AdapterSpec, Strategy, build_strategy
 from fedtune.training import evaluate
 
@@ -49,7 +50,8 @@ def run_federation(grid: Grid, cfg: FedtuneConfig) -> Path:
     else:
         # The handle may be cached from an earlier run in this process: start from its initial values.
         strategy.initialize(AdapterSpec(initial=dict(handle.initial), rank=cfg.adapter.rank,
-                                        alpha=cfg.adapter.alpha, seed=cfg.seed))
+                                        alpha=cfg.adapter.alpha, seed=cfg.seed,
+                                        base=handle.base_initial() if strategy.tunes_base_model else {}))
 
     run_log = RunLog(cfg, run_dir, rows=checkpoint.metrics if checkpoint else None)
     glue = FlowerStrategy(strategy, cfg, on_metrics=run_log.add, completed_rounds=done)
@@ -82,7 +84,9 @@ def run_federation(grid: Grid, cfg: FedtuneConfig) -> Path:
                    timeout=cfg.federation.round_timeout, evaluate_fn=end_of_round)
     finally:
         run_log.close()
-    if cfg.output.save_adapter:
+    if cfg.output.save_adapter and strategy.tunes_base_model:
+        save_whole_model(handle, strategy, run_log.run_dir / MODEL_DIR)
+    elif cfg.output.save_adapter:
         save_global(cfg, labels, handle, strategy, run_log.run_dir / ADAPTER_DIR)
     if glue.rejected:
         (run_log.run_dir / "rejected.jsonl").write_text("".join(json.dumps(r) + "\n" for r in glue.rejected))
@@ -98,6 +102,18 @@ def load_global(handle: AdapterHandle, strategy: Strategy) -> None:
     else:
         residual_of(handle.model).clear()
     handle.load(strategy.global_adapter())
+
+
+def save_whole_model(handle: AdapterHandle, strategy: Strategy, directory: Path) -> None:
+    """Write the global model of a full-parameter strategy as a plain transformers model folder.
+
+    ``AutoModelFor...from_pretrained(directory)`` reads it; the adapter (whatever it holds)
+    is merged in and the task head is the tuned one.
+    """
+    load_global(handle, strategy)
+    merged = copy.deepcopy(handle.model).merge_and_unload()
+    merged.save_pretrained(str(directory))
+    handle.tokenizer.save_pretrained(str(directory))
 
 
 def save_global(cfg: FedtuneConfig, labels: int | None, handle: AdapterHandle, strategy: Strategy,

@@ -60,12 +60,16 @@ class AdapterSpec:
         LoRA rank and alpha; the scaling applied to ``B @ A`` is ``alpha / rank``.
     seed : int
         The run's seed, for strategies that derive shared random state from it.
+    base : dict of str to Tensor
+        The base model's own weights (pretrained), given only to a strategy whose
+        ``tunes_base_model`` is true.
     """
 
     initial: Mapping[str, torch.Tensor]
     rank: int
     alpha: float
     seed: int = 0
+    base: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def scaling(self) -> float:
@@ -129,6 +133,9 @@ class Strategy(ABC):
     # quantized_base_reason says why, and the run is refused at start-up with it.
     supports_quantized_base: ClassVar[bool] = True
     quantized_base_reason: ClassVar[str] = ""
+    # Whether the global model includes tuned base weights (full-parameter tuning): the
+    # server then passes them in AdapterSpec.base and saves a whole model, not an adapter.
+    tunes_base_model: bool = False
 
     def initialize(self, spec: AdapterSpec) -> None:
         """Receive the initial adapter before round 1. Called once, on the server."""

@@ -59,6 +59,10 @@ ZO_EPS = "zo.eps"
 ZO_LR = "zo.lr"
 ZO_STEPS = "zo.steps"
 ZO_FINGERPRINT = "zo.fingerprint"
+ZO_TUNE = "zo.tune"
+# What zeroth-order steps tune: every weight of the model (the paper's setting) or the adapter's.
+TUNE_FULL = "full"
+TUNE_ADAPTER = "adapter"
 ZO_PROBABILITIES = "zo.probabilities"
 ZO_BASE_ROUND = "zo.base_round"
 ZO_THROUGH_ROUND = "zo.through_round"
@@ -73,6 +77,21 @@ ZO_SKIPPED = "zo.skipped_steps"
 
 
 # --------------------------------------------------------------------------- seeds and directions
+
+
+def tunable_tensors(adapter: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor],
+                    tune: str) -> dict[str, torch.Tensor]:
+    """What zeroth-order steps may tune, by name, before the ``trainable`` patterns select.
+
+    ``adapter`` tensors only for ``tune="adapter"``; for ``"full"`` the model's own weights
+    (``base``) and the adapter's trained copies such as a classification head, but not the
+    LoRA factors (B starts at zero, so they would add nothing but cost).
+    """
+    if tune == TUNE_ADAPTER:
+        return dict(adapter)
+    if tune != TUNE_FULL:
+        raise ValueError(f"tune={tune!r} must be {TUNE_FULL!r} or {TUNE_ADAPTER!r}")
+    return {**base, **{k: v for k, v in adapter.items() if ".lora_" not in k}}
 
 
 def seed_pool(run_seed: int, k: int) -> list[int]:
@@ -488,6 +507,8 @@ class RoundPlan:
         FedKSeed-Pro's sampling probabilities in pool order; None for uniform.
     catch_up : CatchUp
         The global history the client lacks.
+    tune : {"full", "adapter"}
+        Whether the steps tune the model's own weights too, or only the adapter's tensors.
     """
 
     run_seed: int
@@ -498,6 +519,7 @@ class RoundPlan:
     fingerprint: str
     probabilities: list[float] | None
     catch_up: CatchUp
+    tune: str = TUNE_ADAPTER
 
     def check_fingerprint(self) -> None:
         """Raise ``RuntimeError`` when this installation draws other directions than the server's."""
@@ -512,6 +534,7 @@ def encode_round_config(plan: RoundPlan, prefix: str = "") -> dict[str, Any]:
     config: dict[str, Any] = {
         prefix + ZO_RUN_SEED: int(plan.run_seed), prefix + ZO_K: int(plan.k), prefix + ZO_EPS: float(plan.eps),
         prefix + ZO_LR: float(plan.lr), prefix + ZO_STEPS: int(plan.steps), prefix + ZO_FINGERPRINT: plan.fingerprint,
+        prefix + ZO_TUNE: plan.tune,
     }
     config.update(encode_history(plan.catch_up.entries, base_round=plan.catch_up.base_round,
                                  through_round=plan.catch_up.through_round, prefix=prefix))
@@ -528,11 +551,14 @@ def decode_round_config(config: Mapping[str, Any], prefix: str = "") -> RoundPla
     fingerprint = config.get(prefix + ZO_FINGERPRINT)
     if not isinstance(fingerprint, str):
         raise ValueError(f"{prefix}{ZO_FINGERPRINT}={fingerprint!r} must be the server's direction_fingerprint()")
+    tune = config.get(prefix + ZO_TUNE, TUNE_ADAPTER)
+    if tune not in (TUNE_FULL, TUNE_ADAPTER):
+        raise ValueError(f"{prefix}{ZO_TUNE}={tune!r} must be {TUNE_FULL!r} or {TUNE_ADAPTER!r}")
     return RoundPlan(
         run_seed=_int_field(config, prefix + ZO_RUN_SEED), k=_int_field(config, prefix + ZO_K),
         eps=_float_field(config, prefix + ZO_EPS), lr=_float_field(config, prefix + ZO_LR),
         steps=_int_field(config, prefix + ZO_STEPS), fingerprint=fingerprint, probabilities=probabilities,
-        catch_up=decode_history(config, prefix),
+        catch_up=decode_history(config, prefix), tune=tune,
     )
 
 

@@ -44,6 +44,8 @@ from fedtune.strategy import (
     select,
 )
 from fedtune.zeroth_order import (
+    TUNE_ADAPTER,
+    TUNE_FULL,
     ZEROTH_ORDER_MODE,
     CatchUp,
     HistoryEntry,
@@ -57,6 +59,7 @@ from fedtune.zeroth_order import (
     group_history,
     replay,
     seed_pool,
+    tunable_tensors,
 )
 from strategies.aggregation import check_weighting, normalized_weights
 
@@ -96,8 +99,12 @@ class FedKSeed(Strategy):
         spike does not decide a seed's importance.
     weighting : {"examples", "uniform"}
         Weight each client's per-seed sums by its number of examples (the paper) or equally.
+    tune : {"full", "adapter"}
+        ``full`` (the paper's setting): the model's own weights and the task head, in
+        float32 masters; the run exports a whole model. ``adapter``: the LoRA adapter's
+        tensors only, which also works on a quantized base.
     trainable : sequence of str
-        Regular expressions over adapter tensor names: the tensors tuned.
+        Regular expressions over the tensor names ``tune`` offers: the tensors tuned.
     """
 
     name = "fedkseed"
@@ -106,7 +113,10 @@ class FedKSeed(Strategy):
 
     def __init__(self, *, k: int = 4096, eps: float = 5e-4, lr: float = 3e-7, steps: int = 200,
                  pro: bool = False, importance_clip: float = 1000.0, weighting: str = "examples",
-                 trainable: Sequence[str] = (".*",)) -> None:
+                 tune: str = TUNE_FULL, trainable: Sequence[str] = (".*",)) -> None:
+        if tune not in (TUNE_FULL, TUNE_ADAPTER):
+            raise ValueError(f"tune={tune!r} must be {TUNE_FULL!r} (the model's weights, the paper's setting) or "
+                             f"{TUNE_ADAPTER!r} (the LoRA adapter only, e.g. on a quantized base)")
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ValueError(f"k={k!r} must be a positive integer (the paper uses 4096)")
         for what, value in (("eps", eps), ("lr", lr), ("importance_clip", importance_clip)):
@@ -120,6 +130,12 @@ class FedKSeed(Strategy):
         self.pro, self.importance_clip = bool(pro), float(importance_clip)
         self.weighting = check_weighting(weighting)
         self.trainable = tuple(trainable)
+        self.tune = tune
+        self.tunes_base_model = tune == TUNE_FULL
+        if self.tunes_base_model:
+            self.supports_quantized_base = False
+            self.quantized_base_reason = ("tune=full perturbs the base weights in float32, which a quantized base "
+                                          "does not hold; use strategy.options.tune=adapter")
         self.history: list[HistoryEntry] = []
         self.last_seen: dict[int, int] = {}
         self._history_rounds: list[int] = []
@@ -131,10 +147,11 @@ class FedKSeed(Strategy):
     def initialize(self, spec: AdapterSpec) -> None:
         super().initialize(spec)
         self._initial = {name: t.detach().clone() for name, t in spec.initial.items()}
-        tuned = select(self._initial, self.trainable)
+        candidates = tunable_tensors(self._initial, spec.base, self.tune)
+        tuned = select(candidates, self.trainable)
         if not tuned:
-            raise ValueError(f"trainable={list(self.trainable)} matches no adapter tensor "
-                             f"(they are e.g. {sorted(self._initial)[:2]})")
+            raise ValueError(f"trainable={list(self.trainable)} matches no tensor that tune={self.tune!r} offers "
+                             f"(they are e.g. {sorted(candidates)[:2]})")
         self._masters = {name: t.to(torch.float32).clone() for name, t in sorted(tuned.items())}
         self.pool = seed_pool(spec.seed, self.k)
         self._pool_index = {seed: i for i, seed in enumerate(self.pool)}
@@ -179,7 +196,7 @@ class FedKSeed(Strategy):
         """Everything ``client_id`` needs in ``server_round``; encode it with ``encode_round_config``."""
         return RoundPlan(run_seed=int(self.spec.seed), k=self.k, eps=self.eps, lr=self.lr, steps=self.steps,
                          fingerprint=direction_fingerprint(), probabilities=self.sampling_probabilities(),
-                         catch_up=self.catch_up(client_id, server_round))
+                         catch_up=self.catch_up(client_id, server_round), tune=self.tune)
 
     def configure_client(self, server_round: int, client_id: int) -> ClientInstruction:
         """No tensors: the catch-up history, the probabilities and the settings, in ``config``.
@@ -270,15 +287,19 @@ class FedKSeed(Strategy):
     # ------------------------------------------------------------------ the global model
 
     def global_adapter(self) -> Tensors:
-        """The initial adapter with the tuned tensors replaced by the replayed masters."""
+        """The initial adapter with the tuned tensors replaced by the replayed masters.
+
+        With ``tune="full"`` the masters of the base weights are included, under their
+        base names (:meth:`fedtune.models.AdapterHandle.load` accepts them).
+        """
         result = {name: t.clone() for name, t in self._initial.items()}
         for name, master in self._masters.items():
-            result[name] = master.to(self._initial[name].dtype)
+            result[name] = master.to(self._initial[name].dtype) if name in self._initial else master.clone()
         return result
 
     def hyperparameters(self) -> dict[str, object]:
         return {"k": self.k, "eps": self.eps, "lr": self.lr, "steps": self.steps, "pro": self.pro,
-                "importance_clip": self.importance_clip, "weighting": self.weighting,
+                "importance_clip": self.importance_clip, "weighting": self.weighting, "tune": self.tune,
                 "trainable": list(self.trainable)}
 
 
@@ -290,10 +311,10 @@ class FedKSeedPro(FedKSeed):
     summary_line = "FedKSeed sampling seeds by the magnitude of their past scalars (Qin et al. 2024)"
 
     def __init__(self, *, k: int = 4096, eps: float = 5e-4, lr: float = 3e-7, steps: int = 200,
-                 importance_clip: float = 1000.0, weighting: str = "examples",
+                 importance_clip: float = 1000.0, weighting: str = "examples", tune: str = TUNE_FULL,
                  trainable: Sequence[str] = (".*",)) -> None:
         super().__init__(k=k, eps=eps, lr=lr, steps=steps, pro=True, importance_clip=importance_clip,
-                         weighting=weighting, trainable=trainable)
+                         weighting=weighting, tune=tune, trainable=trainable)
 
 
 __all__ = ["ClientSteps", "FedKSeed", "FedKSeedPro", "decode_history", "encode_history"]

@@ -88,9 +88,9 @@ def test_the_state_is_a_copy_not_a_view() -> None:
 
 
 def test_fedkseed_seed_history_survives_the_round_trip() -> None:
-    original = FedKSeed(k=16, steps=4)
+    original = FedKSeed(k=16, steps=4, tune="adapter")
     original.initialize(spec())
-    restored = FedKSeed(k=16, steps=4)
+    restored = FedKSeed(k=16, steps=4, tune="adapter")
     restored.load_state_dict(original.state_dict())
     assert original.configure_client(1, 7).config == restored.configure_client(1, 7).config
 

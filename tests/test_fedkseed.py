@@ -10,6 +10,7 @@ import torch
 from flwr.app import ConfigRecord
 from flwr.common import serde
 
+from fedtune.config import load_config
 from fedtune.errors import ConfigError
 from fedtune.strategy import AdapterSpec, ClientUpdate, build_strategy
 from fedtune.zeroth_order import (
@@ -17,6 +18,7 @@ from fedtune.zeroth_order import (
     HistoryEntry,
     apply_catch_up,
     decode_round_config,
+    direction,
     encode_steps,
     replay,
     seed_pool,
@@ -35,7 +37,7 @@ def initial_adapter() -> dict[str, torch.Tensor]:
 
 
 def strategy(cls: type[FedKSeed] = FedKSeed, **options) -> FedKSeed:
-    options = {"k": 8, "lr": 0.01, "steps": 10, **options}
+    options = {"k": 8, "lr": 0.01, "steps": 10, "tune": "adapter", **options}
     s = cls(**options)
     s.initialize(AdapterSpec(initial=initial_adapter(), rank=2, alpha=4.0, seed=RUN_SEED))
     return s
@@ -258,12 +260,40 @@ def test_both_names_are_registered_and_options_are_checked() -> None:
 
 
 def test_only_the_trainable_tensors_are_tuned_and_dtypes_are_kept() -> None:
-    s = FedKSeed(k=4, lr=0.1, trainable=["lora_B"])
+    s = FedKSeed(k=4, lr=0.1, tune="adapter", trainable=["lora_B"])
     initial = {A_KEY: torch.randn(2, 6).to(torch.bfloat16), B_KEY: torch.zeros(6, 2, dtype=torch.bfloat16)}
     s.initialize(AdapterSpec(initial=initial, rank=2, alpha=4.0, seed=0))
     s.aggregate(1, [reply(0, [(s.pool[0], 1.0)], 1, 0)])
     result = s.global_adapter()
     assert result[A_KEY].dtype == result[B_KEY].dtype == torch.bfloat16
     assert torch.equal(result[A_KEY], initial[A_KEY]) and not torch.equal(result[B_KEY], initial[B_KEY])
-    with pytest.raises(ValueError, match="matches no adapter tensor"):
-        FedKSeed(trainable=["nothing"]).initialize(AdapterSpec(initial=initial, rank=2, alpha=4.0))
+    with pytest.raises(ValueError, match="matches no tensor that tune='adapter' offers"):
+        FedKSeed(tune="adapter", trainable=["nothing"]).initialize(AdapterSpec(initial=initial, rank=2, alpha=4.0))
+
+
+# --------------------------------------------------------------------------- full-parameter tuning
+
+BASE_KEY = "base_model.model.layer.0.query.base_layer.weight"
+HEAD_KEY = "base_model.model.classifier.weight"
+
+
+def test_full_tuning_tunes_the_base_and_head_not_the_lora_factors() -> None:
+    s = FedKSeed(k=4, lr=0.1)  # tune="full" is the default, as in the paper
+    assert s.tunes_base_model and not s.supports_quantized_base
+    initial = {**initial_adapter(), HEAD_KEY: torch.randn(2, 6)}
+    base = {BASE_KEY: torch.randn(6, 6)}
+    s.initialize(AdapterSpec(initial=initial, rank=2, alpha=4.0, seed=0, base=base))
+    s.aggregate(1, [reply(0, [(s.pool[0], 1.0)], 1, 0)])
+    result = s.global_adapter()
+    assert set(result) == {A_KEY, B_KEY, HEAD_KEY, BASE_KEY}
+    assert not torch.equal(result[BASE_KEY], base[BASE_KEY]) and not torch.equal(result[HEAD_KEY], initial[HEAD_KEY])
+    assert torch.equal(result[A_KEY], initial[A_KEY]) and torch.equal(result[B_KEY], initial[B_KEY])
+    # Exactly one step along the seed's direction over the tuned tensors: w - lr * g * z.
+    z = direction(s.pool[0], {BASE_KEY: (6, 6), HEAD_KEY: (2, 6)})
+    torch.testing.assert_close(result[BASE_KEY], base[BASE_KEY] - 0.1 * 1.0 * z[BASE_KEY], rtol=0, atol=1e-6)
+
+
+def test_full_tuning_refuses_a_quantized_base_and_adapter_tuning_accepts_it() -> None:
+    with pytest.raises(ConfigError, match="tune=full perturbs the base weights.*strategy.options.tune=adapter"):
+        load_config(None, ["strategy.name=fedkseed", "model.quantization=4bit"])
+    load_config(None, ["strategy.name=fedkseed", "model.quantization=4bit", "strategy.options.tune=adapter"])

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ROUNDS = 2
 STRATEGIES = {
     "fedit": [],
-    "fedkseed": ["strategy.name=fedkseed", "strategy.options.k=64", "strategy.options.steps=6",
+    "fedkseed": ["strategy.name=fedkseed", "strategy.options.tune=full", "strategy.options.k=64", "strategy.options.steps=6",
                  "strategy.options.lr=1e-3", "strategy.options.eps=1e-3", "adapter.dropout=0.0"],
 }
 # What the run computes. (Bytes may differ: FedKSeed sends resumed clients, new to the
@@ -57,6 +57,12 @@ def kill_after_first_checkpoint(proc: subprocess.Popen, run_dir: Path) -> int:
     raise AssertionError(f"no checkpoint appeared; the run ended with {proc.returncode}: {proc.stdout.read()[-2000:]}")
 
 
+def saved_weights(run_dir: Path) -> Path:
+    """The adapter, or the whole model for full-parameter FedKSeed."""
+    adapter = run_dir / "adapter" / "adapter_model.safetensors"
+    return adapter if adapter.is_file() else run_dir / "model" / "model.safetensors"
+
+
 def results(rows: list[dict]) -> list[dict]:
     return [{k: row.get(k) for k in RESULT_KEYS} for row in rows]
 
@@ -80,12 +86,11 @@ def test_killed_then_resumed_equals_uninterrupted(strategy: str, uninterrupted: 
     proc = start_fedtune("simulate", *tiny_overrides(tiny_bert, broken, rounds=ROUNDS), *extra)
     killed_after = kill_after_first_checkpoint(proc, broken)
     assert 1 <= killed_after < ROUNDS, "the run finished before it could be killed"
-    assert not (broken / "adapter").exists()
+    assert not (broken / "adapter").exists() and not (broken / "model").exists()
 
     assert f"resumed after round {killed_after}" in fedtune("resume", str(broken))
 
-    a, b = load_file(whole / "adapter" / "adapter_model.safetensors"), \
-        load_file(broken / "adapter" / "adapter_model.safetensors")
+    a, b = load_file(saved_weights(whole)), load_file(saved_weights(broken))
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a), "the resumed adapter differs from the uninterrupted one"
     assert results(read_rows(broken)) == results(read_rows(whole))

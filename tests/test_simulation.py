@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fedtune.config import load_config
-from fedtune.runlog import ADAPTER_DIR, CONFIG_FILE, METRICS_FILE
+from fedtune.runlog import ADAPTER_DIR, CONFIG_FILE, METRICS_FILE, MODEL_DIR
 from fedtune.simulation import simulate
 
 pytestmark = pytest.mark.integration
@@ -226,6 +226,35 @@ def test_fedkseed_sends_only_seeds_and_scalars(tiny_bert: str, tmp_path: Path) -
         assert row["bytes_down_per_client"] < 4_000 + 64 * 8
     assert rows[2]["fedkseed_history_length"] > rows[1]["fedkseed_history_length"] > 0
     assert rows[2]["fedkseed_probability_spread"] > 1.0  # Pro: seeds seen with larger |g| are favoured
+
+
+def test_fedkseed_full_parameter_tuning_saves_a_whole_model_that_reproduces_the_evaluation(
+        tiny_bert: str, tmp_path: Path) -> None:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from fedtune.data import load_splits, tokenize
+    from fedtune.models import AdapterHandle
+    from fedtune.training import evaluate
+
+    run_dir = simulate(load_config(None, tiny_overrides(tiny_bert, tmp_path, rounds=2) + [
+        "strategy.name=fedkseed", "strategy.options.tune=full", "strategy.options.k=64",
+        "strategy.options.steps=6", "strategy.options.lr=1e-3", "strategy.options.eps=1e-3", "adapter.dropout=0.0"]))
+    rows = read_rows(run_dir)
+    assert all(row["bytes_up_per_client"] < 2_000 for row in rows[1:])  # still only seeds and scalars
+    tuned = AutoModelForSequenceClassification.from_pretrained(run_dir / MODEL_DIR)
+    pretrained = dict(AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=4).named_parameters())
+    changed = {n for n, p in tuned.named_parameters() if not torch.equal(p, pretrained[n])}
+    # Every weight moved along the seeded directions: encoder, embeddings and the head alike.
+    assert changed == set(pretrained), sorted(set(pretrained) - changed)[:3]
+    cfg = load_config(run_dir / CONFIG_FILE)
+    _, test = load_splits(cfg.data, cfg.model.task)
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / MODEL_DIR)
+    handle = AdapterHandle(model=tuned, tokenizer=tokenizer, adapter_name="default", params={}, initial={},
+                           task="classification")
+    result = evaluate(handle, tokenize(test, tokenizer, "classification", cfg.data.max_length), 64)
+    assert result["accuracy"] == pytest.approx(rows[-1]["eval_accuracy"], abs=1e-9)
+    assert result["loss"] == pytest.approx(rows[-1]["eval_loss"], rel=1e-5)
+    assert not (run_dir / ADAPTER_DIR).exists()
 
 
 def test_fed_sb_initializes_then_averages_r_exactly(tiny_bert: str, tmp_path: Path) -> None:

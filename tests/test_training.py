@@ -70,3 +70,18 @@ def test_adapter_is_cached_per_process(tiny_bert: str) -> None:
     assert c.model is a.model and c.adapter_name != a.adapter_name  # same base, second adapter
     assert c.params[next(k for k in c.params if "lora_A" in k)].shape[0] == 2
     clear_model_cache()
+
+
+def test_loading_base_weights_tunes_the_base_and_the_next_load_restores_it(setup) -> None:
+    handle = setup[0]
+    base = handle.base_params()
+    assert base and not any(".lora_" in k or "modules_to_save" in k for k in base)
+    assert set(base).isdisjoint(handle.params)  # the head's trained copy belongs to the adapter
+    key = next(k for k in base if "query.base_layer.weight" in k)
+    pretrained = handle.base_initial()[key].clone()
+    handle.load({key: pretrained + 1.0})
+    assert torch.equal(base[key].detach(), pretrained + 1.0)
+    handle.load({})  # a later run (or strategy) that tunes only the adapter gets the pretrained base back
+    assert torch.equal(base[key].detach(), pretrained)
+    with pytest.raises(KeyError, match="not in this model"):
+        handle.load({"no.such.weight": pretrained})
