@@ -6,7 +6,7 @@
 # 127.0.0.1 and every HOSTNAME_OR_IP given: list each name SuperNodes and operators use to
 # reach the SuperLink. Give ca.crt (never ca.key) to every SuperNode and to whoever submits runs.
 set -euo pipefail
-[ $# -ge 1 ] || { sed -n '2,8p' "$0" >&2; exit 2; }
+[ $# -ge 1 ] || { sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0" >&2; exit 2; }
 out="$1"; shift
 mkdir -p "$out"
 umask 077

@@ -7,7 +7,7 @@
 #   flwr supernode unregister NODE_ID deployment   (FLWR_HOME as in deploy/env.sh)
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
-[ $# -ge 3 ] || { sed -n '2,7p' "$0" >&2; exit 2; }
+[ $# -ge 3 ] || { sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0" >&2; exit 2; }
 write_connection "$1" "$2"; shift 2
 for key in "$@"; do
     flwr supernode register "$key" deployment

@@ -10,7 +10,7 @@
 # SuperLink host.
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
-[ $# -ge 3 ] || { sed -n '2,10p' "$0" >&2; exit 2; }
+[ $# -ge 3 ] || { sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0" >&2; exit 2; }
 write_connection "$1" "$2"
 config="$3"; shift 3
 cd "$REPO_DIR"

@@ -8,13 +8,13 @@
 #   SUPERLINK_HOST  interface to listen on (default 0.0.0.0: every interface)
 #   SUPERLINK_PORT  the one HTTPS port of the Fleet, Control and Runtime APIs (default 8000)
 #   SUPERLINK_DB    SQLite file for the SuperLink's state, registered nodes included
-#                   (default $FLWR_HOME/superlink.db; ":flwr-in-memory-state:" keeps it in memory)
+#                   (default $FLWR_HOME/superlink.db; ":flwr-in-memory:" keeps it in memory)
 # Extra options go to flower-superlink as they are, e.g. --log-file superlink.log.
 # The ServerApp runs in a subprocess of this SuperLink, in this script's working directory:
 # relative output.dir paths are relative to it.
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
-[ $# -ge 1 ] || { sed -n '2,16p' "$0" >&2; exit 2; }
+[ $# -ge 1 ] || { sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0" >&2; exit 2; }
 certs="$1"; shift
 for f in ca.crt server.crt server.key; do [ -f "$certs/$f" ] || die "missing $certs/$f (run deploy/make-certs.sh)"; done
 mkdir -p "$FLWR_HOME"

@@ -14,7 +14,7 @@
 # Extra options go to flower-supernode as they are, e.g. --max-retries 10 --max-wait-time 600.
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
-[ $# -ge 5 ] || { sed -n '2,15p' "$0" >&2; exit 2; }
+[ $# -ge 5 ] || { sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0" >&2; exit 2; }
 superlink="$1" ca="$2" key="$3" partition="$4" partitions="$5"; shift 5
 [ -f "$ca" ] || die "no CA certificate at $ca"
 [ -f "$key" ] || die "no private key at $key (run deploy/make-node-keys.sh)"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -26,7 +27,11 @@ from fedtune.runlog import ADAPTER_DIR, METRICS_FILE
 
 from test_simulation import read_rows, tiny_overrides
 
-pytestmark = pytest.mark.integration
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(not (shutil.which("openssl") and shutil.which("ssh-keygen")),
+                       reason="deploy/make-certs.sh and make-node-keys.sh need openssl and ssh-keygen"),
+]
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
