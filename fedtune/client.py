@@ -345,6 +345,7 @@ class ClientRuntime:
     def _train_zeroth_order(self, partition_id: int, server_round: int, trainable: Sequence[str],
                             config: Mapping[str, Any]) -> ClientReply:
         """FedKSeed's local round: τ two-point steps along pool seeds; only (seed, scalar) pairs go back."""
+        _, load_seconds = self.adapter(partition_id)  # loads the base once; reported like the gradient path
         handle, plan = self._zeroth_order_state(partition_id, config, trainable)
         train_ds, _ = self.splits(partition_id)
         tunable = {**handle.base_params(), **handle.params}
@@ -365,7 +366,7 @@ class ClientRuntime:
             num_examples=len(train_ds),
             metrics={**encode_steps(result.history, state_round=self._zo_round, skipped=result.skipped),
                      protocol.TRAIN_LOSS: result.mean_loss, protocol.TRAIN_STEPS: float(result.steps),
-                     protocol.TRAIN_SECONDS: time.perf_counter() - start,
+                     protocol.TRAIN_SECONDS: time.perf_counter() - start, protocol.MODEL_LOAD_SECONDS: load_seconds,
                      protocol.BASE_BITS: float(bits_of(self.settings(partition_id)[0])),
                      protocol.BASE_WEIGHT_BYTES: float(weight_bytes(handle.model)),
                      protocol.PEAK_RSS_BYTES: float(peak_rss_bytes())},
