@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy as FlwrStrategy
 from flwr.serverapp.strategy.result import Result
@@ -77,6 +78,7 @@ class FlowerStrategy(FlwrStrategy):
         self.on_metrics = on_metrics
         self.completed_rounds = completed_rounds
         self._expects: dict[int, ClientInstruction] = {}
+        self._sent: list[tuple[Message, int]] = []  # (message, destination node) of the round in progress
         self.grid: Grid | None = None
         self.rejected: list[dict[str, Any]] = []
 
@@ -100,6 +102,7 @@ class FlowerStrategy(FlwrStrategy):
         server_round += self.completed_rounds
         messages, down = [], []
         self._expects = {}
+        self._sent = []
         for node_id in self._sample(grid, self.cfg.federation.fraction_train, server_round, 0):
             instruction = self.strategy.configure_client(server_round, node_id)
             self._expects[node_id] = instruction
@@ -109,12 +112,16 @@ class FlowerStrategy(FlwrStrategy):
             content[protocol.CONFIG][protocol.QUANTIZED_BASE_OK] = bool(self.strategy.supports_quantized_base)
             down.append(wire_bytes(content))
             messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id))
+            self._sent.append((messages[-1], node_id))
         self.on_metrics(bytes_down=sum(down), bytes_down_per_client=sum(down) / max(len(down), 1),
                         clients_sampled=len(messages))
         return messages
 
-    def _decode_reply(self, msg: Message) -> ClientUpdate:
-        node_id = msg.metadata.src_node_id
+    def _destinations(self) -> dict[str, int]:
+        """Message id -> the node it was sent to (the grid sets ids in place when it pushes)."""
+        return {m.metadata.message_id: node for m, node in self._sent if m.metadata.message_id}
+
+    def _decode_reply(self, msg: Message, node_id: int) -> ClientUpdate:
         if msg.has_error():
             raise InvalidUpdateError(f"client error: {msg.error.reason}")
         if node_id not in self._expects:
@@ -145,24 +152,34 @@ class FlowerStrategy(FlwrStrategy):
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.completed_rounds
-        updates, up, received = [], [], 0
+        updates, up, received, unavailable = [], [], 0, []
+        destinations = self._destinations()
         for msg in replies:
+            # An error reply for a node that went away comes from the SuperLink, not the node:
+            # name the node the message was sent to.
+            node_id = destinations.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+            if msg.has_error() and msg.error.code == ErrorCode.NODE_UNAVAILABLE:
+                unavailable.append(node_id)
+                log.warning("round %d: client %d became unavailable during the round", server_round, node_id)
+                continue
             received += 1
             if not msg.has_error():
                 up.append(wire_bytes(msg.content))
             try:
-                updates.append(self._decode_reply(msg))
+                updates.append(self._decode_reply(msg, node_id))
             except InvalidUpdateError as e:
-                self.rejected.append({"round": server_round, "client": msg.metadata.src_node_id, "reason": str(e)})
-                log.warning("round %d: rejected reply from client %d: %s", server_round,
-                            msg.metadata.src_node_id, e)
+                self.rejected.append({"round": server_round, "client": node_id, "reason": str(e)})
+                log.warning("round %d: rejected reply from client %d: %s", server_round, node_id, e)
+        if unavailable:
+            self.on_metrics(clients_unavailable=sorted(unavailable))
         missing = len(self._expects) - received
         self.on_metrics(bytes_up=sum(up), bytes_up_per_client=sum(up) / max(len(up), 1),
                         clients_aggregated=len(updates), clients_rejected=received - len(updates),
                         clients_missing=missing)
         if missing:
-            log.warning("round %d: %d of %d sampled clients did not reply within federation.round_timeout=%gs",
-                        server_round, missing, len(self._expects), self.cfg.federation.round_timeout)
+            log.warning("round %d: %d of %d sampled clients did not reply (unavailable, or not within "
+                        "federation.round_timeout=%gs)", server_round, missing, len(self._expects),
+                        self.cfg.federation.round_timeout)
         if len(updates) < self.cfg.federation.min_replies:
             log.warning("round %d: %d valid replies, fewer than federation.min_replies=%d; the global model "
                         "is unchanged", server_round, len(updates), self.cfg.federation.min_replies)
