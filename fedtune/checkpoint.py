@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 import torch
-
 from omegaconf import OmegaConf
 
 from fedtune.config import FedtuneConfig, flatten, to_yaml

@@ -23,9 +23,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from fedtune.runlog import ADAPTER_DIR, METRICS_FILE
-
-from test_simulation import read_rows, tiny_overrides
+from fedtune.runlog import ADAPTER_DIR, MODEL_DIR
+from tests.test_simulation import read_rows, tiny_overrides
 
 pytestmark = [
     pytest.mark.integration,
@@ -199,6 +198,18 @@ def test_fedkseed_on_the_same_federation(federation: Federation, tiny_bert: str)
         assert row["bytes_up_per_client"] < 2_000
         assert row["bytes_down_per_client"] < 4_000 + 64 * 8
     assert rows[2]["fedkseed_history_length"] > rows[1]["fedkseed_history_length"] > 0
+    assert (out / MODEL_DIR / "model.safetensors").is_file()  # full-parameter tuning: a whole model
+
+
+def test_an_adapter_of_tens_of_megabytes_goes_through_the_transport(federation: Federation, tiny_bert: str) -> None:
+    """LoRA of rank 256 on the 30,522-word embedding: A alone is 256 x 30,522 float32, 31 MB per message."""
+    out = federation.root / "runs" / "large"
+    federation.submit(*tiny_overrides(tiny_bert, out, rounds=1), "adapter.target_modules=[word_embeddings]",
+                      "adapter.rank=256", "train.local_steps=1")
+    row = read_rows(out)[1]
+    assert row["clients_aggregated"] == 3 and row["clients_rejected"] == 0
+    assert row["bytes_up_per_client"] > 31_000_000 and row["bytes_down_per_client"] > 31_000_000
+    assert math.isfinite(row["eval_loss"])
 
 
 def test_a_supernode_with_an_unregistered_key_is_refused(federation: Federation) -> None:

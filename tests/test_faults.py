@@ -13,10 +13,10 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedtune import protocol
+from fedtune.client import ClientReply
 from fedtune.codec import record_to_tensors, tensors_to_record
 from fedtune.config import load_config
 from fedtune.flower.client_app import make_client_app, reply_content
-from fedtune.client import ClientReply
 from fedtune.simulation import simulate
 from tests.test_simulation import read_rows, tiny_overrides
 
