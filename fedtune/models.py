@@ -267,7 +267,9 @@ def _copy_into(param: torch.nn.Parameter, key: str, source: torch.Tensor) -> Non
 
 
 def _wire_name(param_name: str, adapter_name: str) -> str:
-    return param_name.replace(f".modules_to_save.{adapter_name}.", ".").replace(f".{adapter_name}.", ".")
+    """The name PEFT's saved state dict uses: without the adapter name."""
+    name = param_name.replace(f".modules_to_save.{adapter_name}.", ".").replace(f".{adapter_name}.", ".")
+    return name.removesuffix(f".{adapter_name}")
 
 
 def wire_dtype(name: str, model_cfg: ModelConfig) -> torch.dtype:
@@ -321,8 +323,9 @@ def get_adapter(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, num_labels: 
         model = get_peft_model(model, config, adapter_name=adapter_name)
         _BASES[base_key] = (model, tokenizer)
     model.set_adapter(adapter_name)
+    # Linear LoRA: "...lora_A.<name>.weight"; embedding LoRA: "...lora_embedding_A.<name>".
     params = {_wire_name(n, adapter_name): p for n, p in model.named_parameters()
-              if f".{adapter_name}." in n}
+              if f".{adapter_name}." in n or n.endswith(f".{adapter_name}")}
     handle = AdapterHandle(model=model, tokenizer=tokenizer, adapter_name=adapter_name, params=params,
                            initial={}, task=model_cfg.task,
                            wire_dtypes={k: wire_dtype(k, model_cfg) for k in params})

@@ -22,6 +22,7 @@ from flwr.serverapp import Grid
 from fedtune.checkpoint import Checkpoint, checkpoint_to_resume, rng_state, save_checkpoint, set_rng_state
 from fedtune.codec import tensors_to_record
 from fedtune.config import FedtuneConfig, to_yaml
+from fedtune.errors import ConfigError
 from fedtune.data import load_splits, num_labels, tokenize
 from fedtune.flower.server_app import FlowerStrategy
 from fedtune.models import AdapterHandle, get_adapter
@@ -43,6 +44,11 @@ def run_federation(grid: Grid, cfg: FedtuneConfig) -> Path:
     # The server's own base: unquantized unless model.server_quantization says otherwise.
     handle = get_adapter(cfg.model.for_server(), cfg.adapter, labels, cfg.seed)
     test_tok = tokenize(test, handle.tokenizer, cfg.model.task, cfg.data.max_length) if test is not None else None
+    embedding_lora = sorted(k for k in handle.initial if ".lora_embedding_" in k)
+    if embedding_lora and strategy.linear_lora_only:
+        raise ConfigError([f"adapter.target_modules={cfg.adapter.target_modules} puts LoRA on an embedding "
+                           f"({embedding_lora[0]}), which strategy.name={cfg.strategy.name!r} does not aggregate; "
+                           "target linear layers only, or use fedit"])
     done = checkpoint.round if checkpoint else 0
     if checkpoint:
         strategy.load_state_dict(checkpoint.strategy_state)

@@ -133,6 +133,9 @@ class Strategy(ABC):
     # quantized_base_reason says why, and the run is refused at start-up with it.
     supports_quantized_base: ClassVar[bool] = True
     quantized_base_reason: ClassVar[str] = ""
+    # Whether the strategy's aggregation handles only linear LoRA pairs (lora_A/lora_B weights);
+    # embedding LoRA (lora_embedding_A/B) is then refused at start-up, not averaged inexactly.
+    linear_lora_only: ClassVar[bool] = False
     # Whether the global model includes tuned base weights (full-parameter tuning): the
     # server then passes them in AdapterSpec.base and saves a whole model, not an adapter.
     tunes_base_model: bool = False

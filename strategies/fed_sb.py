@@ -209,6 +209,7 @@ class FedSB(Strategy):
     """
 
     name = "fed-sb"
+    linear_lora_only = True
     supports_quantized_base = False
     quantized_base_reason = ("its initialisation needs gradients with respect to the base weights, which a "
                              "bitsandbytes 4-bit or 8-bit layer does not provide")

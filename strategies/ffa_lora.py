@@ -42,6 +42,7 @@ class FFALoRA(Strategy):
     """
 
     name = "ffa-lora"
+    linear_lora_only = True
     summary_line = "frozen shared A, train and average B only (Sun et al. 2024); exact, half the upload"
 
     def __init__(self, *, weighting: str = "examples") -> None:

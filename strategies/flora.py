@@ -98,6 +98,7 @@ class FLoRA(Strategy):
     """
 
     name = "flora"
+    linear_lora_only = True
     summary_line = "stack heterogeneous-rank LoRA factors, merge exactly (Wang et al. 2024)"
     accepts_mixed_ranks = True
 

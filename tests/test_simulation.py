@@ -257,6 +257,15 @@ def test_fedkseed_full_parameter_tuning_saves_a_whole_model_that_reproduces_the_
     assert not (run_dir / ADAPTER_DIR).exists()
 
 
+def test_an_exact_strategy_refuses_embedding_lora_before_round_one(tiny_bert: str, tmp_path: Path) -> None:
+    from fedtune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="puts LoRA on an embedding.*strategy.name='flora' does not aggregate"):
+        simulate(load_config(None, tiny_overrides(tiny_bert, tmp_path, rounds=1) + [
+            "strategy.name=flora", "adapter.target_modules=[word_embeddings,query]"]))
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
 def test_fed_sb_initializes_then_averages_r_exactly(tiny_bert: str, tmp_path: Path) -> None:
     run_dir = simulate(load_config(None, tiny_overrides(tiny_bert, tmp_path, rounds=4) + [
         "strategy.name=fed-sb", "strategy.options.init_samples=16", "adapter.alpha=4"]))

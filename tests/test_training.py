@@ -85,3 +85,15 @@ def test_loading_base_weights_tunes_the_base_and_the_next_load_restores_it(setup
     assert torch.equal(base[key].detach(), pretrained)
     with pytest.raises(KeyError, match="not in this model"):
         handle.load({"no.such.weight": pretrained})
+
+
+def test_embedding_lora_tensors_travel_under_peft_saved_names(tiny_bert: str, tmp_path) -> None:
+    from safetensors.torch import load_file
+
+    clear_model_cache()
+    handle = get_adapter(ModelConfig(name=tiny_bert), AdapterConfig(rank=4, target_modules=["word_embeddings"]), 4, 0)
+    embedding = sorted(k for k in handle.params if "lora_embedding" in k)
+    assert [k.rsplit(".", 1)[-1] for k in embedding] == ["lora_embedding_A", "lora_embedding_B"]
+    handle.save(tmp_path / "adapter")
+    assert set(load_file(tmp_path / "adapter" / "adapter_model.safetensors")) == set(handle.params)
+    clear_model_cache()
