@@ -273,7 +273,7 @@ class ClientRuntime:
         privacy: dict[str, Any] = {}
         ledger = None
         if self.cfg.privacy.enabled:
-            ledger = self._ledger(state, len(train_ds))
+            ledger = self._ledger(state, len(train_ds), starts_with_init=True)
             privacy = {"clip_norm": self.cfg.privacy.clip_norm, "noise_multiplier": ledger.noise_multiplier,
                        "generator": torch.Generator().manual_seed(seed)}
             if not state.get(INIT_ACCOUNTED):  # one noisy estimate, however many passes read it
@@ -291,17 +291,22 @@ class ClientRuntime:
                            metrics={**metrics, protocol.TRAIN_SECONDS: time.perf_counter() - start,
                                     protocol.MODEL_LOAD_SECONDS: load_seconds})
 
-    def _ledger(self, state: Mapping[str, Any], num_examples: int) -> PrivacyLedger:
-        """This client's privacy ledger, rebuilt from its state (σ for the target ε over the whole run)."""
+    def _ledger(self, state: Mapping[str, Any], num_examples: int, *, starts_with_init: bool = False) -> PrivacyLedger:
+        """This client's privacy ledger, rebuilt from its state (σ for the target ε over the whole run).
+
+        The first call fixes σ: a run that ``starts_with_init`` (Fed-SB) also spends one
+        full-batch step on its initialisation estimate, which the calibration includes.
+        """
         if LEDGER_SIGMAS in state:
             return load_ledger(state, self.cfg.privacy.delta)
         p = self.cfg.privacy
         rate = min(1.0, self.cfg.train.batch_size / num_examples)
         sigma = p.noise_multiplier
         if sigma is None:
-            # Every round's local steps plus the one-off initialisation step, at most.
-            steps = self.cfg.federation.num_rounds * steps_per_round(self.cfg.train, num_examples) + 1
-            sigma = noise_multiplier_for(p.target_epsilon, p.delta, rate, steps)
+            # Every round's local steps, at most (initialisation rounds train nothing).
+            steps = self.cfg.federation.num_rounds * steps_per_round(self.cfg.train, num_examples)
+            sigma = noise_multiplier_for(p.target_epsilon, p.delta, rate, steps,
+                                         full_batch_steps=1 if starts_with_init else 0)
         return PrivacyLedger(sigma, rate, p.delta)
 
     def evaluate(self, partition_id: int, arrays: Mapping[str, torch.Tensor], mode: str = GRADIENT_MODE,

@@ -346,14 +346,21 @@ class PrivacyLedger:
 
 
 def epsilon_for(noise_multiplier: float, sample_rate: float, steps: int, delta: float,
-                orders: Sequence[float] = DEFAULT_ORDERS) -> float:
-    """ε after ``steps`` steps of one (σ, q) at δ."""
-    return PrivacyLedger(noise_multiplier, sample_rate, delta, tuple(orders)).step(steps).epsilon()
+                orders: Sequence[float] = DEFAULT_ORDERS, *, full_batch_steps: int = 0) -> float:
+    """ε after ``steps`` steps of one (σ, q) at δ, plus ``full_batch_steps`` steps at q = 1."""
+    ledger = PrivacyLedger(noise_multiplier, sample_rate, delta, tuple(orders)).step(steps)
+    if full_batch_steps:
+        ledger.step(full_batch_steps, sample_rate=1.0)
+    return ledger.epsilon()
 
 
 def noise_multiplier_for(target_epsilon: float, delta: float, sample_rate: float, steps: int,
-                         *, epsilon_tolerance: float = 0.01, max_sigma: float = 1e6) -> float:
+                         *, full_batch_steps: int = 0, epsilon_tolerance: float = 0.01,
+                         max_sigma: float = 1e6) -> float:
     """The noise multiplier σ for which ``steps`` steps spend at most ``target_epsilon`` (and within tolerance).
+
+    ``full_batch_steps`` more steps at sampling rate 1 (no subsampling, e.g. Fed-SB's private
+    initialisation estimate) are composed in: one such step costs far more than a sampled one.
 
     Doubles σ from 20 until ε(σ) ≤ target, then bisects until target − ε(σ) ≤
     ``epsilon_tolerance``; returns that σ (ε never exceeds the target). This is the search of
@@ -369,10 +376,10 @@ def noise_multiplier_for(target_epsilon: float, delta: float, sample_rate: float
         if high > max_sigma:
             raise ValueError(f"target_epsilon={target_epsilon} at delta={delta} needs sigma > {max_sigma}; "
                              "raise the budget or lower the sampling rate or steps")
-        eps_high = epsilon_for(high, sample_rate, steps, delta)
+        eps_high = epsilon_for(high, sample_rate, steps, delta, full_batch_steps=full_batch_steps)
     while target_epsilon - eps_high > epsilon_tolerance:
         mid = (low + high) / 2
-        eps = epsilon_for(mid, sample_rate, steps, delta)
+        eps = epsilon_for(mid, sample_rate, steps, delta, full_batch_steps=full_batch_steps)
         if eps < target_epsilon:
             high, eps_high = mid, eps
         else:

@@ -208,7 +208,10 @@ def test_an_adapter_of_tens_of_megabytes_goes_through_the_transport(federation: 
                       "adapter.rank=256", "train.local_steps=1")
     row = read_rows(out)[1]
     assert row["clients_aggregated"] == 3 and row["clients_rejected"] == 0
-    assert row["bytes_up_per_client"] > 31_000_000 and row["bytes_down_per_client"] > 31_000_000
+    assert row["bytes_up_per_client"] > 31_000_000
+    # PEFT starts embedding LoRA's A at zero: its identical zero chunks travel once (Flower's
+    # objects are content-addressed), so round 1's download is about half the upload.
+    assert row["bytes_down_per_client"] > 15_000_000
     assert math.isfinite(row["eval_loss"])
 
 

@@ -188,3 +188,13 @@ def test_poisson_batches_have_the_expected_size() -> None:
     mean = sum(sizes) / len(sizes)
     assert abs(mean - 50) < 6 * math.sqrt(1000 * 0.05 * 0.95 / 200)  # 6 standard errors
     assert len(set(sizes)) > 1  # the size varies: Poisson, not fixed
+
+
+def test_calibration_includes_a_full_batch_initialisation_step() -> None:
+    """Fed-SB's private init is one step on all data (q = 1): σ must cover it, or the run overspends."""
+    rate, steps, target, delta = 8 / 500, 300, 8.0, 1e-5
+    sigma_steps_only = noise_multiplier_for(target, delta, rate, steps)
+    assert epsilon_for(sigma_steps_only, rate, steps, delta, full_batch_steps=1) > target  # the bug this guards
+    sigma = noise_multiplier_for(target, delta, rate, steps, full_batch_steps=1)
+    assert target - 0.01 <= epsilon_for(sigma, rate, steps, delta, full_batch_steps=1) <= target
+    assert sigma > sigma_steps_only
