@@ -5,9 +5,9 @@
 Same model (all-MiniLM-L6-v2), data (AG News from ../shared/data, 8 clients, Dirichlet
 α = 0.5), local steps, training rounds and seed. Fed-SB spends two more rounds first on
 its federated initialisation (sketches of the clients' first-update estimates); the table
-reports training rounds only for bytes and both for the final accuracy. The expected upload
-ratio per adapted matrix is 2·r_FedIT·(m + n) / r_SB² (here 2·8·768 / 32² = 12, before the
-task head, which both strategies also send).
+reports training rounds only for bytes and both for the final accuracy. Per adapted m×n
+matrix FedIT sends A and B, r_FedIT·(m + n) numbers, and Fed-SB sends R, r_SB² numbers: here
+8·768 / 32² = 6 (the issue's 2·r·(m + n) counts both directions); both also send the task head.
 """
 
 from __future__ import annotations
