@@ -231,10 +231,18 @@ class AdapterHandle:
         return out
 
     def base_initial(self) -> dict[str, torch.Tensor]:
-        """The base weights as loaded (pretrained), copied the first time they are asked for."""
-        if id(self.model) not in _PRISTINE:
-            _PRISTINE[id(self.model)] = {k: p.detach().clone() for k, p in self.base_params().items()}
-        return _PRISTINE[id(self.model)]
+        """The base weights as loaded (pretrained), copied the first time they are asked for.
+
+        Kept per parameter object, not per name: adding an adapter to a shared base renames
+        the weights it wraps (``x.weight`` becomes ``x.base_layer.weight``) but keeps them.
+        """
+        snapshot = _PRISTINE.setdefault(id(self.model), {})
+        out = {}
+        for name, param in self.base_params().items():
+            if id(param) not in snapshot:
+                snapshot[id(param)] = param.detach().clone()
+            out[name] = snapshot[id(param)]
+        return out
 
     def set_trainable(self, patterns: Sequence[str]) -> list[str]:
         """Train exactly the adapter tensors matching ``patterns``; return their names."""
@@ -285,8 +293,9 @@ def wire_dtype(name: str, model_cfg: ModelConfig) -> torch.dtype:
 
 _BASES: dict[tuple, tuple[PeftModel | torch.nn.Module, Any]] = {}
 _ADAPTERS: dict[tuple, AdapterHandle] = {}
-# Per model (id): its base weights before any full-parameter tuning, and whether they are tuned now.
-_PRISTINE: dict[int, dict[str, torch.Tensor]] = {}
+# Per model (id): its base weights (by parameter id) before any full-parameter tuning, and
+# whether they are tuned now.
+_PRISTINE: dict[int, dict[int, torch.Tensor]] = {}
 _TUNED_BASES: set[int] = set()
 
 

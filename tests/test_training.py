@@ -97,3 +97,16 @@ def test_embedding_lora_tensors_travel_under_peft_saved_names(tiny_bert: str, tm
     handle.save(tmp_path / "adapter")
     assert set(load_file(tmp_path / "adapter" / "adapter_model.safetensors")) == set(handle.params)
     clear_model_cache()
+
+
+def test_the_pretrained_base_survives_an_adapter_that_renames_its_weights(setup) -> None:
+    """A full-parameter run, then an adapter on the embedding (its weight becomes base_layer.weight)."""
+    handle = setup[0]
+    key = next(k for k in handle.base_params() if k.endswith("word_embeddings.weight"))
+    pretrained = handle.base_initial()[key].clone()
+    handle.load({key: pretrained + 1.0})  # tuned, as full-parameter FedKSeed leaves it
+    other = get_adapter(ModelConfig(name=handle.model.peft_config["default"].base_model_name_or_path),
+                        AdapterConfig(rank=2, target_modules=["word_embeddings"]), 4, seed=0)
+    renamed = key.replace("word_embeddings.weight", "word_embeddings.base_layer.weight")
+    other.load({})
+    assert torch.equal(other.base_params()[renamed].detach(), pretrained)
