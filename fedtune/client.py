@@ -16,7 +16,6 @@ from typing import Any
 
 import datasets
 import torch
-
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -25,10 +24,6 @@ from fedtune.codec import tensor_digest
 from fedtune.config import AdapterConfig, FedtuneConfig, ModelConfig
 from fedtune.data import load_splits, num_labels, partition_dataset, split_train_eval, tokenize
 from fedtune.errors import ConfigError
-from fedtune.models import AdapterHandle, get_adapter
-from fedtune.quantization import bits_of, peak_rss_bytes, weight_bytes
-from fedtune.residual import residual_of, split_residual
-from fedtune.strategy import GRADIENT_MODE, select
 from fedtune.lora_sb import (
     CFG_ROUND,
     LORA_SB_INIT_MODE,
@@ -38,7 +33,23 @@ from fedtune.lora_sb import (
     init_reply,
     prepare_handle,
 )
+from fedtune.models import AdapterHandle, get_adapter
 from fedtune.privacy import PrivacyLedger, noise_multiplier_for
+from fedtune.quantization import bits_of, peak_rss_bytes, weight_bytes
+from fedtune.residual import residual_of, split_residual
+from fedtune.strategy import GRADIENT_MODE, select
+from fedtune.training import batches, evaluate, steps_per_round, train_adapter, train_adapter_private
+from fedtune.zeroth_order import (
+    TUNE_FULL,
+    ZEROTH_ORDER_MODE,
+    RoundPlan,
+    apply_catch_up,
+    decode_round_config,
+    encode_steps,
+    seed_pool,
+    tunable_tensors,
+    zo_train,
+)
 
 # Keys of a client's own state (Flower's context.state) for its privacy ledger.
 LEDGER_SIGMAS, LEDGER_RATES, LEDGER_STEPS = "dp.sigmas", "dp.rates", "dp.steps"
@@ -59,18 +70,7 @@ def load_ledger(state: Mapping[str, Any], delta: float) -> PrivacyLedger:
     for sigma, rate, steps in zip(state[LEDGER_SIGMAS], state[LEDGER_RATES], state[LEDGER_STEPS]):
         ledger.step(int(steps), noise_multiplier=float(sigma), sample_rate=float(rate))
     return ledger
-from fedtune.training import batches, evaluate, steps_per_round, train_adapter, train_adapter_private
-from fedtune.zeroth_order import (
-    TUNE_FULL,
-    ZEROTH_ORDER_MODE,
-    RoundPlan,
-    apply_catch_up,
-    decode_round_config,
-    encode_steps,
-    seed_pool,
-    tunable_tensors,
-    zo_train,
-)
+
 
 # Settings a SuperNode may give its own client in a real deployment, e.g.
 # flower-supernode --node-config "partition-id=0 num-partitions=4 model.quantization='4bit' adapter.rank=8"
@@ -223,7 +223,7 @@ class ClientRuntime:
                              f"{[GRADIENT_MODE, LORA_SB_MODE, LORA_SB_INIT_MODE, ZEROTH_ORDER_MODE]}")
         if mode == LORA_SB_MODE:
             handle, _ = self.adapter(partition_id)
-            prepare_handle(handle, self.adapter_config(partition_id).rank)
+            prepare_handle(handle, adapter_cfg.rank)
             adopt_frozen(handle, arrays)  # B and A stay put when later rounds send only R
         handle, load_seconds = self._prepare(partition_id, arrays, config)
         train_ds, _ = self.splits(partition_id)

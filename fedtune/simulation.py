@@ -67,7 +67,7 @@ def preflight(cfg: FedtuneConfig) -> None:
     from fedtune.errors import ModelLoadError
     from fedtune.models import resolve_model_path
 
-    if cfg.output.resume and cfg.output.dir:
+    if cfg.output.resume:  # output.dir is then set (a config check)
         checkpoint_to_resume(cfg, Path(cfg.output.dir))
     path = resolve_model_path(cfg.model.name)
     try:

@@ -26,6 +26,7 @@ the Flower glue must do with them.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import logging
 import math
 from collections.abc import Sequence
@@ -153,6 +154,8 @@ class FedKSeed(Strategy):
             raise ValueError(f"trainable={list(self.trainable)} matches no tensor that tune={self.tune!r} offers "
                              f"(they are e.g. {sorted(candidates)[:2]})")
         self._masters = {name: t.to(torch.float32).clone() for name, t in sorted(tuned.items())}
+        # The pretrained base is in the masters now; holding it again would copy it into every checkpoint.
+        self.spec = dataclasses.replace(spec, base={})
         self.pool = seed_pool(spec.seed, self.k)
         self._pool_index = {seed: i for i, seed in enumerate(self.pool)}
         self._magnitude_sums = np.zeros(self.k, dtype=np.float64)

@@ -121,13 +121,14 @@ class FlowerStrategy(FlwrStrategy):
         """Message id -> the node it was sent to (the grid sets ids in place when it pushes)."""
         return {m.metadata.message_id: node for m, node in self._sent if m.metadata.message_id}
 
-    def _decode_reply(self, msg: Message, node_id: int) -> ClientUpdate:
+    def _decode_reply(self, msg: Message, node_id: int, size: int) -> ClientUpdate:
+        """Validate a reply of ``size`` bytes on the wire from ``node_id``; raise naming what is wrong."""
         if msg.has_error():
             raise InvalidUpdateError(f"client error: {msg.error.reason}")
         if node_id not in self._expects:
             raise InvalidUpdateError("reply from a client that was not sampled this round")
         content = msg.content
-        size, limit = wire_bytes(content), self.cfg.federation.max_message_bytes
+        limit = self.cfg.federation.max_message_bytes
         if size > limit:
             raise InvalidUpdateError(f"reply of {size:,} bytes exceeds federation.max_message_bytes={limit:,}")
         expects = self._expects[node_id].expects
@@ -163,10 +164,11 @@ class FlowerStrategy(FlwrStrategy):
                 log.warning("round %d: client %d became unavailable during the round", server_round, node_id)
                 continue
             received += 1
+            size = 0 if msg.has_error() else wire_bytes(msg.content)
             if not msg.has_error():
-                up.append(wire_bytes(msg.content))
+                up.append(size)
             try:
-                updates.append(self._decode_reply(msg, node_id))
+                updates.append(self._decode_reply(msg, node_id, size))
             except InvalidUpdateError as e:
                 self.rejected.append({"round": server_round, "client": node_id, "reason": str(e)})
                 log.warning("round %d: rejected reply from client %d: %s", server_round, node_id, e)
