@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from fedtune.zeroth_order import direction, group_history, replay, replay_grouped, seed_pool  # noqa: E402
+from fedtune.strategies.fedkseed.zeroth_order import direction, group_history, replay, replay_grouped, seed_pool  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:

@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim = sub.add_parser(
         "simulate", help="run a federation on this machine",
         description="Simulate a federation through Flower. CONFIG is a YAML file (default: "
-                    "simulations/default.yaml, the embedded default); key=value pairs override it, "
+                    "the embedded default, fedtune/default.yaml); key=value pairs override it, "
                     "e.g. federation.num_rounds=3 output.dir=runs/mine.")
     sim.add_argument("args", nargs="*", metavar="[CONFIG] [key=value ...]")
     sim.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")

@@ -24,7 +24,7 @@ from fedtune.codec import tensor_digest
 from fedtune.config import AdapterConfig, FedtuneConfig, ModelConfig
 from fedtune.data import load_splits, num_labels, partition_dataset, split_train_eval, tokenize
 from fedtune.errors import ConfigError
-from fedtune.lora_sb import (
+from fedtune.strategies.fed_sb.lora_sb import (
     CFG_ROUND,
     LORA_SB_INIT_MODE,
     LORA_SB_MODE,
@@ -36,10 +36,10 @@ from fedtune.lora_sb import (
 from fedtune.models import AdapterHandle, get_adapter
 from fedtune.privacy import PrivacyLedger, noise_multiplier_for
 from fedtune.quantization import bits_of, peak_rss_bytes, weight_bytes
-from fedtune.residual import residual_of, split_residual
+from fedtune.strategies.flora.residual import residual_of, split_residual
 from fedtune.strategy import GRADIENT_MODE, select
 from fedtune.training import batches, evaluate, steps_per_round, train_adapter, train_adapter_private
-from fedtune.zeroth_order import (
+from fedtune.strategies.fedkseed.zeroth_order import (
     TUNE_FULL,
     ZEROTH_ORDER_MODE,
     RoundPlan,

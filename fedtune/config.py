@@ -29,7 +29,8 @@ from omegaconf.errors import OmegaConfBaseException
 from fedtune.errors import ConfigError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CONFIG_PATH = PROJECT_ROOT / "simulations" / "default.yaml"
+# Package data: an installed fedtune reads its embedded default from here too.
+DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent / "default.yaml"
 
 TASKS = ("classification", "causal-lm")
 DTYPES = ("float32", "bfloat16", "float16")

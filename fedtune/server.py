@@ -26,7 +26,7 @@ from fedtune.errors import ConfigError
 from fedtune.data import load_splits, num_labels, tokenize
 from fedtune.flower.server_app import FlowerStrategy
 from fedtune.models import AdapterHandle, get_adapter
-from fedtune.residual import residual_of
+from fedtune.strategies.flora.residual import residual_of
 from fedtune.runlog import ADAPTER_DIR, MODEL_DIR, RunLog, default_run_dir
 from fedtune.strategy import AdapterSpec, Strategy, build_strategy
 from fedtune.training import evaluate

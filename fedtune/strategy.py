@@ -253,8 +253,8 @@ def register_strategy(cls: type[Strategy]) -> type[Strategy]:
 
 
 def registered_strategies() -> dict[str, type[Strategy]]:
-    """Built-in strategies by name (importing :mod:`strategies` registers them)."""
-    importlib.import_module("strategies")
+    """Built-in strategies by name (importing :mod:`fedtune.strategies` registers them)."""
+    importlib.import_module("fedtune.strategies")
     return dict(sorted(_REGISTRY.items()))
 
 

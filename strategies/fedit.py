@@ -22,7 +22,7 @@ from fedtune.strategy import (
     register_strategy,
     shapes_of,
 )
-from strategies.aggregation import check_weighting, client_weights, factor_average_error, weighted_average
+from fedtune.strategies.aggregation import check_weighting, client_weights, factor_average_error, weighted_average
 
 
 @register_strategy

@@ -25,7 +25,7 @@ from fedtune.strategy import (
     select,
     shapes_of,
 )
-from strategies.aggregation import check_weighting, client_weights, factor_average_error, weighted_average
+from fedtune.strategies.aggregation import check_weighting, client_weights, factor_average_error, weighted_average
 
 FROZEN_A = r"\.lora_A\.weight$"
 NOT_A = r"^(?!.*\.lora_A\.weight$)"

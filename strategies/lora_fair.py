@@ -28,7 +28,7 @@ from fedtune.strategy import (
     register_strategy,
     shapes_of,
 )
-from strategies.aggregation import check_weighting, client_weights, LORA_A, LORA_B, ideal_updates, lora_modules, relative_error, weighted_average
+from fedtune.strategies.aggregation import check_weighting, client_weights, LORA_A, LORA_B, ideal_updates, lora_modules, relative_error, weighted_average
 
 
 def cosine_distance(ideal: torch.Tensor, got: torch.Tensor) -> torch.Tensor:

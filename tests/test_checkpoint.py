@@ -23,7 +23,7 @@ from fedtune.config import load_config, to_yaml
 from fedtune.errors import ConfigError
 from fedtune.flower.server_app import update_norm
 from strategies import FedIT, FLoRA, LoRAFAIR
-from strategies.fedkseed import FedKSeed
+from fedtune.strategies.fedkseed.strategy import FedKSeed
 from tests.test_exact_strategies import spec, updates
 
 

@@ -312,7 +312,7 @@ def test_run_config_config_file(tmp_path: Path) -> None:
 def test_run_config_relative_config_file_is_read_from_the_project(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)  # not the project root: the path must resolve against the project
-    cfg = config_from_run_config({"config-file": "simulations/default.yaml", "federation.num-rounds": 2})
+    cfg = config_from_run_config({"config-file": "fedtune/default.yaml", "federation.num-rounds": 2})
     assert cfg.federation.num_rounds == 2
     assert dataclasses.replace(cfg, federation=FedtuneConfig().federation) == FedtuneConfig()
 

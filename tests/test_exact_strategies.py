@@ -11,7 +11,7 @@ import torch
 
 from fedtune.errors import AggregationError, ConfigError
 from fedtune.config import load_config
-from fedtune.residual import Residual, residual_key, split_residual
+from fedtune.strategies.flora.residual import Residual, residual_key, split_residual
 from fedtune.strategy import AdapterSpec, ClientUpdate
 from strategies import FFALoRA, FLoRA, FedIT, LoRAFAIR
 

@@ -16,7 +16,7 @@ from transformers import AutoModelForSequenceClassification
 
 from fedtune.codec import record_to_tensors, tensor_digest, tensors_to_record
 from fedtune.errors import AggregationError, ConfigError
-from fedtune.lora_sb import (
+from fedtune.strategies.fed_sb.lora_sb import (
     LORA_SB_INIT_MODE,
     LORA_SB_MODE,
     UpdateSketch,
@@ -29,8 +29,8 @@ from fedtune.lora_sb import (
     sketch_update,
 )
 from fedtune.strategy import AdapterSpec, ClientUpdate, build_strategy, resolve_strategy
-from strategies.aggregation import relative_error
-from strategies.fed_sb import FedSB, dense_updates, federated_init
+from fedtune.strategies.aggregation import relative_error
+from fedtune.strategies.fed_sb.strategy import FedSB, dense_updates, federated_init
 
 M, N, RANK, ALPHA = 14, 11, 3, 6.0
 SCALE = ALPHA / RANK
@@ -274,7 +274,7 @@ def test_a_client_with_other_test_matrices_is_refused() -> None:
 
 def test_options_are_checked_and_the_strategy_resolves() -> None:
     assert resolve_strategy("fed-sb") is FedSB
-    assert isinstance(build_strategy("strategies.fed_sb:FedSB", {"init_passes": 4, "weighting": "uniform"}), FedSB)
+    assert isinstance(build_strategy("fedtune.strategies.fed_sb.strategy:FedSB", {"init_passes": 4, "weighting": "uniform"}), FedSB)
     for bad in ({"init_passes": 3}, {"weighting": "median"}, {"init_upload": "zip"}, {"init_samples": 0},
                 {"init_estimator": "lion"}, {"init_learning_rate": -1.0}):
         with pytest.raises(ConfigError):

@@ -1,4 +1,4 @@
-"""strategies.fedit (FedIT) and strategies.aggregation (weighted averages in float64)."""
+"""fedtune.strategies.fedit (FedIT) and fedtune.strategies.aggregation (weighted averages in float64)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import torch
 
 from fedtune.errors import AggregationError
 from fedtune.strategy import AdapterSpec, ClientUpdate
-from strategies.aggregation import normalized_weights, weighted_average
-from strategies.fedit import FedIT
+from fedtune.strategies.aggregation import normalized_weights, weighted_average
+from fedtune.strategies.fedit import FedIT
 
 A_KEY = "base_model.model.layer.0.query.lora_A.weight"
 B_KEY = "base_model.model.layer.0.query.lora_B.weight"

@@ -1,4 +1,4 @@
-"""strategies.fedkseed: per-seed aggregation, the global history, catch-up and FedKSeed-Pro."""
+"""fedtune.strategies.fedkseed.strategy: per-seed aggregation, the global history, catch-up and FedKSeed-Pro."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from flwr.common import serde
 from fedtune.config import load_config
 from fedtune.errors import ConfigError
 from fedtune.strategy import AdapterSpec, ClientUpdate, build_strategy
-from fedtune.zeroth_order import (
+from fedtune.strategies.fedkseed.zeroth_order import (
     ZEROTH_ORDER_MODE,
     HistoryEntry,
     apply_catch_up,
@@ -24,7 +24,7 @@ from fedtune.zeroth_order import (
     seed_pool,
     zo_train,
 )
-from strategies.fedkseed import FedKSeed, FedKSeedPro
+from fedtune.strategies.fedkseed.strategy import FedKSeed, FedKSeedPro
 
 A_KEY = "base_model.model.layer.0.query.lora_A.weight"
 B_KEY = "base_model.model.layer.0.query.lora_B.weight"

@@ -16,7 +16,7 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model, set_peft_model
 from transformers import AutoModelForSequenceClassification
 
 from fedtune.config import AdapterConfig, ModelConfig
-from fedtune.lora_sb import (
+from fedtune.strategies.fed_sb.lora_sb import (
     LORA_R,
     adopt_frozen,
     attach_r,

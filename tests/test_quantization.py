@@ -21,7 +21,7 @@ from fedtune.data import load_splits, tokenize
 from fedtune.errors import ConfigError
 from fedtune.models import get_adapter, load_base_model, resolve_model_path
 from fedtune.quantization import bnb_config, checkpoint_folder, weight_bytes
-from fedtune.residual import residual_of
+from fedtune.strategies.flora.residual import residual_of
 from fedtune.server import load_global
 from fedtune.strategy import AdapterSpec, ClientUpdate, build_strategy, check_update, registered_strategies
 from fedtune.training import evaluate, train_adapter
@@ -239,7 +239,7 @@ def test_a_base_that_fell_behind_catches_up_from_another_base_of_the_run() -> No
     The server sends the history since the oldest round any client has seen, assuming one
     merged state per process; the second base starts from the first one's merges.
     """
-    from fedtune.residual import Residual, residual_of
+    from fedtune.strategies.flora.residual import Residual, residual_of
 
     gen = torch.Generator().manual_seed(0)
     first, second, other_run = (torch.nn.ModuleDict({"lin": torch.nn.Linear(6, 4)}) for _ in range(3))
@@ -261,7 +261,7 @@ def test_a_base_that_fell_behind_catches_up_from_another_base_of_the_run() -> No
 def test_zeroth_order_steps_tune_the_adapter_of_a_quantized_base(tiny_bert: str, data) -> None:
     """FedKSeed's mode (forward passes only, on adapter tensors): replaying the steps gives the same adapter."""
     from fedtune.data.tokenize import collate
-    from fedtune.zeroth_order import replay, seed_pool, zo_train
+    from fedtune.strategies.fedkseed.zeroth_order import replay, seed_pool, zo_train
 
     train, _ = data
     handle = handle_for(tiny_bert, "4bit")
@@ -357,7 +357,7 @@ def test_every_registered_strategy_runs_on_quantized_clients(tiny_bert: str, nam
 
 
 UNSUPPORTED = '''
-from strategies.fedit import FedIT
+from fedtune.strategies.fedit import FedIT
 
 
 class NeedsFullPrecision(FedIT):

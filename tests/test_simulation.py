@@ -122,7 +122,7 @@ def test_flwr_run_gives_the_same_rounds_as_our_cli(fedit_run: Path, tiny_bert: s
 
 BAD_REPLY_STRATEGY = '''
 from fedtune.strategy import ClientInstruction
-from strategies.fedit import FedIT
+from fedtune.strategies.fedit import FedIT
 
 
 class ExpectsWrongShapeFromOne(FedIT):

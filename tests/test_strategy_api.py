@@ -25,7 +25,7 @@ from fedtune.strategy import (
     select,
     shapes_of,
 )
-from strategies.fedit import FedIT
+from fedtune.strategies.fedit import FedIT
 
 
 class _Minimal(Strategy):
@@ -95,7 +95,7 @@ def test_resolve_by_registered_name() -> None:
 
 
 def test_resolve_by_module_path() -> None:
-    assert resolve_strategy("strategies.fedit:FedIT") is FedIT
+    assert resolve_strategy("fedtune.strategies.fedit:FedIT") is FedIT
 
 
 def write_strategy_file(folder: Path, module: str) -> Path:

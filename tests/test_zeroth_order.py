@@ -1,4 +1,4 @@
-"""fedtune.zeroth_order: seed pool, reproducible directions, the ZO step, training and replay."""
+"""fedtune.strategies.fedkseed.zeroth_order: seed pool, reproducible directions, the ZO step, training and replay."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import torch
 from flwr.app import ConfigRecord, MetricRecord
 from flwr.common import serde
 
-from fedtune.zeroth_order import (
+from fedtune.strategies.fedkseed.zeroth_order import (
     SEED_LIMIT,
     CatchUp,
     HistoryEntry,
@@ -100,7 +100,7 @@ def test_seed_pool_rejects_a_bad_k(bad) -> None:
 _CHILD = """
 import hashlib, sys, torch
 torch.set_num_threads(int(sys.argv[1]))
-from fedtune.zeroth_order import direction
+from fedtune.strategies.fedkseed.zeroth_order import direction
 z = direction(int(sys.argv[2]), {"layer.weight": (64, 33), "layer.bias": (64,), "head.weight": (3, 64)})
 print(hashlib.sha256(b"".join(z[k].numpy().tobytes() for k in sorted(z))).hexdigest())
 """

@@ -3,7 +3,7 @@
 Qin et al., "Federated Full-Parameter Tuning of Billion-Sized Language Models with
 Communication Cost under 18 Kilobytes", ICML 2024 (https://arxiv.org/abs/2312.06353).
 
-Each client runs τ zeroth-order steps (:func:`fedtune.zeroth_order.zo_train`), each along
+Each client runs τ zeroth-order steps (:func:`fedtune.strategies.fedkseed.zeroth_order.zo_train`), each along
 the direction of a seed drawn from a pool of K seeds fixed by the run seed, and replies
 with its ``(seed, scalar)`` list. The server sums each client's scalars per seed, averages
 those sums across clients weighted by examples, and appends the round's ``(round, seed,
@@ -18,8 +18,8 @@ softmax are computed as in the public implementations).
 
 No message carries a tensor. The payloads are plain Python values: :meth:`FedKSeed.round_plan`
 (settings, :meth:`FedKSeed.catch_up`, :meth:`FedKSeed.sampling_probabilities`) encoded by
-:func:`fedtune.zeroth_order.encode_round_config`, and the client's steps encoded by
-:func:`fedtune.zeroth_order.encode_steps`; see :meth:`FedKSeed.configure_client` for what
+:func:`fedtune.strategies.fedkseed.zeroth_order.encode_round_config`, and the client's steps encoded by
+:func:`fedtune.strategies.fedkseed.zeroth_order.encode_steps`; see :meth:`FedKSeed.configure_client` for what
 the Flower glue must do with them.
 """
 
@@ -44,7 +44,7 @@ from fedtune.strategy import (
     register_strategy,
     select,
 )
-from fedtune.zeroth_order import (
+from fedtune.strategies.fedkseed.zeroth_order import (
     TUNE_ADAPTER,
     TUNE_FULL,
     ZEROTH_ORDER_MODE,
@@ -62,7 +62,7 @@ from fedtune.zeroth_order import (
     seed_pool,
     tunable_tensors,
 )
-from strategies.aggregation import check_weighting, normalized_weights
+from fedtune.strategies.aggregation import check_weighting, normalized_weights
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ class FedKSeed(Strategy):
         ``config`` holds lists (``ConfigRecord`` accepts them, and the current server glue
         passes ``config`` through unchanged), though ``ClientInstruction.config`` is typed
         as scalars only. ``expects`` is empty: the reply's payload is in its metrics, which
-        :meth:`aggregate` reads (see :func:`fedtune.zeroth_order.encode_steps`).
+        :meth:`aggregate` reads (see :func:`fedtune.strategies.fedkseed.zeroth_order.encode_steps`).
         """
         return ClientInstruction(arrays={}, trainable=self.trainable, expects={}, mode=ZEROTH_ORDER_MODE,
                                  config=encode_round_config(self.round_plan(client_id, server_round)))

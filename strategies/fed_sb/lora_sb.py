@@ -28,7 +28,7 @@ exactly what it computes in plain PEFT. :func:`fold_r_into_a` turns LoRA-SB tens
 plain PEFT LoRA adapter (A' = R·A, same rank and scaling) that ``PeftModel.from_pretrained``
 reads.
 
-Federated initialisation (client side here; the server side is in :mod:`strategies.fed_sb`):
+Federated initialisation (client side here; the server side is in :mod:`fedtune.strategies.fed_sb.strategy`):
 no raw data and no dense m×n matrix leaves a client. Each client k estimates its own first
 update ΔW_k (:func:`estimate_update`) and uploads linear sketches of it; linear, so the
 weighted sum of the clients' sketches is the sketch of ΔW = Σ p_k ΔW_k. Two protocols:

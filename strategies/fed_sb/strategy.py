@@ -5,7 +5,7 @@ Communication Efficiency and Performance in (Private) Federated LoRA Fine-Tuning
 arXiv:2502.15436 (reference code github.com/CERT-Lab/fed-sb).
 
 Every client holds the same frozen B (m×r) and A (r×n) per adapted matrix, from the LoRA-SB
-initialisation (:mod:`fedtune.lora_sb`), and trains only R (r×r). Because B and A are shared,
+initialisation (:mod:`fedtune.strategies.fed_sb.lora_sb`), and trains only R (r×r). Because B and A are shared,
 averaging R is exact: s·B·(Σ p_k R_k)·A = Σ p_k s·B·R_k·A, with no cross terms, and each
 round moves r² numbers per matrix each way, independent of the number of clients. The
 paper averages R uniformly (R_agg = (1/c) Σ R_i); ``weighting="examples"`` weighs clients by
@@ -15,7 +15,7 @@ B·ξ·A, with no noise×noise product as when both factors are noisy (FedIT, FL
 
 Rounds. Until the initialisation has been aggregated, every round is an *init round*
 (``init_passes`` of them when all goes well): clients estimate their first full fine-tuning
-update ΔW_k and upload linear sketches of it (:mod:`fedtune.lora_sb`): by default a
+update ΔW_k and upload linear sketches of it (:mod:`fedtune.strategies.fed_sb.lora_sb`): by default a
 two-pass randomized range finder (round 1: ΔW_k·Ω; round 2: QᵀΔW_k for the server's
 Q = orth(Σ p_k ΔW_k·Ω)), or one single-pass sketch, or ΔW_k itself
 (``init_upload="dense"``). The server computes B, R_0, A in float64 with a deterministic
@@ -42,7 +42,7 @@ import torch
 from fedtune import protocol
 from fedtune.codec import tensor_digest
 from fedtune.errors import AggregationError
-from fedtune.lora_sb import (
+from fedtune.strategies.fed_sb.lora_sb import (
     CFG_INIT_ESTIMATOR,
     CFG_INIT_LEARNING_RATE,
     CFG_INIT_RANK,
@@ -82,7 +82,7 @@ from fedtune.strategy import (
     select,
     shapes_of,
 )
-from strategies.aggregation import (
+from fedtune.strategies.aggregation import (
     check_weighting,
     client_weights,
     LORA_A,
@@ -118,16 +118,16 @@ def federated_init(
     """B, R_0, A per module from the clients' single-pass sketches (or dense estimates), in one step.
 
     The weighted sum of the clients' sketches is the sketch of ΔW = Σ_k p_k ΔW_k (sketches
-    are linear), from which :func:`fedtune.lora_sb.low_rank_from_sketch` recovers the rank-r
+    are linear), from which :func:`fedtune.strategies.fed_sb.lora_sb.low_rank_from_sketch` recovers the rank-r
     truncation; dense estimates are averaged and decomposed exactly
-    (:func:`fedtune.lora_sb.init_from_update`). Deterministic: float64 on the CPU, clients in
+    (:func:`fedtune.strategies.fed_sb.lora_sb.init_from_update`). Deterministic: float64 on the CPU, clients in
     the order given. The server runs this and sends B and A to every client. (The two-pass
     protocol spans two rounds and runs in :meth:`FedSB.aggregate`.)
 
     Parameters
     ----------
     client_estimates : sequence of dict
-        Per client, module -> :class:`~fedtune.lora_sb.UpdateSketch` (made with ``seed``) or
+        Per client, module -> :class:`~fedtune.strategies.fed_sb.lora_sb.UpdateSketch` (made with ``seed``) or
         an m×n ΔW_k; every client must send the same kind for the same modules.
     weights : sequence of float
         Non-negative client weights, normalised to p_k.

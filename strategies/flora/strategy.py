@@ -10,7 +10,7 @@ update is merged into the model and every client starts the next round from a fr
 (A random, B zero) on the merged model.
 
 Merging: the merged updates are kept as dense float32 deltas beside the base weights
-(:mod:`fedtune.residual`), never written into them, so nothing is lost on a quantized base.
+(:mod:`fedtune.strategies.flora.residual`), never written into them, so nothing is lost on a quantized base.
 The download carries the stacked factors, Σ_k r_k·(m + n) numbers per adapted matrix: it
 grows with the number of clients. A client that missed rounds receives every stack it has
 not merged (the server sends the history since the oldest round any known client saw).
@@ -24,7 +24,7 @@ import torch
 
 from fedtune import protocol
 from fedtune.errors import AggregationError
-from fedtune.residual import residual_key
+from fedtune.strategies.flora.residual import residual_key
 from fedtune.strategy import (
     AdapterSpec,
     ClientInstruction,
@@ -36,7 +36,7 @@ from fedtune.strategy import (
     select,
     shapes_of,
 )
-from strategies.aggregation import (
+from fedtune.strategies.aggregation import (
     check_weighting,
     client_weights,
     LORA_A,
