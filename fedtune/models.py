@@ -17,10 +17,11 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
@@ -341,6 +342,44 @@ def get_adapter(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, num_labels: 
     handle.initial.update(handle.state())
     _ADAPTERS[adapter_key] = handle
     return handle
+
+
+# --------------------------------------------------------------------------- model extensions
+
+
+class ModelExtension(Protocol):
+    """Something a method attaches to a model besides its adapter (e.g. forward hooks).
+
+    It belongs to one run: :func:`claim_extensions` calls ``claim(run)`` before a client
+    uses the model, and an extension of another run starts over (``clear()``).
+    """
+
+    def claim(self, owner: object) -> None: ...
+
+    def clear(self) -> None: ...
+
+
+_EXTENSIONS: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, ModelExtension]] = weakref.WeakKeyDictionary()
+
+
+def extension(model: torch.nn.Module, key: str, factory: Callable[[torch.nn.Module], ModelExtension]) -> Any:
+    """The model's extension under ``key`` (a method-prefixed name), made by ``factory`` on first use."""
+    attached = _EXTENSIONS.setdefault(model, {})
+    if key not in attached:
+        attached[key] = factory(model)
+    return attached[key]
+
+
+def claim_extensions(model: torch.nn.Module, owner: object) -> None:
+    """Tell every extension of ``model`` which run uses it now (a new owner clears it)."""
+    for ext in _EXTENSIONS.get(model, {}).values():
+        ext.claim(owner)
+
+
+def clear_extensions(model: torch.nn.Module) -> None:
+    """Remove what every extension added to ``model`` (the server does this before each run)."""
+    for ext in _EXTENSIONS.get(model, {}).values():
+        ext.clear()
 
 
 def clear_model_cache() -> None:

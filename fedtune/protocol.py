@@ -7,7 +7,8 @@ METRICS = "metrics"
 
 # ConfigRecord keys, server -> client
 SERVER_ROUND = "server-round"
-MODE = "fedtune.mode"
+ROUTINE = "fedtune.routine"  # the client routine to run (fedtune.routine)
+DEFAULT_ROUTINE = "gradient"
 TRAINABLE = "fedtune.trainable"  # newline-separated regular expressions
 STRATEGY_NAME = "fedtune.strategy"
 # False when the strategy cannot train on a quantized base: a quantized client refuses the round.

@@ -25,8 +25,7 @@ from fedtune.config import FedtuneConfig, to_yaml
 from fedtune.errors import ConfigError
 from fedtune.data import load_splits, num_labels, tokenize
 from fedtune.flower.server_app import FlowerStrategy
-from fedtune.models import AdapterHandle, get_adapter
-from fedtune.strategies.flora.residual import residual_of
+from fedtune.models import AdapterHandle, clear_extensions, get_adapter
 from fedtune.runlog import ADAPTER_DIR, MODEL_DIR, RunLog, default_run_dir
 from fedtune.strategy import AdapterSpec, Strategy, build_strategy
 from fedtune.training import evaluate
@@ -43,6 +42,7 @@ def run_federation(grid: Grid, cfg: FedtuneConfig) -> Path:
     labels = num_labels(pool) if cfg.model.task == "classification" else None
     # The server's own base: unquantized unless model.server_quantization says otherwise.
     handle = get_adapter(cfg.model.for_server(), cfg.adapter, labels, cfg.seed)
+    clear_extensions(handle.model)  # the model may be cached from an earlier run in this process
     test_tok = tokenize(test, handle.tokenizer, cfg.model.task, cfg.data.max_length) if test is not None else None
     embedding_lora = sorted(k for k in handle.initial if ".lora_embedding_" in k)
     if embedding_lora and strategy.linear_lora_only:
@@ -69,7 +69,7 @@ def run_federation(grid: Grid, cfg: FedtuneConfig) -> Path:
             return None  # the resumed run evaluated round 0 already
         server_round = flower_round + done
         if test_tok is not None:
-            load_global(handle, strategy)
+            strategy.load_global(handle)
             result = evaluate(handle, test_tok, cfg.train.eval_batch_size)
             run_log.add(eval_loss=result["loss"], eval_accuracy=result["accuracy"])
         else:
@@ -100,23 +100,13 @@ def run_federation(grid: Grid, cfg: FedtuneConfig) -> Path:
     return run_log.run_dir
 
 
-def load_global(handle: AdapterHandle, strategy: Strategy) -> None:
-    """Put the strategy's global model into the server's model: residual deltas, then adapter."""
-    residual = strategy.global_residual()
-    if residual is not None:
-        residual_of(handle.model).set(*residual)
-    else:
-        residual_of(handle.model).clear()
-    handle.load(strategy.global_adapter())
-
-
 def save_whole_model(handle: AdapterHandle, strategy: Strategy, directory: Path) -> None:
     """Write the global model of a full-parameter strategy as a plain transformers model folder.
 
     ``AutoModelFor...from_pretrained(directory)`` reads it; the adapter (whatever it holds)
     is merged in and the task head is the tuned one.
     """
-    load_global(handle, strategy)
+    strategy.load_global(handle)
     merged = copy.deepcopy(handle.model).merge_and_unload()
     merged.save_pretrained(str(directory))
     handle.tokenizer.save_pretrained(str(directory))
@@ -132,6 +122,6 @@ def save_global(cfg: FedtuneConfig, labels: int | None, handle: AdapterHandle, s
         return
     adapter_cfg = dataclasses.replace(cfg.adapter, rank=exported.rank, alpha=exported.alpha, client_ranks=None)
     export_handle = get_adapter(cfg.model.for_server(), adapter_cfg, labels, cfg.seed)
-    residual_of(export_handle.model).clear()  # the exported adapter carries the whole update
+    clear_extensions(export_handle.model)  # the exported adapter carries the whole update
     export_handle.load(exported.tensors)
     export_handle.save(directory)

@@ -19,32 +19,30 @@ named by a dotted path, ``package.module:ClassName``.
 from __future__ import annotations
 
 import copy
-import hashlib
-import importlib
-import importlib.util
 import inspect
 import re
-import sys
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from fedtune import protocol
 from fedtune.errors import ConfigError, InvalidUpdateError
+from fedtune.registry import Registry
 
 if TYPE_CHECKING:
     from fedtune.config import FedtuneConfig
+    from fedtune.models import AdapterHandle
 
 Tensors = dict[str, torch.Tensor]
 Scalar = bool | int | float | str
 # What a Flower ConfigRecord / MetricRecord holds: scalars and lists of them.
 Value = Scalar | list[int] | list[float] | list[str]
 
-# Client routines a ClientInstruction can ask for (see fedtune.training).
-GRADIENT_MODE = "gradient"
+# The client routine an instruction names unless it says otherwise (fedtune.routine.GradientRoutine).
+GRADIENT_MODE = protocol.DEFAULT_ROUTINE
 
 
 @dataclass(frozen=True)
@@ -92,8 +90,10 @@ class ClientInstruction:
         The names and shapes the server will accept back (-1 accepts any size in that
         dimension, e.g. the rank of a client-chosen LoRA rank); a reply with other keys or
         shapes is rejected before aggregation.
-    mode : str
-        The client routine, ``"gradient"`` (AdamW on the trainable tensors) by default.
+    routine : str
+        The client routine that carries it out (:mod:`fedtune.routine`): a registered name
+        (``"gradient"``, AdamW on the trainable tensors, by default) or a
+        ``module:Class`` path.
     config : dict of str to scalar or list
         Extra strategy-specific settings sent to the client (sent under the
         ``strategy.`` prefix).
@@ -102,7 +102,7 @@ class ClientInstruction:
     arrays: Mapping[str, torch.Tensor]
     trainable: tuple[str, ...]
     expects: Mapping[str, tuple[int, ...]]
-    mode: str = GRADIENT_MODE
+    routine: str = GRADIENT_MODE
     config: Mapping[str, Value] = field(default_factory=dict)
 
 
@@ -159,13 +159,17 @@ class Strategy(ABC):
     def configure_evaluation(self, server_round: int, client_id: int) -> ClientInstruction:
         """What a client loads to evaluate the global model (default: the global adapter).
 
-        Only ``arrays``, ``mode`` and ``config`` are used: nothing is trained or sent back.
+        Only ``arrays``, ``routine`` and ``config`` are used: nothing is trained or sent back.
         """
         return ClientInstruction(arrays=self.global_adapter(), trainable=(), expects={})
 
-    def global_residual(self) -> tuple[dict[str, torch.Tensor], int] | None:
-        """Dense deltas merged into the base so far and the round they reach, if the strategy merges."""
-        return None
+    def load_global(self, handle: AdapterHandle) -> None:
+        """Put the global model into the server's model ``handle`` (to evaluate or save it).
+
+        The default loads :meth:`global_adapter`. A method whose global model holds more
+        than adapter tensors (e.g. updates merged beside the base) overrides this.
+        """
+        handle.load(self.global_adapter())
 
     def export_adapter(self) -> ExportedAdapter | None:
         """The final model as one PEFT LoRA adapter, when it differs from :meth:`global_adapter`."""
@@ -236,68 +240,23 @@ def check_update(arrays: Mapping[str, torch.Tensor], expects: Mapping[str, tuple
 
 # --------------------------------------------------------------------------- registry
 
-_REGISTRY: dict[str, type[Strategy]] = {}
-_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_-]*$")
+_REGISTRY: Registry[type[Strategy]] = Registry("strategy", Strategy, "strategy.name", decorator="register_strategy",
+                                               example="mypkg.mymodule:MyStrategy")
 
 
 def register_strategy(cls: type[Strategy]) -> type[Strategy]:
-    """Class decorator that registers a built-in strategy under ``cls.name``."""
-    if not (isinstance(cls, type) and issubclass(cls, Strategy)):
-        raise TypeError(f"register_strategy expects a Strategy subclass, got {cls!r}")
-    if not _NAME_PATTERN.match(cls.name or ""):
-        raise ValueError(f"{cls.__name__}.name={cls.name!r} must be lower-case letters, digits, '-' or '_'")
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise ValueError(f"strategy name {cls.name!r} is taken by {_REGISTRY[cls.name].__qualname__}")
-    _REGISTRY[cls.name] = cls
-    return cls
+    """Class decorator that registers a strategy under ``cls.name``."""
+    return _REGISTRY.register(cls)
 
 
 def registered_strategies() -> dict[str, type[Strategy]]:
-    """Built-in strategies by name (importing :mod:`fedtune.strategies` registers them)."""
-    importlib.import_module("fedtune.strategies")
-    return dict(sorted(_REGISTRY.items()))
+    """Registered strategies by name, the built-ins (:mod:`fedtune.strategies`) included."""
+    return _REGISTRY.registered()
 
 
 def resolve_strategy(name: str) -> type[Strategy]:
     """A registered name, or ``package.module:Class`` / ``path/to/file.py:Class``."""
-    if ":" not in name:
-        known = registered_strategies()
-        if name not in known:
-            raise ConfigError([f"strategy.name={name!r} is not a registered strategy; use one of "
-                               f"{sorted(known)} or a dotted path like mypkg.mymodule:MyStrategy"])
-        return known[name]
-    module_name, _, attr = name.rpartition(":")
-    try:
-        module = _import_module(module_name)
-    except Exception as e:
-        raise ConfigError([f"strategy.name={name!r}: cannot import {module_name!r} ({e}); "
-                           "make it importable (pip install it or add it to PYTHONPATH)"]) from e
-    cls = getattr(module, attr, None)
-    if not (isinstance(cls, type) and issubclass(cls, Strategy)):
-        raise ConfigError([f"strategy.name={name!r}: {attr!r} in {module_name!r} is not a "
-                           "subclass of fedtune.strategy.Strategy"])
-    return cls
-
-
-def _import_module(module_name: str) -> Any:
-    if module_name.endswith(".py"):
-        path = Path(module_name).resolve()
-        # Keyed by path, so resolving twice returns the same class (and registers once).
-        key = "fedtune_user_strategy_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
-        if key in sys.modules:
-            return sys.modules[key]
-        spec = importlib.util.spec_from_file_location(key, path)
-        if spec is None or spec.loader is None:
-            raise ImportError(f"no module at {path}")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[key] = module
-        try:
-            spec.loader.exec_module(module)
-        except BaseException:
-            del sys.modules[key]
-            raise
-        return module
-    return importlib.import_module(module_name)
+    return _REGISTRY.resolve(name)
 
 
 def build_strategy(name: str, options: Mapping[str, Any]) -> Strategy:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import datasets
@@ -37,11 +38,13 @@ def _loader(ds: datasets.Dataset, batch_size: int, pad_id: int, shuffle: bool, s
                       collate_fn=lambda rows: collate(rows, pad_id))
 
 
-def train_adapter(handle: AdapterHandle, train_ds: datasets.Dataset, cfg: TrainConfig, seed: int) -> TrainResult:
+def train_adapter(handle: AdapterHandle, train_ds: datasets.Dataset, cfg: TrainConfig, seed: int,
+                  regularizer: Callable[[], torch.Tensor] | None = None) -> TrainResult:
     """AdamW on the adapter tensors that have ``requires_grad``; deterministic in ``seed``.
 
     Runs ``cfg.local_steps`` optimizer steps when set, else ``cfg.local_epochs`` passes.
-    Returns the mean training loss over the micro-batches seen.
+    ``regularizer`` (e.g. FedProx's proximal term) is added to every micro-batch's loss
+    before the backward pass. Returns the mean training (task) loss over the micro-batches seen.
     """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -59,7 +62,8 @@ def train_adapter(handle: AdapterHandle, train_ds: datasets.Dataset, cfg: TrainC
     while steps < total_steps:
         for batch in loader:
             loss = handle.model(**batch).loss
-            (loss / cfg.gradient_accumulation).backward()
+            objective = loss + regularizer() if regularizer is not None else loss
+            (objective / cfg.gradient_accumulation).backward()
             loss_sum += float(loss.detach())
             loss_count += 1
             micro += 1

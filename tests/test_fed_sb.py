@@ -16,18 +16,16 @@ from transformers import AutoModelForSequenceClassification
 
 from fedtune.codec import record_to_tensors, tensor_digest, tensors_to_record
 from fedtune.errors import AggregationError, ConfigError
-from fedtune.strategies.fed_sb.lora_sb import (
-    LORA_SB_INIT_MODE,
-    LORA_SB_MODE,
+from fedtune.strategies.fed_sb.init import (
     UpdateSketch,
-    attach_r,
     client_sketch,
     init_from_update,
     init_reply,
-    lora_layers,
     sketch_fingerprint,
     sketch_update,
 )
+from fedtune.strategies.fed_sb.keys import LORA_SB_INIT_ROUTINE, LORA_SB_ROUTINE
+from fedtune.strategies.fed_sb.layer import attach_r, lora_layers
 from fedtune.strategy import AdapterSpec, ClientUpdate, build_strategy, resolve_strategy
 from fedtune.strategies.aggregation import relative_error
 from fedtune.strategies.fed_sb.strategy import FedSB, dense_updates, federated_init
@@ -74,7 +72,7 @@ def run_init(strategy: FedSB, deltas, examples, first_round: int = 1) -> int:
     server_round = first_round
     while not strategy.initialized:
         instruction = strategy.configure_client(server_round, 0)
-        assert instruction.mode == LORA_SB_INIT_MODE
+        assert instruction.routine == LORA_SB_INIT_ROUTINE
         strategy.aggregate(server_round, client_updates(deltas, instruction, examples, server_round))
         server_round += 1
     return server_round
@@ -240,7 +238,7 @@ def test_init_instructions_and_the_frozen_factors_download() -> None:
     strategy = FedSB()
     strategy.initialize(spec(dtype=torch.float32))
     first = strategy.configure_client(1, 0)
-    assert first.mode == LORA_SB_INIT_MODE and first.arrays == {} and first.trainable == ()
+    assert first.routine == LORA_SB_INIT_ROUTINE and first.arrays == {} and first.trainable == ()
     assert first.config["init_stage"] == "range" and set(first.expects) == {f"{m}.sketch_range" for m in MODULES}
     gen = torch.Generator().manual_seed(10)
     deltas = sign_updates([1, 1], gen)
@@ -252,7 +250,7 @@ def test_init_instructions_and_the_frozen_factors_download() -> None:
     strategy.aggregate(2, client_updates(deltas, second, [1, 1], 2))
     assert strategy.initialized
     train = strategy.configure_client(3, 0)
-    assert train.mode == LORA_SB_MODE and train.trainable == (r"^(?!.*\.lora_[AB]\.weight$)",)
+    assert train.routine == LORA_SB_ROUTINE and train.trainable == (r"^(?!.*\.lora_[AB]\.weight$)",)
     frozen = {k: v for k, v in train.arrays.items() if k.endswith(("lora_A.weight", "lora_B.weight"))}
     assert len(frozen) == 2 * len(MODULES)  # B and A travel to a client once...
     assert train.config["frozen_digest"] == tensor_digest(frozen)

@@ -84,7 +84,7 @@ def test_configure_client_sends_the_global_adapter_and_trains_everything() -> No
     assert torch.equal(instruction.arrays[A_KEY], initial[A_KEY])
     assert instruction.trainable == (".*",)
     assert instruction.expects == {A_KEY: (2, 8), B_KEY: (8, 2)}
-    assert instruction.mode == "gradient"
+    assert instruction.routine == "gradient"
 
 
 def test_initialize_copies_the_initial_tensors() -> None:

@@ -13,13 +13,15 @@ from flwr.common import serde
 from fedtune.config import load_config
 from fedtune.errors import ConfigError
 from fedtune.strategy import AdapterSpec, ClientUpdate, build_strategy
-from fedtune.strategies.fedkseed.zeroth_order import (
-    ZEROTH_ORDER_MODE,
+from fedtune.strategies.fedkseed.wire import (
     HistoryEntry,
+    ZEROTH_ORDER_ROUTINE,
     apply_catch_up,
     decode_round_config,
-    direction,
     encode_steps,
+)
+from fedtune.strategies.fedkseed.zeroth_order import (
+    direction,
     replay,
     seed_pool,
     zo_train,
@@ -172,7 +174,7 @@ def test_a_client_that_skipped_rounds_catches_up_to_the_identical_state(cls: typ
         for cid in ids:
             instruction = s.configure_client(server_round, cid)
             assert instruction.arrays == {} and instruction.expects == {}
-            assert instruction.mode == ZEROTH_ORDER_MODE
+            assert instruction.routine == ZEROTH_ORDER_ROUTINE
             updates.append(clients[cid].train(dict(instruction.config), server_round))
         if server_round == 4:
             # Before round 4's aggregation both participants hold round 3's global state, bit for bit.

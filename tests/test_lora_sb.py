@@ -16,26 +16,28 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model, set_peft_model
 from transformers import AutoModelForSequenceClassification
 
 from fedtune.config import AdapterConfig, ModelConfig
-from fedtune.strategies.fed_sb.lora_sb import (
-    LORA_R,
-    adopt_frozen,
-    attach_r,
+from fedtune.strategies.fed_sb.init import (
     client_sketch,
     estimate_update,
     factors_from_projection,
-    fold_r_into_a,
     init_from_update,
     init_reply,
-    lora_layers,
     low_rank_from_sketch,
     orthonormal_basis,
     parse_init_reply,
-    prepare_handle,
     sketch_bytes,
     sketch_dims,
     sketch_fingerprint,
     sketch_matrices,
     sketch_update,
+)
+from fedtune.strategies.fed_sb.keys import LORA_R
+from fedtune.strategies.fed_sb.layer import (
+    adopt_frozen,
+    attach_r,
+    fold_r_into_a,
+    lora_layers,
+    prepare_handle,
 )
 from fedtune.models import clear_model_cache, get_adapter
 

@@ -110,7 +110,7 @@ def test_dp_step_through_a_lora_sb_model_trains_only_r(tiny_bert: str) -> None:
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import AutoModelForSequenceClassification
 
-    from fedtune.strategies.fed_sb.lora_sb import attach_r
+    from fedtune.strategies.fed_sb.layer import attach_r
 
     model = get_peft_model(AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=4).eval(),
                            LoraConfig(task_type=TaskType.SEQ_CLS, r=4, lora_alpha=8, lora_dropout=0.0,

@@ -22,7 +22,6 @@ from fedtune.errors import ConfigError
 from fedtune.models import get_adapter, load_base_model, resolve_model_path
 from fedtune.quantization import bnb_config, checkpoint_folder, weight_bytes
 from fedtune.strategies.flora.residual import residual_of
-from fedtune.server import load_global
 from fedtune.strategy import AdapterSpec, ClientUpdate, build_strategy, check_update, registered_strategies
 from fedtune.training import evaluate, train_adapter
 
@@ -343,13 +342,13 @@ def test_every_registered_strategy_runs_on_quantized_clients(tiny_bert: str, nam
         for client in (0, 1):
             instruction = strategy.configure_client(server_round, client)
             config = {protocol.STRATEGY_PREFIX + k: v for k, v in instruction.config.items()}
-            reply = runtime.train(client, server_round, instruction.arrays, instruction.trainable, instruction.mode,
+            reply = runtime.train(client, server_round, instruction.arrays, instruction.trainable, instruction.routine,
                                   {**config, protocol.QUANTIZED_BASE_OK: strategy.supports_quantized_base})
             check_update(reply.arrays, instruction.expects)
             assert reply.metrics[protocol.BASE_BITS] == (4.0, 8.0)[client]
             updates.append(ClientUpdate(client, reply.arrays, reply.num_examples, reply.metrics))
         strategy.aggregate(server_round, updates)
-    load_global(server, strategy)
+    strategy.load_global(server)
     _, test = load_splits(cfg.data, cfg.model.task)
     result = evaluate(server, tokenize(test, server.tokenizer, "classification", 24), 32)
     assert torch.isfinite(torch.tensor(result["loss"]))

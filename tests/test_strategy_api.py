@@ -48,8 +48,8 @@ def strategy_class(name: str) -> type[Strategy]:
 @pytest.fixture
 def registry(monkeypatch: pytest.MonkeyPatch) -> dict[str, type[Strategy]]:
     """A private copy of the registry, so test registrations do not leak into other tests."""
-    copy = dict(strategy_module._REGISTRY)
-    monkeypatch.setattr(strategy_module, "_REGISTRY", copy)
+    copy = dict(strategy_module._REGISTRY._entries)
+    monkeypatch.setattr(strategy_module._REGISTRY, "_entries", copy)
     return copy
 
 

@@ -15,29 +15,56 @@ import torch
 from flwr.app import ConfigRecord, MetricRecord
 from flwr.common import serde
 
-from fedtune.strategies.fedkseed.zeroth_order import (
-    SEED_LIMIT,
+from fedtune.strategies.fedkseed.wire import (
+
     CatchUp,
+
     HistoryEntry,
+
     RoundPlan,
+
     apply_catch_up,
-    apply_update,
+
     decode_history,
+
     decode_round_config,
+
     decode_steps,
-    direction,
-    direction_fingerprint,
+
     encode_history,
+
     encode_round_config,
+
     encode_steps,
+
+)
+
+from fedtune.strategies.fedkseed.zeroth_order import (
+
+    SEED_LIMIT,
+
+    apply_update,
+
+    direction,
+
+    direction_fingerprint,
+
     group_history,
+
     parameter_direction,
+
     replay,
+
     replay_grouped,
+
     sample_seeds,
+
     seed_pool,
+
     zo_step,
+
     zo_train,
+
 )
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,13 +13,32 @@ from fedtune.quiet import quiet_libraries
 quiet_libraries()  # before peft/bitsandbytes are imported below
 
 from fedtune import protocol  # noqa: E402
-from fedtune.client import ClientReply, runtime_for  # noqa: E402
+from fedtune.client import runtime_for  # noqa: E402
 from fedtune.codec import record_to_tensors, tensors_to_record, wire_bytes  # noqa: E402
 from fedtune.config import FedtuneConfig, config_from_run_config  # noqa: E402
-from fedtune.strategy import GRADIENT_MODE  # noqa: E402
+from fedtune.routine import ClientReply, ClientState  # noqa: E402
+
+# Where a client's own state lives in Flower's context.state (it follows the client across processes).
+STATE_VALUES = "fedtune.client-state"
+STATE_TENSORS = "fedtune.client-tensors"
 
 
-CLIENT_STATE = "fedtune.client-state"
+def load_state(context: Context) -> ClientState:
+    """This client's :class:`~fedtune.routine.ClientState` from Flower's ``context.state``."""
+    values = dict(context.state.config_records.get(STATE_VALUES, ConfigRecord()))
+    tensors = record_to_tensors(context.state.array_records[STATE_TENSORS]) \
+        if STATE_TENSORS in context.state.array_records else {}
+    return ClientState(values=values, tensors=tensors)
+
+
+def store_state(context: Context, state: ClientState) -> None:
+    """Write what the routine left in ``state`` back into ``context.state``."""
+    if state.values:
+        context.state[STATE_VALUES] = ConfigRecord(state.values)
+    if state.tensors:
+        context.state[STATE_TENSORS] = tensors_to_record(state.tensors)
+    elif STATE_TENSORS in context.state.array_records:
+        del context.state[STATE_TENSORS]
 
 
 def _config(context: Context, fixed_run_config: Mapping[str, Any] | None) -> FedtuneConfig:
@@ -71,20 +90,18 @@ def make_client_app(fixed_run_config: Mapping[str, Any] | None = None) -> Client
     def train(msg: Message, context: Context) -> Message:
         cfg = _config(context, fixed_run_config)
         config: ConfigRecord = msg.content[protocol.CONFIG]
-        # The client's own state travels with it across rounds and processes (context.state).
-        state = dict(context.state.config_records.get(CLIENT_STATE, ConfigRecord()))
+        state = load_state(context)
         partition_id = _partition_id(context, cfg)
         reply = runtime_for(cfg, context.run_id, context.node_config).train(
             partition_id=partition_id,
             server_round=int(config[protocol.SERVER_ROUND]),
             arrays=_arrays(msg),
             trainable=str(config[protocol.TRAINABLE]).splitlines(),
-            mode=str(config[protocol.MODE]),
+            routine=str(config[protocol.ROUTINE]),
             config=dict(config),
             state=state,
         )
-        if state:
-            context.state[CLIENT_STATE] = ConfigRecord(state)
+        store_state(context, state)
         return _reply(msg, reply, cfg, partition_id)
 
     @app.evaluate()
@@ -93,8 +110,9 @@ def make_client_app(fixed_run_config: Mapping[str, Any] | None = None) -> Client
         config: ConfigRecord = msg.content[protocol.CONFIG]
         partition_id = _partition_id(context, cfg)
         reply = runtime_for(cfg, context.run_id, context.node_config).evaluate(
-            partition_id, _arrays(msg), mode=str(config.get(protocol.MODE, GRADIENT_MODE)),
-            config=dict(config), trainable=str(config.get(protocol.TRAINABLE, "")).splitlines())
+            partition_id, _arrays(msg), routine=str(config.get(protocol.ROUTINE, protocol.DEFAULT_ROUTINE)),
+            config=dict(config), trainable=str(config.get(protocol.TRAINABLE, "")).splitlines(),
+            server_round=int(config[protocol.SERVER_ROUND]), state=load_state(context))
         return _reply(msg, reply, cfg, partition_id)
 
     return app

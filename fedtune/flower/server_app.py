@@ -277,7 +277,7 @@ def _instruction_content(server_round: int, instruction: ClientInstruction) -> R
     """The message content for one instruction (the arrays record only when there are arrays)."""
     content = RecordDict({protocol.CONFIG: ConfigRecord({
         protocol.SERVER_ROUND: server_round,
-        protocol.MODE: instruction.mode,
+        protocol.ROUTINE: instruction.routine,
         protocol.TRAINABLE: "\n".join(instruction.trainable),
         **{protocol.STRATEGY_PREFIX + k: v for k, v in instruction.config.items()},
     })})

@@ -5,7 +5,7 @@ Communication Efficiency and Performance in (Private) Federated LoRA Fine-Tuning
 arXiv:2502.15436 (reference code github.com/CERT-Lab/fed-sb).
 
 Every client holds the same frozen B (m×r) and A (r×n) per adapted matrix, from the LoRA-SB
-initialisation (:mod:`fedtune.strategies.fed_sb.lora_sb`), and trains only R (r×r). Because B and A are shared,
+initialisation (:mod:`fedtune.strategies.fed_sb.init`), and trains only R (r×r). Because B and A are shared,
 averaging R is exact: s·B·(Σ p_k R_k)·A = Σ p_k s·B·R_k·A, with no cross terms, and each
 round moves r² numbers per matrix each way, independent of the number of clients. The
 paper averages R uniformly (R_agg = (1/c) Σ R_i); ``weighting="examples"`` weighs clients by
@@ -15,7 +15,7 @@ B·ξ·A, with no noise×noise product as when both factors are noisy (FedIT, FL
 
 Rounds. Until the initialisation has been aggregated, every round is an *init round*
 (``init_passes`` of them when all goes well): clients estimate their first full fine-tuning
-update ΔW_k and upload linear sketches of it (:mod:`fedtune.strategies.fed_sb.lora_sb`): by default a
+update ΔW_k and upload linear sketches of it (:mod:`fedtune.strategies.fed_sb.init`): by default a
 two-pass randomized range finder (round 1: ΔW_k·Ω; round 2: QᵀΔW_k for the server's
 Q = orth(Σ p_k ΔW_k·Ω)), or one single-pass sketch, or ΔW_k itself
 (``init_upload="dense"``). The server computes B, R_0, A in float64 with a deterministic
@@ -42,7 +42,19 @@ import torch
 from fedtune import protocol
 from fedtune.codec import tensor_digest
 from fedtune.errors import AggregationError
-from fedtune.strategies.fed_sb.lora_sb import (
+from fedtune.strategies.fed_sb.init import (
+    LoraSBFactors,
+    UpdateSketch,
+    factors_from_projection,
+    init_from_update,
+    low_rank_from_sketch,
+    orthonormal_basis,
+    parse_init_reply,
+    sketch_dims,
+    sketch_fingerprint,
+    sketch_matrices,
+)
+from fedtune.strategies.fed_sb.keys import (
     CFG_INIT_ESTIMATOR,
     CFG_INIT_LEARNING_RATE,
     CFG_INIT_RANK,
@@ -53,25 +65,15 @@ from fedtune.strategies.fed_sb.lora_sb import (
     DENSE_ESTIMATE,
     ESTIMATORS,
     LORA_R,
-    LORA_SB_INIT_MODE,
-    LORA_SB_MODE,
+    LORA_SB_INIT_ROUTINE,
+    LORA_SB_ROUTINE,
     METRIC_ROUND,
     METRIC_SKETCH_FINGERPRINT,
     SKETCH_BASIS,
     SKETCH_CORANGE,
     SKETCH_RANGE,
-    LoraSBFactors,
-    UpdateSketch,
-    factors_from_projection,
-    fold_r_into_a,
-    init_from_update,
-    low_rank_from_sketch,
-    orthonormal_basis,
-    parse_init_reply,
-    sketch_dims,
-    sketch_fingerprint,
-    sketch_matrices,
 )
+from fedtune.strategies.fed_sb.layer import fold_r_into_a
 from fedtune.strategy import (
     AdapterSpec,
     ClientInstruction,
@@ -118,16 +120,16 @@ def federated_init(
     """B, R_0, A per module from the clients' single-pass sketches (or dense estimates), in one step.
 
     The weighted sum of the clients' sketches is the sketch of ΔW = Σ_k p_k ΔW_k (sketches
-    are linear), from which :func:`fedtune.strategies.fed_sb.lora_sb.low_rank_from_sketch` recovers the rank-r
+    are linear), from which :func:`fedtune.strategies.fed_sb.init.low_rank_from_sketch` recovers the rank-r
     truncation; dense estimates are averaged and decomposed exactly
-    (:func:`fedtune.strategies.fed_sb.lora_sb.init_from_update`). Deterministic: float64 on the CPU, clients in
+    (:func:`fedtune.strategies.fed_sb.init.init_from_update`). Deterministic: float64 on the CPU, clients in
     the order given. The server runs this and sends B and A to every client. (The two-pass
     protocol spans two rounds and runs in :meth:`FedSB.aggregate`.)
 
     Parameters
     ----------
     client_estimates : sequence of dict
-        Per client, module -> :class:`~fedtune.strategies.fed_sb.lora_sb.UpdateSketch` (made with ``seed``) or
+        Per client, module -> :class:`~fedtune.strategies.fed_sb.init.UpdateSketch` (made with ``seed``) or
         an m×n ΔW_k; every client must send the same kind for the same modules.
     weights : sequence of float
         Non-negative client weights, normalised to p_k.
@@ -291,7 +293,7 @@ class FedSB(Strategy):
         if self.init_learning_rate is not None:
             config[CFG_INIT_LEARNING_RATE] = self.init_learning_rate
         arrays = {module + SKETCH_BASIS: basis for module, basis in self._bases.items()}
-        return ClientInstruction(arrays=arrays, trainable=(), expects=self._init_expects(), mode=LORA_SB_INIT_MODE,
+        return ClientInstruction(arrays=arrays, trainable=(), expects=self._init_expects(), routine=LORA_SB_INIT_ROUTINE,
                                  config=config)
 
     def configure_client(self, server_round: int, client_id: int) -> ClientInstruction:
@@ -305,7 +307,7 @@ class FedSB(Strategy):
             arrays=arrays,
             trainable=(NOT_FROZEN,),
             expects=shapes_of(self._trained),
-            mode=LORA_SB_MODE,
+            routine=LORA_SB_ROUTINE,
             config={CFG_ROUND: server_round, protocol.FROZEN_PATTERN: FROZEN, protocol.FROZEN_DIGEST: self._digest},
         )
 

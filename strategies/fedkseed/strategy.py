@@ -18,8 +18,8 @@ softmax are computed as in the public implementations).
 
 No message carries a tensor. The payloads are plain Python values: :meth:`FedKSeed.round_plan`
 (settings, :meth:`FedKSeed.catch_up`, :meth:`FedKSeed.sampling_probabilities`) encoded by
-:func:`fedtune.strategies.fedkseed.zeroth_order.encode_round_config`, and the client's steps encoded by
-:func:`fedtune.strategies.fedkseed.zeroth_order.encode_steps`; see :meth:`FedKSeed.configure_client` for what
+:func:`fedtune.strategies.fedkseed.wire.encode_round_config`, and the client's steps encoded by
+:func:`fedtune.strategies.fedkseed.wire.encode_steps`; see :meth:`FedKSeed.configure_client` for what
 the Flower glue must do with them.
 """
 
@@ -44,19 +44,21 @@ from fedtune.strategy import (
     register_strategy,
     select,
 )
-from fedtune.strategies.fedkseed.zeroth_order import (
-    TUNE_ADAPTER,
-    TUNE_FULL,
-    ZEROTH_ORDER_MODE,
+from fedtune.strategies.fedkseed.wire import (
+    ZEROTH_ORDER_ROUTINE,
     CatchUp,
     HistoryEntry,
     RoundPlan,
-    Step,
     decode_history,
     decode_steps,
-    direction_fingerprint,
     encode_history,
     encode_round_config,
+)
+from fedtune.strategies.fedkseed.zeroth_order import (
+    TUNE_ADAPTER,
+    TUNE_FULL,
+    Step,
+    direction_fingerprint,
     group_history,
     replay,
     seed_pool,
@@ -207,14 +209,14 @@ class FedKSeed(Strategy):
         ``config`` holds lists (``ConfigRecord`` accepts them, and the current server glue
         passes ``config`` through unchanged), though ``ClientInstruction.config`` is typed
         as scalars only. ``expects`` is empty: the reply's payload is in its metrics, which
-        :meth:`aggregate` reads (see :func:`fedtune.strategies.fedkseed.zeroth_order.encode_steps`).
+        :meth:`aggregate` reads (see :func:`fedtune.strategies.fedkseed.wire.encode_steps`).
         """
-        return ClientInstruction(arrays={}, trainable=self.trainable, expects={}, mode=ZEROTH_ORDER_MODE,
+        return ClientInstruction(arrays={}, trainable=self.trainable, expects={}, routine=ZEROTH_ORDER_ROUTINE,
                                  config=encode_round_config(self.round_plan(client_id, server_round)))
 
     def configure_evaluation(self, server_round: int, client_id: int) -> ClientInstruction:
         """Evaluation needs no tensors either: the client replays the history it lacks."""
-        return ClientInstruction(arrays={}, trainable=self.trainable, expects={}, mode=ZEROTH_ORDER_MODE,
+        return ClientInstruction(arrays={}, trainable=self.trainable, expects={}, routine=ZEROTH_ORDER_ROUTINE,
                                  config=encode_round_config(self.round_plan(client_id, server_round + 1)))
 
     # ------------------------------------------------------------------ client -> server

@@ -34,7 +34,7 @@ import hashlib
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,31 +49,9 @@ _POOL_DOMAIN = 0x5EED_9001
 _SAMPLING_DOMAIN = 0x5EED_5A3B
 _DIRECTION_DOMAIN = 0x5EED_D12E
 
-ZEROTH_ORDER_MODE = "zeroth-order"
-
-# Record keys. Server -> client (ConfigRecord): the settings, the catch-up history and
-# (FedKSeed-Pro) the sampling probabilities.
-ZO_RUN_SEED = "zo.run_seed"
-ZO_K = "zo.k"
-ZO_EPS = "zo.eps"
-ZO_LR = "zo.lr"
-ZO_STEPS = "zo.steps"
-ZO_FINGERPRINT = "zo.fingerprint"
-ZO_TUNE = "zo.tune"
 # What zeroth-order steps tune: every weight of the model (the paper's setting) or the adapter's.
 TUNE_FULL = "full"
 TUNE_ADAPTER = "adapter"
-ZO_PROBABILITIES = "zo.probabilities"
-ZO_BASE_ROUND = "zo.base_round"
-ZO_THROUGH_ROUND = "zo.through_round"
-ZO_ROUNDS = "zo.rounds"
-ZO_SEEDS = "zo.seeds"
-ZO_SCALARS = "zo.scalars"
-# Client -> server (MetricRecord): the round's steps and the state they started from.
-ZO_STEP_SEEDS = "zo.step_seeds"
-ZO_STEP_SCALARS = "zo.step_scalars"
-ZO_STATE_ROUND = "zo.state_round"
-ZO_SKIPPED = "zo.skipped_steps"
 
 
 # --------------------------------------------------------------------------- seeds and directions
@@ -401,196 +379,6 @@ def replay_grouped(params: Params, history: Iterable[Step], lr: float) -> None:
     replay(params, (step for step in group_history(history) if step[1] != 0.0), lr)
 
 
-# --------------------------------------------------------------------------- catch-up (server -> client)
-
-
-class HistoryEntry(NamedTuple):
-    """One aggregated update of the global model: round, seed, scalar."""
-
-    round: int
-    seed: int
-    scalar: float
-
-
-@dataclass(frozen=True)
-class CatchUp:
-    """What a client needs to move its global state from ``base_round`` to ``through_round``.
-
-    Attributes
-    ----------
-    base_round : int
-        The round whose global state the entries start from (0 = the initial adapter).
-    through_round : int
-        The round whose global state the client has after applying the entries.
-    entries : tuple of HistoryEntry
-        The global history entries with ``base_round < round <= through_round``, in order.
-    """
-
-    base_round: int
-    through_round: int
-    entries: tuple[HistoryEntry, ...]
-
-
-def encode_history(entries: Sequence[HistoryEntry], *, base_round: int = 0, through_round: int | None = None,
-                   prefix: str = "") -> dict[str, int | list[int] | list[float]]:
-    """A catch-up as plain values a Flower ``ConfigRecord`` holds: ints and lists, no arrays.
-
-    Seeds travel as ``list[int]`` (63-bit, fit a signed 64-bit integer), scalars as
-    ``list[float]`` (float64, so nothing is rounded on the way).
-    """
-    last = max((e.round for e in entries), default=base_round)
-    through = last if through_round is None else through_round
-    if through < last or any(e.round <= base_round for e in entries):
-        raise ValueError(f"entries span rounds outside ({base_round}, {through}]")
-    return {
-        prefix + ZO_BASE_ROUND: int(base_round),
-        prefix + ZO_THROUGH_ROUND: int(through),
-        prefix + ZO_ROUNDS: [int(e.round) for e in entries],
-        prefix + ZO_SEEDS: [int(e.seed) for e in entries],
-        prefix + ZO_SCALARS: [float(e.scalar) for e in entries],
-    }
-
-
-def decode_history(record: Mapping[str, Any], prefix: str = "") -> CatchUp:
-    """The inverse of :func:`encode_history`; raises ``ValueError`` naming a malformed field."""
-    base = _int_field(record, prefix + ZO_BASE_ROUND)
-    through = _int_field(record, prefix + ZO_THROUGH_ROUND)
-    rounds = _list_field(record, prefix + ZO_ROUNDS, int)
-    seeds = _list_field(record, prefix + ZO_SEEDS, int)
-    scalars = _list_field(record, prefix + ZO_SCALARS, float)
-    if not len(rounds) == len(seeds) == len(scalars):
-        raise ValueError(f"{prefix}{ZO_ROUNDS}, {ZO_SEEDS} and {ZO_SCALARS} have lengths "
-                         f"{len(rounds)}, {len(seeds)}, {len(scalars)}; they must be equal")
-    if any(not base < r <= through for r in rounds) or rounds != sorted(rounds):
-        raise ValueError(f"{prefix}{ZO_ROUNDS} must be non-decreasing and within ({base}, {through}]")
-    if not all(math.isfinite(s) for s in scalars):
-        raise ValueError(f"{prefix}{ZO_SCALARS} contains NaN or infinite values")
-    entries = tuple(HistoryEntry(r, s, g) for r, s, g in zip(rounds, seeds, scalars))
-    return CatchUp(base_round=base, through_round=through, entries=entries)
-
-
-def apply_catch_up(params: Params, catch_up: CatchUp, state_round: int, lr: float) -> int:
-    """Bring ``params`` (the global state as of ``state_round``) to ``catch_up.through_round``.
-
-    Entries the client already has (``round <= state_round``) are skipped, so a payload
-    sent twice is harmless. Returns the new state round.
-
-    Raises
-    ------
-    ValueError
-        When the payload starts after ``state_round`` (entries are missing): the client
-        would silently diverge from the global model.
-    """
-    if catch_up.base_round > state_round:
-        raise ValueError(f"the catch-up starts at round {catch_up.base_round} but this client's state is "
-                         f"round {state_round}; the server must send history after round {state_round} "
-                         f"(report {ZO_STATE_ROUND}={state_round})")
-    replay(params, [(e.seed, e.scalar) for e in catch_up.entries if e.round > state_round], lr)
-    return max(state_round, catch_up.through_round)
-
-
-@dataclass(frozen=True)
-class RoundPlan:
-    """Everything a client needs for one zeroth-order round, as the server sends it.
-
-    Attributes
-    ----------
-    run_seed, k : int
-        The pool is ``seed_pool(run_seed, k)``.
-    eps, lr : float
-        Perturbation scale ε and learning rate η (local steps and catch-up alike).
-    steps : int
-        Local steps τ.
-    fingerprint : str
-        The server's :func:`direction_fingerprint`; a client whose own differs must stop.
-    probabilities : list of float or None
-        FedKSeed-Pro's sampling probabilities in pool order; None for uniform.
-    catch_up : CatchUp
-        The global history the client lacks.
-    tune : {"full", "adapter"}
-        Whether the steps tune the model's own weights too, or only the adapter's tensors.
-    """
-
-    run_seed: int
-    k: int
-    eps: float
-    lr: float
-    steps: int
-    fingerprint: str
-    probabilities: list[float] | None
-    catch_up: CatchUp
-    tune: str = TUNE_ADAPTER
-
-    def check_fingerprint(self) -> None:
-        """Raise ``RuntimeError`` when this installation draws other directions than the server's."""
-        if self.fingerprint != direction_fingerprint():
-            raise RuntimeError(f"this client's direction fingerprint {direction_fingerprint()[:12]} differs from "
-                               f"the server's {self.fingerprint[:12]}: install the server's NumPy version, "
-                               "or replays would diverge")
-
-
-def encode_round_config(plan: RoundPlan, prefix: str = "") -> dict[str, Any]:
-    """A :class:`RoundPlan` as plain values a Flower ``ConfigRecord`` holds (no arrays)."""
-    config: dict[str, Any] = {
-        prefix + ZO_RUN_SEED: int(plan.run_seed), prefix + ZO_K: int(plan.k), prefix + ZO_EPS: float(plan.eps),
-        prefix + ZO_LR: float(plan.lr), prefix + ZO_STEPS: int(plan.steps), prefix + ZO_FINGERPRINT: plan.fingerprint,
-        prefix + ZO_TUNE: plan.tune,
-    }
-    config.update(encode_history(plan.catch_up.entries, base_round=plan.catch_up.base_round,
-                                 through_round=plan.catch_up.through_round, prefix=prefix))
-    if plan.probabilities is not None:
-        config[prefix + ZO_PROBABILITIES] = [float(p) for p in plan.probabilities]
-    return config
-
-
-def decode_round_config(config: Mapping[str, Any], prefix: str = "") -> RoundPlan:
-    """The inverse of :func:`encode_round_config`; raises ``ValueError`` naming a bad field."""
-    probabilities = None
-    if prefix + ZO_PROBABILITIES in config:
-        probabilities = _list_field(config, prefix + ZO_PROBABILITIES, float)
-    fingerprint = config.get(prefix + ZO_FINGERPRINT)
-    if not isinstance(fingerprint, str):
-        raise ValueError(f"{prefix}{ZO_FINGERPRINT}={fingerprint!r} must be the server's direction_fingerprint()")
-    tune = config.get(prefix + ZO_TUNE, TUNE_ADAPTER)
-    if tune not in (TUNE_FULL, TUNE_ADAPTER):
-        raise ValueError(f"{prefix}{ZO_TUNE}={tune!r} must be {TUNE_FULL!r} or {TUNE_ADAPTER!r}")
-    return RoundPlan(
-        run_seed=_int_field(config, prefix + ZO_RUN_SEED), k=_int_field(config, prefix + ZO_K),
-        eps=_float_field(config, prefix + ZO_EPS), lr=_float_field(config, prefix + ZO_LR),
-        steps=_int_field(config, prefix + ZO_STEPS), fingerprint=fingerprint, probabilities=probabilities,
-        catch_up=decode_history(config, prefix), tune=tune,
-    )
-
-
-# --------------------------------------------------------------------------- the client's reply (client -> server)
-
-
-def encode_steps(history: Sequence[Step], *, state_round: int,
-                 skipped: int = 0) -> dict[str, int | list[int] | list[float]]:
-    """A client's round as plain values a Flower ``MetricRecord`` holds."""
-    return {
-        ZO_STEP_SEEDS: [int(seed) for seed, _ in history],
-        ZO_STEP_SCALARS: [float(scalar) for _, scalar in history],
-        ZO_STATE_ROUND: int(state_round),
-        ZO_SKIPPED: int(skipped),
-    }
-
-
-def decode_steps(record: Mapping[str, Any]) -> tuple[list[Step], int, int]:
-    """The inverse of :func:`encode_steps`: ``(history, state_round, skipped)``.
-
-    Raises ``ValueError`` naming a missing or malformed field.
-    """
-    seeds = _list_field(record, ZO_STEP_SEEDS, int)
-    scalars = _list_field(record, ZO_STEP_SCALARS, float)
-    if len(seeds) != len(scalars):
-        raise ValueError(f"{ZO_STEP_SEEDS} has {len(seeds)} values but {ZO_STEP_SCALARS} has {len(scalars)}")
-    if not all(math.isfinite(g) for g in scalars):
-        raise ValueError(f"{ZO_STEP_SCALARS} contains NaN or infinite values")
-    skipped = _int_field(record, ZO_SKIPPED) if ZO_SKIPPED in record else 0
-    return list(zip(seeds, scalars)), _int_field(record, ZO_STATE_ROUND), skipped
-
-
 # --------------------------------------------------------------------------- checks
 
 
@@ -618,62 +406,21 @@ def _check_params(params: Params) -> None:
                             "train {name: p.detach().float()} and copy them into the model")
 
 
-def _int_field(record: Mapping[str, Any], key: str) -> int:
-    if key not in record:
-        raise ValueError(f"{key} is missing")
-    value = record[key]
-    # An integral float is accepted: the server glue turns metric values into floats.
-    integral_float = isinstance(value, (float, np.floating)) and float(value).is_integer()
-    if isinstance(value, bool) or not (isinstance(value, (int, np.integer)) or integral_float):
-        raise ValueError(f"{key}={value!r} must be an integer")
-    return int(value)
-
-
-def _float_field(record: Mapping[str, Any], key: str) -> float:
-    if key not in record:
-        raise ValueError(f"{key} is missing")
-    value = record[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ValueError(f"{key}={value!r} must be a number")
-    return float(value)
-
-
-def _list_field(record: Mapping[str, Any], key: str, kind: type) -> list[Any]:
-    if key not in record:
-        raise ValueError(f"{key} is missing")
-    values = record[key]
-    if not isinstance(values, (list, tuple)):
-        raise ValueError(f"{key} must be a list of {kind.__name__}, got {type(values).__name__}")
-    accepted = (int, np.integer) if kind is int else (int, float, np.integer, np.floating)
-    bad = [v for v in values if isinstance(v, bool) or not isinstance(v, accepted)]
-    if bad:
-        raise ValueError(f"{key} must hold only {kind.__name__} values, got e.g. {bad[0]!r}")
-    return [kind(v) for v in values]
-
-
 __all__ = [
-    "CatchUp",
-    "HistoryEntry",
-    "RoundPlan",
     "SEED_LIMIT",
-    "ZEROTH_ORDER_MODE",
+    "TUNE_ADAPTER",
+    "TUNE_FULL",
     "ZOTrainResult",
-    "apply_catch_up",
     "apply_update",
-    "decode_history",
-    "decode_round_config",
-    "decode_steps",
     "direction",
     "direction_fingerprint",
-    "encode_history",
-    "encode_round_config",
-    "encode_steps",
     "group_history",
     "parameter_direction",
     "replay",
     "replay_grouped",
     "sample_seeds",
     "seed_pool",
+    "tunable_tensors",
     "zo_step",
     "zo_train",
 ]

@@ -26,6 +26,7 @@ from collections.abc import Mapping
 import torch
 
 from fedtune.errors import InvalidUpdateError
+from fedtune.models import extension
 
 PREFIX = "residual."
 _KEY = re.compile(r"^residual\.(\d+)\.(.+)\.lora_([AB])\.weight$")
@@ -154,13 +155,11 @@ class Residual:
 
 
 _ALL: weakref.WeakSet[Residual] = weakref.WeakSet()  # every residual of this process
+EXTENSION_KEY = "flora.residual"
 
 
 def residual_of(model: torch.nn.Module) -> Residual:
     """The model's residual (created on first use; shared by every adapter on that model)."""
-    residual = getattr(model, "_fedtune_residual", None)
-    if residual is None:
-        residual = Residual(model)
-        model._fedtune_residual = residual  # type: ignore[attr-defined]
-        _ALL.add(residual)
+    residual = extension(model, EXTENSION_KEY, Residual)
+    _ALL.add(residual)
     return residual

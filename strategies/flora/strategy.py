@@ -24,7 +24,9 @@ import torch
 
 from fedtune import protocol
 from fedtune.errors import AggregationError
-from fedtune.strategies.flora.residual import residual_key
+from fedtune.models import AdapterHandle
+from fedtune.strategies.flora.residual import residual_key, residual_of
+from fedtune.strategies.flora.routine import FLORA_ROUTINE
 from fedtune.strategy import (
     AdapterSpec,
     ClientInstruction,
@@ -137,10 +139,11 @@ class FLoRA(Strategy):
         for key, value in self._fresh.items():
             # The client picks its own rank: any number of rows of A / columns of B.
             expects[key] = (-1, value.shape[1]) if key.endswith(LORA_A) else (value.shape[0], -1)
-        return ClientInstruction(arrays=arrays, trainable=(".*",), expects=expects)
+        return ClientInstruction(arrays=arrays, trainable=(".*",), expects=expects, routine=FLORA_ROUTINE)
 
     def configure_evaluation(self, server_round: int, client_id: int) -> ClientInstruction:
-        return ClientInstruction(arrays={**self._head, **self._history_for(client_id)}, trainable=(), expects={})
+        return ClientInstruction(arrays={**self._head, **self._history_for(client_id)}, trainable=(), expects={},
+                                 routine=FLORA_ROUTINE)
 
     def aggregate(self, server_round: int, updates: Sequence[ClientUpdate]) -> dict[str, float]:
         weights = client_weights(updates, self.weighting)
@@ -165,8 +168,13 @@ class FLoRA(Strategy):
     def global_adapter(self) -> Tensors:
         return {**self._fresh, **self._head}
 
-    def global_residual(self) -> tuple[dict[str, torch.Tensor], int] | None:
+    def global_residual(self) -> tuple[dict[str, torch.Tensor], int]:
+        """The merged updates as dense float32 deltas by module, and the merges they include."""
         return {m: d.to(torch.float32) for m, d in self._merged.items()}, len(self._stacks)
+
+    def load_global(self, handle: AdapterHandle) -> None:
+        residual_of(handle.model).set(*self.global_residual())
+        handle.load(self.global_adapter())
 
     def export_adapter(self) -> ExportedAdapter | None:
         """Every round's stack side by side: one LoRA of rank Σ_rounds Σ_k r_k, scaling 1."""

@@ -1,0 +1,77 @@
+"""Fed-SB's client half: the federated LoRA-SB initialisation pass, then training R only."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from fedtune import protocol
+from fedtune.ledger import client_ledger, save_ledger
+from fedtune.models import AdapterHandle
+from fedtune.routine import ClientJob, ClientReply, ClientRoutine, GradientRoutine, register_routine
+from fedtune.strategies.fed_sb.init import init_reply
+from fedtune.strategies.fed_sb.keys import CFG_ROUND, LORA_SB_INIT_ROUTINE, LORA_SB_ROUTINE, METRIC_ROUND
+from fedtune.strategies.fed_sb.layer import adopt_frozen, prepare_handle
+from fedtune.training import TrainResult, batches
+
+# State value: the client's noisy initialisation estimate is accounted once, however many passes read it.
+INIT_ACCOUNTED = "fed_sb.dp_init_accounted"
+
+
+@register_routine
+class LoraSBRoutine(GradientRoutine):
+    """AdamW (or DP-SGD) on R and the head, with the server's frozen B and A."""
+
+    name = LORA_SB_ROUTINE
+    full_batch_steps = 1  # the initialisation estimate, in the privacy calibration
+
+    def load(self, job: ClientJob) -> tuple[AdapterHandle, float]:
+        handle, _ = self.client.adapter(job.partition_id)
+        prepare_handle(handle, self.client.adapter_config(job.partition_id).rank)
+        adopt_frozen(handle, job.arrays)  # B and A stay put when later rounds send only R
+        return self.client.prepare(job)
+
+    def reply(self, job: ClientJob, handle: AdapterHandle, names: list[str], result: TrainResult,
+              metrics: dict[str, float]) -> ClientReply:
+        return super().reply(job, handle, names, result, {**metrics, METRIC_ROUND: float(job.options[CFG_ROUND])})
+
+
+@register_routine
+class LoraSBInitRoutine(ClientRoutine):
+    """One pass of the federated LoRA-SB initialisation: estimate ΔW_k at W0, reply with its sketch.
+
+    Every pass uses the same examples in the same order (and, under DP, the same noise),
+    so all passes sketch one estimate.
+    """
+
+    name = LORA_SB_INIT_ROUTINE
+
+    def train(self, job: ClientJob) -> ClientReply:
+        cfg = self.client.cfg
+        handle, load_seconds = self.client.adapter(job.partition_id)
+        prepare_handle(handle, self.client.adapter_config(job.partition_id).rank)
+        handle.load({})  # the untrained model: B = 0, R = I
+        train_ds, _ = self.client.splits(job.partition_id)
+        seed = cfg.train.seed * 1_000_003 + job.partition_id
+        privacy: dict = {}
+        ledger = None
+        if cfg.privacy.enabled:
+            values = job.state.values
+            ledger = client_ledger(cfg, values, len(train_ds), full_batch_steps=LoraSBRoutine.full_batch_steps)
+            privacy = {"clip_norm": cfg.privacy.clip_norm, "noise_multiplier": ledger.noise_multiplier,
+                       "generator": torch.Generator().manual_seed(seed)}
+            if not values.get(INIT_ACCOUNTED):  # one noisy estimate, however many passes read it
+                ledger.step(1, sample_rate=1.0)
+                values[INIT_ACCOUNTED] = True
+                save_ledger(ledger, values)
+        start = time.perf_counter()
+        out, metrics = init_reply(handle.model, batches(train_ds, cfg.train.batch_size, handle.tokenizer.pad_token_id,
+                                                        seed, shuffle=False),
+                                  job.options, job.arrays, learning_rate=cfg.train.learning_rate,
+                                  adapter_name=handle.adapter_name, **privacy)
+        if ledger is not None:
+            metrics[protocol.DP_EPSILON] = ledger.epsilon()
+        return ClientReply(arrays=out, num_examples=len(train_ds),
+                           metrics={**metrics, protocol.TRAIN_SECONDS: time.perf_counter() - start,
+                                    protocol.MODEL_LOAD_SECONDS: load_seconds})
