@@ -163,7 +163,8 @@ def main(argv: list[str]) -> int:
         print(f"skipped: {INSTRUCTIONS} is absent (see ../shared/data/SOURCES.md)")
         return 0
     sys.path.insert(0, str(ROOT))
-    from fedtune.models import cache_dir, resolve_model_path
+    from fedtune.cache import cache_dir
+    from fedtune.models import resolve_model_path
 
     resolve_model_path("builtin:SmolLM2-135M-Instruct")  # converts the packaged GGUF once, if needed
     results: dict[str, dict] = {}

@@ -58,6 +58,9 @@ class Checkpoint:
         Replies rejected so far, with their reasons.
     rng : dict
         States of Python's, numpy's and torch's global generators.
+    run_key : str
+        The run's id, sent to clients, which keep their own state under it
+        (:mod:`fedtune.client_state`); a resumed run keeps it.
     """
 
     round: int
@@ -66,6 +69,7 @@ class Checkpoint:
     metrics: list[dict[str, Any]] = field(default_factory=list)
     rejected: list[dict[str, Any]] = field(default_factory=list)
     rng: dict[str, Any] = field(default_factory=dict)
+    run_key: str = ""
 
 
 def rng_state() -> dict[str, Any]:

@@ -77,7 +77,7 @@ class ClientRuntime:
     cfg : FedtuneConfig
         The run's configuration.
     run_id : int
-        The Flower run this state belongs to (merged residuals do not carry across runs).
+        The Flower run this state belongs to (model extensions of another run are dropped).
     node_config : mapping, optional
         This node's per-node settings (see :func:`client_settings`).
     """

@@ -445,8 +445,9 @@ def _drop(data: dict[str, Any], dotted: str) -> None:
 def build_config(data: Mapping[str, Any], *, check_strategy: bool = True) -> FedtuneConfig:
     """Validate a nested mapping against the schema and return the typed config.
 
-    Every problem (unknown keys, wrong types, bad values, an unknown strategy or bad
-    strategy options) is collected and raised together as one :class:`ConfigError`.
+    Every problem (unknown keys, wrong types, bad values) is collected and raised together
+    as one :class:`ConfigError`; once there are none, the strategy is checked (an unknown
+    name, bad options, settings it cannot run with), with ``check_strategy``.
     """
     plain = OmegaConf.to_container(OmegaConf.create(dict(data)), resolve=True)
     assert isinstance(plain, dict)
@@ -462,7 +463,10 @@ def build_config(data: Mapping[str, Any], *, check_strategy: bool = True) -> Fed
         raise ConfigError(problems + [str(e)]) from e
     assert isinstance(cfg, FedtuneConfig)
     problems += cfg.problems()
-    if check_strategy and not any(p.startswith("strategy.") for p in problems):
+    if check_strategy and not problems:
+        # The strategy is built (its module imported, torch with it) only for an otherwise
+        # valid config: a typo is reported in a blink, and the strategy's own checks see
+        # well-formed settings.
         from fedtune.strategy import strategy_problems
 
         problems += strategy_problems(cfg)

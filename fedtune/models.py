@@ -27,15 +27,12 @@ import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 
 from fedtune.config import AdapterConfig, ModelConfig
+from fedtune import quantization
+from fedtune.cache import cache_dir
 from fedtune.errors import ModelLoadError
 
 BUILTIN_PREFIX = "builtin:"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_dir() -> Path:
-    """Where converted builtin models are kept (``$FEDTUNE_CACHE`` or ``~/.cache/fedtune``)."""
-    return Path(os.environ.get("FEDTUNE_CACHE", Path.home() / ".cache" / "fedtune"))
 
 
 def _minilm_path() -> str:
@@ -127,8 +124,6 @@ def load_base_model(cfg: ModelConfig, num_labels: int | None, seed: int = 0) -> 
     under ``seed``.
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    from fedtune import quantization
 
     path = resolve_model_path(cfg.name)
     dtype = getattr(torch, cfg.dtype)

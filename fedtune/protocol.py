@@ -9,6 +9,8 @@ METRICS = "metrics"
 SERVER_ROUND = "server-round"
 ROUTINE = "fedtune.routine"  # the client routine to run (fedtune.routine)
 DEFAULT_ROUTINE = "gradient"
+# The run's id, the same across resumes: clients keep their own state under it (fedtune.client_state).
+RUN_KEY = "fedtune.run-key"
 TRAINABLE = "fedtune.trainable"  # newline-separated regular expressions
 STRATEGY_NAME = "fedtune.strategy"
 # False when the strategy cannot train on a quantized base: a quantized client refuses the round.

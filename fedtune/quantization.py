@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from fedtune.config import ModelConfig
+from fedtune.cache import cache_dir
 from fedtune.errors import ModelLoadError
 
 # Task heads: kept in full precision, trained and exchanged like any adapter tensor (PEFT's
@@ -91,8 +92,6 @@ def checkpoint_folder(cfg: ModelConfig, path: str, num_labels: int | None, seed:
     """
     import bitsandbytes
     import transformers
-
-    from fedtune.models import cache_dir
 
     key = {"source": str(Path(path).resolve()) if Path(path).is_dir() else path,
            "files": _source_fingerprint(path), "task": cfg.task, "num_labels": num_labels, "seed": seed,

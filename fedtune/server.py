@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import json
 import logging
+import uuid
 from pathlib import Path
 
 from flwr.app import ArrayRecord, MetricRecord
@@ -60,7 +61,8 @@ def run_federation(grid: Grid, cfg: FedtuneConfig) -> Path:
                                         base=handle.base_initial() if strategy.tunes_base_model else {}))
 
     run_log = RunLog(cfg, run_dir, rows=checkpoint.metrics if checkpoint else None)
-    glue = FlowerStrategy(strategy, cfg, on_metrics=run_log.add, completed_rounds=done)
+    run_key = checkpoint.run_key if checkpoint and checkpoint.run_key else uuid.uuid4().hex
+    glue = FlowerStrategy(strategy, cfg, on_metrics=run_log.add, completed_rounds=done, run_key=run_key)
     glue.rejected = list(checkpoint.rejected) if checkpoint else []
     config_yaml = to_yaml(cfg)
 
@@ -81,7 +83,7 @@ def run_federation(grid: Grid, cfg: FedtuneConfig) -> Path:
         if server_round > 0:
             save_checkpoint(run_log.run_dir, Checkpoint(
                 round=server_round, config_yaml=config_yaml, strategy_state=strategy.state_dict(),
-                metrics=run_log.rows, rejected=glue.rejected, rng=rng_state()))
+                metrics=run_log.rows, rejected=glue.rejected, rng=rng_state(), run_key=run_key))
         return MetricRecord({k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
 
     try:

@@ -104,6 +104,67 @@ def ideal_updates(
     return out
 
 
+Stack = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (A_stack, B_stack)
+
+
+def stack_factors(tensors: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float], scalings: Sequence[float],
+                  dtype: torch.dtype = torch.float32) -> Stack:
+    """Stack client factors so that B_stack @ A_stack = Σ_k p_k·s_k·B_k·A_k.
+
+    Parameters
+    ----------
+    tensors : sequence of dict
+        Each client's adapter tensors (``X.lora_A.weight`` of shape r_k×n and
+        ``X.lora_B.weight`` of shape m×r_k for every module X); ranks may differ.
+    weights : sequence of float
+        Non-negative client weights (normalised to p_k).
+    scalings : sequence of float
+        Each client's LoRA scaling s_k = α_k / r_k, folded into its rows of A.
+
+    dtype : torch.dtype
+        The stacks' dtype (products are formed in float64 first).
+
+    Returns
+    -------
+    dict
+        Per module, ``(A_stack, B_stack)`` with Σ_k r_k rows / columns.
+    """
+    probs = normalized_weights(weights)
+    modules = lora_modules(tensors[0])
+    stack = {}
+    for module in modules:
+        a_parts, b_parts = [], []
+        for k, (p, s, t) in enumerate(zip(probs, scalings, tensors)):
+            if module + LORA_A not in t:
+                raise AggregationError(f"client {k} has no LoRA factors for {module}")
+            a, b = t[module + LORA_A].to(torch.float64), t[module + LORA_B].to(torch.float64)
+            if a.shape[0] != b.shape[1]:
+                raise AggregationError(f"client {k}, {module}: A {tuple(a.shape)} and B {tuple(b.shape)} differ in rank")
+            a_parts.append((p * s) * a)
+            b_parts.append(b)
+        stack[module] = (torch.cat(a_parts, dim=0).to(dtype), torch.cat(b_parts, dim=1).to(dtype))
+    return stack
+
+
+def truncated_svd(a_stack: torch.Tensor, b_stack: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The top-``rank`` SVD of B_stack @ A_stack, from the factors: never an m×n matrix.
+
+    With B_stack (m×R) = Q_b·R_b and A_stackᵀ (n×R) = Q_a·R_a (thin QR), the product is
+    Q_b·(R_b·R_aᵀ)·Q_aᵀ, so the SVD of the R×R core gives it (Halko, Martinsson and Tropp
+    2011, section 5): O((m + n)·R²) time and O((m + n)·R) memory. In float64.
+
+    Returns
+    -------
+    u, s, vh : Tensor
+        m×k, k and k×n with k = min(rank, R, m, n); singular values in decreasing order.
+    """
+    q_b, r_b = torch.linalg.qr(b_stack.to(torch.float64))
+    q_a, r_a = torch.linalg.qr(a_stack.to(torch.float64).T)
+    u_core, s, vh_core = torch.linalg.svd(r_b @ r_a.T)
+    k = min(rank, s.shape[0])
+    return q_b @ u_core[:, :k], s[:k], vh_core[:k] @ q_a.T
+
+
 def relative_error(ideal: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor]) -> float:
     """‖got − ideal‖_F / ‖ideal‖_F over all modules together (0 when the ideal is zero and got equals it)."""
     num = sum(float((got[m].to(torch.float64) - ideal[m]).pow(2).sum()) for m in ideal)

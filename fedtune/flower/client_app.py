@@ -12,7 +12,7 @@ from fedtune.quiet import quiet_libraries
 
 quiet_libraries()  # before peft/bitsandbytes are imported below
 
-from fedtune import protocol  # noqa: E402
+from fedtune import client_state, protocol  # noqa: E402
 from fedtune.client import runtime_for  # noqa: E402
 from fedtune.codec import record_to_tensors, tensors_to_record, wire_bytes  # noqa: E402
 from fedtune.config import FedtuneConfig, config_from_run_config  # noqa: E402
@@ -23,22 +23,32 @@ STATE_VALUES = "fedtune.client-state"
 STATE_TENSORS = "fedtune.client-tensors"
 
 
-def load_state(context: Context) -> ClientState:
-    """This client's :class:`~fedtune.routine.ClientState` from Flower's ``context.state``."""
-    values = dict(context.state.config_records.get(STATE_VALUES, ConfigRecord()))
-    tensors = record_to_tensors(context.state.array_records[STATE_TENSORS]) \
-        if STATE_TENSORS in context.state.array_records else {}
-    return ClientState(values=values, tensors=tensors)
+def load_state(context: Context, config: ConfigRecord, partition_id: int) -> ClientState:
+    """This client's :class:`~fedtune.routine.ClientState`: from ``context.state``, or from its
+    disk when this Flower run has none yet (a resumed run; :mod:`fedtune.client_state`)."""
+    records = context.state
+    if STATE_VALUES in records.config_records or STATE_TENSORS in records.array_records:
+        values = dict(records.config_records.get(STATE_VALUES, ConfigRecord()))
+        tensors = record_to_tensors(records[STATE_TENSORS]) if STATE_TENSORS in records.array_records else {}
+        return ClientState(values=values, tensors=tensors)
+    run_key = config.get(protocol.RUN_KEY)
+    if not run_key:
+        return ClientState()
+    return client_state.load_state(str(run_key), partition_id, int(config[protocol.SERVER_ROUND]))
 
 
-def store_state(context: Context, state: ClientState) -> None:
-    """Write what the routine left in ``state`` back into ``context.state``."""
-    if state.values:
-        context.state[STATE_VALUES] = ConfigRecord(state.values)
+def store_state(context: Context, config: ConfigRecord, partition_id: int, state: ClientState) -> None:
+    """Keep what the routine left in ``state``: in ``context.state`` and on this client's disk."""
+    if not (state.values or state.tensors):
+        return
+    context.state[STATE_VALUES] = ConfigRecord(state.values)
     if state.tensors:
         context.state[STATE_TENSORS] = tensors_to_record(state.tensors)
     elif STATE_TENSORS in context.state.array_records:
         del context.state[STATE_TENSORS]
+    if config.get(protocol.RUN_KEY):
+        client_state.save_state(str(config[protocol.RUN_KEY]), partition_id, int(config[protocol.SERVER_ROUND]),
+                                state)
 
 
 def _config(context: Context, fixed_run_config: Mapping[str, Any] | None) -> FedtuneConfig:
@@ -90,8 +100,8 @@ def make_client_app(fixed_run_config: Mapping[str, Any] | None = None) -> Client
     def train(msg: Message, context: Context) -> Message:
         cfg = _config(context, fixed_run_config)
         config: ConfigRecord = msg.content[protocol.CONFIG]
-        state = load_state(context)
         partition_id = _partition_id(context, cfg)
+        state = load_state(context, config, partition_id)
         reply = runtime_for(cfg, context.run_id, context.node_config).train(
             partition_id=partition_id,
             server_round=int(config[protocol.SERVER_ROUND]),
@@ -101,7 +111,7 @@ def make_client_app(fixed_run_config: Mapping[str, Any] | None = None) -> Client
             config=dict(config),
             state=state,
         )
-        store_state(context, state)
+        store_state(context, config, partition_id, state)
         return _reply(msg, reply, cfg, partition_id)
 
     @app.evaluate()
@@ -112,7 +122,7 @@ def make_client_app(fixed_run_config: Mapping[str, Any] | None = None) -> Client
         reply = runtime_for(cfg, context.run_id, context.node_config).evaluate(
             partition_id, _arrays(msg), routine=str(config.get(protocol.ROUTINE, protocol.DEFAULT_ROUTINE)),
             config=dict(config), trainable=str(config.get(protocol.TRAINABLE, "")).splitlines(),
-            server_round=int(config[protocol.SERVER_ROUND]), state=load_state(context))
+            server_round=int(config[protocol.SERVER_ROUND]), state=load_state(context, config, partition_id))
         return _reply(msg, reply, cfg, partition_id)
 
     return app

@@ -69,10 +69,13 @@ class FlowerStrategy(FlwrStrategy):
     completed_rounds : int
         Rounds done before this start (a resumed run): Flower's round ``r`` is the run's
         round ``r + completed_rounds``.
+    run_key : str
+        The run's id, sent with every instruction (clients keep their own state under it).
     """
 
     def __init__(self, strategy: Strategy, cfg: FedtuneConfig, on_metrics: Callable[..., None],
-                 completed_rounds: int = 0) -> None:
+                 completed_rounds: int = 0, run_key: str = "") -> None:
+        self.run_key = run_key
         self.strategy = strategy
         self.cfg = cfg
         self.on_metrics = on_metrics
@@ -106,7 +109,7 @@ class FlowerStrategy(FlwrStrategy):
         for node_id in self._sample(grid, self.cfg.federation.fraction_train, server_round, 0):
             instruction = self.strategy.configure_client(server_round, node_id)
             self._expects[node_id] = instruction
-            content = _instruction_content(server_round, instruction)
+            content = _instruction_content(server_round, instruction, self.run_key)
             # A node quantized by its own node config checks the strategy accepts that.
             content[protocol.CONFIG][protocol.STRATEGY_NAME] = self.cfg.strategy.name
             content[protocol.CONFIG][protocol.QUANTIZED_BASE_OK] = bool(self.strategy.supports_quantized_base)
@@ -218,7 +221,8 @@ class FlowerStrategy(FlwrStrategy):
             return []
         messages, down = [], 0
         for node_id in self._sample(grid, self.cfg.federation.fraction_evaluate, server_round, 1):
-            content = _instruction_content(server_round, self.strategy.configure_evaluation(server_round, node_id))
+            content = _instruction_content(server_round, self.strategy.configure_evaluation(server_round, node_id),
+                                           self.run_key)
             down += wire_bytes(content)
             messages.append(Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=node_id))
         self.on_metrics(eval_bytes_down=down)
@@ -273,10 +277,11 @@ def update_norm(reply: Mapping[str, torch.Tensor], sent: Mapping[str, torch.Tens
     return total ** 0.5
 
 
-def _instruction_content(server_round: int, instruction: ClientInstruction) -> RecordDict:
+def _instruction_content(server_round: int, instruction: ClientInstruction, run_key: str = "") -> RecordDict:
     """The message content for one instruction (the arrays record only when there are arrays)."""
     content = RecordDict({protocol.CONFIG: ConfigRecord({
         protocol.SERVER_ROUND: server_round,
+        protocol.RUN_KEY: run_key,
         protocol.ROUTINE: instruction.routine,
         protocol.TRAINABLE: "\n".join(instruction.trainable),
         **{protocol.STRATEGY_PREFIX + k: v for k, v in instruction.config.items()},

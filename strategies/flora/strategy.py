@@ -45,49 +45,11 @@ from fedtune.strategies.aggregation import (
     LORA_B,
     average_non_lora,
     ideal_updates,
+    Stack,
     is_lora_key,
-    lora_modules,
-    normalized_weights,
     relative_error,
+    stack_factors,
 )
-
-Stack = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (A_stack, B_stack)
-
-
-def stack_factors(tensors: Sequence[Tensors], weights: Sequence[float], scalings: Sequence[float]) -> Stack:
-    """Stack client factors so that B_stack @ A_stack = Σ_k p_k·s_k·B_k·A_k.
-
-    Parameters
-    ----------
-    tensors : sequence of dict
-        Each client's adapter tensors (``X.lora_A.weight`` of shape r_k×n and
-        ``X.lora_B.weight`` of shape m×r_k for every module X); ranks may differ.
-    weights : sequence of float
-        Non-negative client weights (normalised to p_k).
-    scalings : sequence of float
-        Each client's LoRA scaling s_k = α_k / r_k, folded into its rows of A.
-
-    Returns
-    -------
-    dict
-        Per module, ``(A_stack, B_stack)`` in float32 with Σ_k r_k rows / columns.
-    """
-    probs = normalized_weights(weights)
-    modules = lora_modules(tensors[0])
-    stack = {}
-    for module in modules:
-        a_parts, b_parts = [], []
-        for k, (p, s, t) in enumerate(zip(probs, scalings, tensors)):
-            if module + LORA_A not in t:
-                raise AggregationError(f"client {k} has no LoRA factors for {module}")
-            a, b = t[module + LORA_A].to(torch.float64), t[module + LORA_B].to(torch.float64)
-            if a.shape[0] != b.shape[1]:
-                raise AggregationError(f"client {k}, {module}: A {tuple(a.shape)} and B {tuple(b.shape)} differ in rank")
-            a_parts.append((p * s) * a)
-            b_parts.append(b)
-        stack[module] = (torch.cat(a_parts, dim=0).to(torch.float32), torch.cat(b_parts, dim=1).to(torch.float32))
-    return stack
-
 
 @register_strategy
 class FLoRA(Strategy):

@@ -16,58 +16,34 @@ from flwr.app import ConfigRecord, MetricRecord
 from flwr.common import serde
 
 from fedtune.strategies.fedkseed.wire import (
-
     CatchUp,
-
     HistoryEntry,
-
     RoundPlan,
-
     apply_catch_up,
-
     decode_history,
-
     decode_round_config,
-
     decode_steps,
-
     encode_history,
-
     encode_round_config,
-
     encode_steps,
-
 )
 
 from fedtune.strategies.fedkseed.zeroth_order import (
-
     SEED_LIMIT,
-
     apply_update,
-
     direction,
-
     direction_fingerprint,
-
     group_history,
-
     parameter_direction,
-
     replay,
-
     replay_grouped,
-
     sample_seeds,
-
     seed_pool,
-
     zo_step,
-
     zo_train,
-
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHAPES = {"layer.weight": (64, 33), "layer.bias": (64,), "head.weight": (3, 64)}
 
 # The fingerprint of this installation's direction stream (NumPy 2.4, PCG64 + float32 ziggurat).
