@@ -7,7 +7,8 @@
 # ClientApps (a path valid on every host, or "" for the embedded default); KEY=VALUE pairs
 # override it, e.g. federation.num_rounds=3 output.dir=/srv/fedtune/runs/r1 (values without
 # single quotes). The run directory (config.yaml, metrics.jsonl, adapter/) is written on the
-# SuperLink host.
+# SuperLink host. Exits non-zero, with the cause as its last line, whenever the run did not
+# complete: not submitted, failed, stopped, or its status unknown.
 set -euo pipefail
 source "$(dirname "$0")/env.sh"
 [ $# -ge 3 ] || { sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0" >&2; exit 2; }
@@ -15,16 +16,24 @@ write_connection "$1" "$2"
 config="$3"; shift 3
 cd "$REPO_DIR"
 log="$(mktemp)"; trap 'rm -f "$log"' EXIT
-flwr run . deployment --stream --run-config "config-file='$config' overrides='$*'" | tee "$log"
+flwr_status=0
+flwr run . deployment --stream --run-config "config-file='$config' overrides='$*'" | tee "$log" || flwr_status=$?
 run_id="$(sed -n 's/^Successfully started run \([0-9]*\).*/\1/p' "$log" | head -n 1)"
-[ -n "$run_id" ] || die "the run was not started"
+[ -n "$run_id" ] || die "the run was not started (flwr run exited with status $flwr_status; its error is above)"
 
 # `flwr run --stream` exits 0 however the run ended: ask the SuperLink how it did.
-run_field() { flwr ls deployment --run-id "$run_id" --format json | sed -n "s/^ *\"$1\": \"\(.*\)\",\{0,1\}$/\1/p" | head -n 1; }
 for _ in $(seq 30); do
-    status="$(run_field status)"
+    reply="$(flwr ls deployment --run-id "$run_id" --format json)" || true
+    status="$(flwr_json '(reply["runs"] or [{}])[0].get("status", "unknown")' <<<"$reply")" \
+        || die "run $run_id: could not ask the SuperLink how it ended: $status"
     [[ "$status" == finished:* ]] && break
     sleep 1
 done
 echo "run $run_id: $status"
-[ "$status" == "finished:completed" ] || die "run $run_id did not complete: $(run_field status-details)"
+case "$status" in
+    finished:completed) ;;
+    finished:*) die "run $run_id did not complete: $(flwr_json '(reply["runs"] or [{}])[0].get("status-details", "")' <<<"$reply")" ;;
+    *) die "run $run_id has not finished ($status) although its log stream ended (flwr run exit status \
+$flwr_status); re-attach with \
+deploy/flwr.sh log $run_id deployment --stream, or stop it with deploy/flwr.sh stop $run_id deployment" ;;
+esac

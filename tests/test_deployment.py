@@ -62,9 +62,13 @@ class Federation:
         self.procs: dict[str, subprocess.Popen] = {}
 
     def env(self, home: str, **extra: str) -> dict[str, str]:
-        """Each party its own FLWR_HOME, as on separate hosts; Flower binaries from this interpreter."""
+        """Each party its own deployment home, as on separate hosts; Flower binaries from this interpreter.
+
+        A FLWR_HOME set by the caller is ignored by the scripts: this one must stay unused.
+        """
         path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-        return {**os.environ, "PATH": path, "FLWR_HOME": str(self.root / home), **extra}
+        return {**os.environ, "PATH": path, "FEDTUNE_DEPLOY_HOME": str(self.root / home),
+                "FLWR_HOME": str(self.root / "stray-flwr-home"), **extra}
 
     def script(self, name: str, *args: str, timeout: float = 120, home: str = "home-cli",
                check: bool = True) -> subprocess.CompletedProcess:
@@ -85,13 +89,25 @@ class Federation:
     def log(self, name: str) -> str:
         return (self.root / f"{name}.log").read_text(errors="replace")
 
-    def start_node(self, name: str, partition: int) -> subprocess.Popen:
-        return self.start(name, "supernode.sh", self.address, str(self.ca), str(self.keys / name), str(partition),
-                          str(len(NODES)), home=f"home-{name}", SUPERNODE_PORT=str(free_port()))
+    def start_node(self, name: str, partition: int, *options: str, address: str = "") -> subprocess.Popen:
+        return self.start(name, "supernode.sh", address or self.address, str(self.ca), str(self.keys / name),
+                          str(partition), str(len(NODES)), *options, home=f"home-{name}", SUPERNODE_PORT=str(free_port()))
+
+    def failed_node_log(self, name: str, *options: str, address: str = "", until: str = "") -> str:
+        """Start a SuperNode that is expected to give up; its log once it exited (and showed `until`)."""
+        proc = self.start_node(name, 0, *options, address=address)
+        try:
+            assert proc.wait(timeout=90) != 0, self.log(name)[-3000:]
+            # The script's log filter may write its last line just after the node exited.
+            self.wait_for(f"{until!r} in the log of {name}", lambda: until in self.log(name), timeout=10)
+        finally:
+            self.stop(name, signal.SIGKILL)
+        return self.log(name)
 
     def flwr(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["flwr", *args], cwd=self.root, env=self.env("home-cli"), capture_output=True,
-                              text=True, timeout=60)
+        """`deploy/flwr.sh ...`: Flower's CLI with the deployment's FLWR_HOME, as deploy/README.md types it."""
+        return subprocess.run(["bash", str(DEPLOY / "flwr.sh"), *args], cwd=self.root, env=self.env("home-cli"),
+                              capture_output=True, text=True, timeout=60)
 
     def nodes(self) -> dict[str, str]:
         """Node id -> status, as `flwr supernode list` reports them."""
@@ -215,17 +231,51 @@ def test_an_adapter_of_tens_of_megabytes_goes_through_the_transport(federation: 
     assert math.isfinite(row["eval_loss"])
 
 
+def test_submit_fails_when_the_run_fails(federation: Federation) -> None:
+    """The ServerApp refuses the configuration: deploy/submit.sh exits non-zero with the SuperLink's reason."""
+    proc = federation.script("submit.sh", *federation.submit_args("strategy.name=nonexistent"), timeout=300,
+                             check=False)
+    assert proc.returncode != 0
+    assert "finished:failed" in proc.stdout
+    assert "did not complete: ServerApp failed" in proc.stderr
+    assert proc.stderr.count("strategy.name='nonexistent' is not a registered strategy") == 1
+
+
+def test_list_nodes_names_each_nodes_organisation(federation: Federation) -> None:
+    """deploy/list-nodes.sh: `flwr supernode list` joined with what register-nodes.sh recorded."""
+    lines = federation.script("list-nodes.sh").stdout.splitlines()
+    assert lines[0].split() == ["NODE_ID", "STATUS", "ORGANISATION", "KEY_FINGERPRINT"]
+    rows = {org: (node_id, status, fingerprint) for node_id, status, org, fingerprint in map(str.split, lines[1:])}
+    assert sorted(rows) == list(NODES)
+    for org, (node_id, status, fingerprint) in rows.items():
+        assert status == "online"
+        assert f"SuperNode ID: {node_id}" in federation.log(org)  # the node itself says which id it got
+        keygen = subprocess.run(["ssh-keygen", "-l", "-E", "sha256", "-f", str(federation.keys / f"{org}.pub")],
+                                capture_output=True, text=True, check=True)
+        assert fingerprint == keygen.stdout.split()[1]
+    assert federation.nodes() == {node_id: "online" for node_id, _, _ in rows.values()}
+    assert not (federation.root / "stray-flwr-home").exists()
+
+
 def test_a_supernode_with_an_unregistered_key_is_refused(federation: Federation) -> None:
     before = federation.nodes()
-    proc = federation.start_node("rogue", 0)
-    try:
-        assert proc.wait(timeout=90) != 0
-    finally:
-        federation.stop("rogue", signal.SIGKILL)
-    # Flower 1.41: the SuperLink answers ActivateNode with HTTP 412 (no SuperNode has that
-    # public key); the SuperNode exits with Flower's exit code 305.
-    assert "Failed to activate SuperNode" in federation.log("rogue")
+    # Flower 1.41: the SuperLink answers ActivateNode with HTTP 412 (no SuperNode has that public key);
+    # flower-supernode exits with Flower's exit code 305, "could not establish a connection".
+    # supernode.sh says, once, what that means.
+    log = federation.failed_node_log("rogue", until="register it with")
+    assert "Failed to activate SuperNode" in log
+    explained = [line for line in log.splitlines() if "this node's public key is not registered" in line]
+    assert len(explained) == 1
+    assert f"register it with deploy/register-nodes.sh {federation.address} CA_CERT {federation.keys / 'rogue.pub'}" \
+        in explained[0]
     assert federation.nodes() == before
+
+
+def test_a_supernode_that_cannot_reach_the_superlink_reports_a_connection_failure(federation: Federation) -> None:
+    log = federation.failed_node_log("rogue", "--max-retries", "0", address=f"127.0.0.1:{free_port()}",
+                                     until="Finished server process")
+    assert "Connection refused" in log and "could not establish a connection" in log
+    assert "not registered" not in log
 
 
 def test_a_supernode_killed_mid_round_leaves_the_run_to_the_others(federation: Federation, tiny_bert: str) -> None:
