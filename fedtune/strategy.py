@@ -117,28 +117,43 @@ class ClientUpdate:
 
 
 class Strategy(ABC):
-    """Base class of every aggregation strategy.
+    """Base class of every aggregation strategy: the server half of a method.
 
     Subclasses set ``name`` and ``summary_line``, take keyword-only constructor options
     (they come from ``strategy.options`` in the config) and implement the abstract methods.
+    The client half is a :class:`~fedtune.routine.ClientRoutine` that the strategy's
+    instructions name.
+
+    Capabilities, checked by the framework before anything loads (every one has a safe
+    default; a method declares what it does differently):
+
+    ``accepts_mixed_ranks``
+        Clients may train different LoRA ranks (``adapter.client_ranks``) in one run.
+    ``supports_privacy``
+        The method's client routines run DP-SGD under ``privacy.enabled``.
+    ``supports_quantized_base``
+        Clients may train on a bitsandbytes-quantized base; ``quantized_base_reason``
+        says why not, for the start-up error.
+    ``linear_lora_only``
+        Aggregation handles linear LoRA pairs only: LoRA on an embedding is refused at
+        start-up instead of being averaged inexactly.
+    ``tunes_base_model``
+        The global model includes the base model's own weights (full-parameter tuning):
+        the server passes them in :attr:`AdapterSpec.base` and saves a whole model.
+
+    Hooks with a default: :meth:`configure_evaluation`, :meth:`load_global` (what the
+    server's model holds), :meth:`export_adapter` (the saved adapter, when it is not
+    :meth:`global_adapter`), :meth:`config_problems`, :meth:`state_dict`.
     """
 
     name: ClassVar[str] = ""
     summary_line: ClassVar[str] = ""
-    # Whether clients may train different LoRA ranks (adapter.client_ranks) in one federation.
     accepts_mixed_ranks: ClassVar[bool] = False
-    # Whether the client routine is gradient training, which privacy.enabled turns into DP-SGD.
     supports_privacy: ClassVar[bool] = True
-    # Whether clients may train on a quantized base (model.quantization 8bit/4bit); when not,
-    # quantized_base_reason says why, and the run is refused at start-up with it.
     supports_quantized_base: ClassVar[bool] = True
     quantized_base_reason: ClassVar[str] = ""
-    # Whether the strategy's aggregation handles only linear LoRA pairs (lora_A/lora_B weights);
-    # embedding LoRA (lora_embedding_A/B) is then refused at start-up, not averaged inexactly.
     linear_lora_only: ClassVar[bool] = False
-    # Whether the global model includes tuned base weights (full-parameter tuning): the
-    # server then passes them in AdapterSpec.base and saves a whole model, not an adapter.
-    tunes_base_model: bool = False
+    tunes_base_model: bool = False  # an instance attribute where an option decides it
 
     def initialize(self, spec: AdapterSpec) -> None:
         """Receive the initial adapter before round 1. Called once, on the server."""
