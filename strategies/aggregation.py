@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from fedtune import protocol
 from fedtune.errors import AggregationError
 from fedtune.strategy import ClientUpdate
 
@@ -26,6 +27,14 @@ def check_weighting(weighting: str) -> str:
 def client_weights(updates: Sequence[ClientUpdate], weighting: str) -> list[float]:
     """Each update's weight: its number of training examples, or 1 for ``uniform``."""
     return [float(u.num_examples) if weighting == "examples" else 1.0 for u in updates]
+
+
+def client_scalings(updates: Sequence[ClientUpdate]) -> list[float]:
+    """Each update's LoRA scaling s_k = α / r_k, as its client reported it (mixed-rank methods need it)."""
+    missing = [u.client_id for u in updates if protocol.LORA_SCALING not in u.metrics]
+    if missing:
+        raise AggregationError(f"clients {missing} did not report {protocol.LORA_SCALING}")
+    return [float(u.metrics[protocol.LORA_SCALING]) for u in updates]
 
 
 def normalized_weights(weights: Sequence[float]) -> list[float]:

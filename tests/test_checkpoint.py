@@ -24,7 +24,7 @@ from fedtune.errors import ConfigError
 from fedtune.flower.server_app import update_norm
 from strategies import FedIT, FLoRA, LoRAFAIR
 from fedtune.strategies.fedkseed.strategy import FedKSeed
-from tests.test_exact_strategies import spec, updates
+from tests.strategies.test_exact_strategies import spec, updates
 
 
 def checkpoint(round_: int = 1, state: dict | None = None, cfg_yaml: str = "") -> Checkpoint:

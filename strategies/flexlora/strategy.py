@@ -25,8 +25,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from fedtune import protocol
-from fedtune.errors import AggregationError
 from fedtune.strategy import (
     AdapterSpec,
     ClientInstruction,
@@ -41,6 +39,7 @@ from fedtune.strategies.aggregation import (
     LORA_B,
     average_non_lora,
     check_weighting,
+    client_scalings,
     client_weights,
     is_lora_key,
     lora_modules,
@@ -98,11 +97,7 @@ class FlexLoRA(Strategy):
 
     def aggregate(self, server_round: int, updates: Sequence[ClientUpdate]) -> dict[str, float]:
         weights = client_weights(updates, self.weighting)
-        scalings = []
-        for u in updates:
-            if protocol.LORA_SCALING not in u.metrics:
-                raise AggregationError(f"client {u.client_id} did not report {protocol.LORA_SCALING}")
-            scalings.append(float(u.metrics[protocol.LORA_SCALING]))
+        scalings = client_scalings(updates)
         lora = [select(u.arrays, [r"\.lora_[AB]\.weight$"]) for u in updates]
         stacks = stack_factors(lora, weights, scalings, dtype=torch.float64)
         dtype = self._global[self._modules[0] + LORA_A].dtype

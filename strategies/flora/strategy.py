@@ -22,8 +22,6 @@ from collections.abc import Sequence
 
 import torch
 
-from fedtune import protocol
-from fedtune.errors import AggregationError
 from fedtune.models import AdapterHandle
 from fedtune.strategies.flora.residual import residual_key, residual_of
 from fedtune.strategies.flora.routine import FLORA_ROUTINE
@@ -40,6 +38,7 @@ from fedtune.strategy import (
 )
 from fedtune.strategies.aggregation import (
     check_weighting,
+    client_scalings,
     client_weights,
     LORA_A,
     LORA_B,
@@ -109,11 +108,7 @@ class FLoRA(Strategy):
 
     def aggregate(self, server_round: int, updates: Sequence[ClientUpdate]) -> dict[str, float]:
         weights = client_weights(updates, self.weighting)
-        scalings = []
-        for u in updates:
-            if protocol.LORA_SCALING not in u.metrics:
-                raise AggregationError(f"client {u.client_id} did not report {protocol.LORA_SCALING}")
-            scalings.append(u.metrics[protocol.LORA_SCALING])
+        scalings = client_scalings(updates)
         lora = [select(u.arrays, [r"\.lora_[AB]\.weight$"]) for u in updates]
         stack = stack_factors(lora, weights, scalings)
         self._stacks.append(stack)
