@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fedtune.errors import ConfigError
+from fedtune.registry import strategy_name_problem
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # Package data: an installed fedtune reads its embedded default from here too.
@@ -446,8 +447,9 @@ def build_config(data: Mapping[str, Any], *, check_strategy: bool = True) -> Fed
     """Validate a nested mapping against the schema and return the typed config.
 
     Every problem (unknown keys, wrong types, bad values) is collected and raised together
-    as one :class:`ConfigError`; once there are none, the strategy is checked (an unknown
-    name, bad options, settings it cannot run with), with ``check_strategy``.
+    as one :class:`ConfigError`. With ``check_strategy``, an unknown strategy name is among
+    them; the strategy itself (its options, the settings it cannot run with) is built and
+    checked once the rest is valid, since that imports it and torch with it.
     """
     plain = OmegaConf.to_container(OmegaConf.create(dict(data)), resolve=True)
     assert isinstance(plain, dict)
@@ -463,7 +465,9 @@ def build_config(data: Mapping[str, Any], *, check_strategy: bool = True) -> Fed
         raise ConfigError(problems + [str(e)]) from e
     assert isinstance(cfg, FedtuneConfig)
     problems += cfg.problems()
-    if check_strategy and not problems:
+    if check_strategy and problems and not any(p.startswith("strategy.") for p in problems):
+        problems += [p for p in [strategy_name_problem(cfg.strategy.name)] if p]
+    elif check_strategy and not problems:
         # The strategy is built (its module imported, torch with it) only for an otherwise
         # valid config: a typo is reported in a blink, and the strategy's own checks see
         # well-formed settings.

@@ -20,7 +20,7 @@ from fedtune.errors import ConfigError
 
 T = TypeVar("T", bound=type)
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_-]*$")
-BUILT_INS = "fedtune.strategies"  # importing it registers every built-in method
+BUILT_INS = "fedtune.strategies"  # its import_all() registers every built-in method
 # Relative file paths are tried from the current directory, then from here (a checkout
 # or a Flower App bundle: where pyproject.toml and examples/ are).
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -61,7 +61,7 @@ class Registry(Generic[T]):
 
     def registered(self) -> dict[str, T]:
         """Every registered entry by name, built-ins included."""
-        importlib.import_module(BUILT_INS)
+        importlib.import_module(BUILT_INS).import_all()
         return dict(sorted(self._entries.items()))
 
     def resolve(self, name: str) -> T:
@@ -84,6 +84,25 @@ class Registry(Generic[T]):
             raise ConfigError([f"{self.key}={name!r}: {attr!r} in {module_name!r} is not a subclass of "
                                f"{self.base.__module__}.{self.base.__name__}"])
         return cls
+
+
+def strategy_name_problem(name: str) -> str | None:
+    """Whether ``strategy.name`` names a known strategy, decided without importing any (no torch).
+
+    Built-in names come from :data:`fedtune.strategies.BUILT_IN`; names registered by other
+    code count when the strategy registry is loaded already. Paths are checked when the
+    strategy is built.
+    """
+    if ":" in name:
+        return None
+    known = set(importlib.import_module(BUILT_INS).BUILT_IN)
+    strategy = sys.modules.get("fedtune.strategy")
+    if strategy is not None:
+        known |= set(strategy._REGISTRY._entries)
+    if name in known:
+        return None
+    return (f"strategy.name={name!r} is not a registered strategy; use one of {sorted(known)} or a path like "
+            "mypkg.mymodule:MyStrategy")
 
 
 def import_by_path(module_name: str) -> Any:

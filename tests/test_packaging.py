@@ -89,3 +89,14 @@ def test_a_wheel_installs_fedtune_strategies_and_runs_from_a_folder_with_its_own
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert proc.stdout.splitlines()[0].startswith(str(site))
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_the_built_in_table_matches_what_registers() -> None:
+    from fedtune.strategies import BUILT_IN
+    from fedtune.strategy import registered_strategies
+
+    registered = registered_strategies()
+    assert {n: (c.__module__.split(".")[2], c.__name__) for n, c in registered.items() if n in BUILT_IN} == BUILT_IN
+    folders = {p.parent.name for p in (ROOT / "strategies").glob("*/__init__.py")}
+    files = {p.stem for p in (ROOT / "strategies").glob("*.py")} - {"__init__", "aggregation"}
+    assert {module for module, _ in BUILT_IN.values()} == folders | files
