@@ -1,1 +1,28 @@
-"""The Flower glue, written once for every strategy: ServerApp, ClientApp and the adapter."""
+"""Flower's side of fedtune: the ServerApp, the ClientApp and the one adapter from strategies to Flower.
+
+Flower may import the ServerApp and ClientApp modules from two threads of one process at
+once (``flwr run`` in simulation). First imports of torch, transformers and peft, whose
+modules import one another, then race: Python's import machinery breaks the deadlock by
+handing one thread a half-initialised module ("cannot import name 'MixedModel' from
+partially initialized module 'peft.tuners'"). Both app modules live in this package, so this
+file runs first, in one thread, under Python's import lock for the package, and loads the
+whole stack before either app module goes on.
+"""
+
+import datasets  # noqa: F401
+import flwr.app  # noqa: F401
+import peft  # noqa: F401
+import torch  # noqa: F401
+import transformers  # noqa: F401
+
+# transformers resolves these lazily on first use; resolve them here, in one thread.
+from transformers import (  # noqa: F401
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+)
+
+import fedtune.strategies  # noqa: E402
+
+fedtune.strategies.import_all()
