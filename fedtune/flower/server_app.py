@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import random
+import re
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -27,10 +29,43 @@ from fedtune import protocol
 from fedtune.quiet import quiet_libraries
 from fedtune.codec import record_to_tensors, tensors_to_record, wire_bytes
 from fedtune.config import FedtuneConfig, config_from_run_config
-from fedtune.errors import AggregationError, InvalidUpdateError
+from fedtune.errors import AggregationError, ClientAppError, FedtuneError, InvalidUpdateError, RunInterrupted
+from fedtune.flower.federation_size import (check_federation_size, count_simulated_nodes, is_simulation,
+                                            with_federation_size)
 from fedtune.strategy import ClientInstruction, ClientUpdate, Strategy, check_update
 
 log = logging.getLogger("fedtune.server")
+
+# A ClientApp that raised, or could not be loaded, fails the same way next round: the run
+# stops with the client's reason. Other error replies (a node gone, a crashed ClientApp
+# process, a message lost) only leave that client out of the round.
+FATAL_CLIENT_ERRORS = (ErrorCode.CLIENT_APP_RAISED_EXCEPTION, ErrorCode.LOAD_CLIENT_APP_EXCEPTION)
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_REASON = re.compile(r"^<class '(?P<type>[^']+)'>:<'(?P<message>.*)'>$", re.DOTALL)
+_SIMULATION_MARKER = "ClientAppException occurred. Message: "
+_EXCEPTION_LINE = re.compile(r"^(?P<type>[A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Exit)): ", re.MULTILINE)
+
+
+def client_error_message(reason: str) -> str:
+    """One line from the reason Flower gives for a ClientApp's exception: ``Type: message``.
+
+    A SuperNode reports ``<class 'T'>:<'message'>``; the Simulation Runtime reports the
+    Ray traceback with the message after "ClientAppException occurred. Message:". The
+    type is left out for fedtune's own errors, whose messages name the value and the fix.
+    """
+    text = _ANSI.sub("", reason).strip()
+    kind = ""
+    match = _REASON.match(text)
+    if match:
+        kind, text = match["type"], match["message"]
+    if _SIMULATION_MARKER in text:
+        head, text = text.rsplit(_SIMULATION_MARKER, 1)
+        kinds = [m["type"] for m in _EXCEPTION_LINE.finditer(head) if not m["type"].endswith("ClientAppException")]
+        kind = kinds[0] if kinds else ""
+    message = " ".join(text.split())
+    if kind and not kind.startswith("fedtune."):
+        message = f"{kind.rsplit('.', 1)[-1]}: {message}"
+    return message
 
 
 def _weighted_mean(pairs: list[tuple[float, float]]) -> float:
@@ -69,14 +104,17 @@ class FlowerStrategy(FlwrStrategy):
     completed_rounds : int
         Rounds done before this start (a resumed run): Flower's round ``r`` is the run's
         round ``r + completed_rounds``.
+    stop : threading.Event, optional
+        Set to stop the run (Ctrl-C): replies that arrive afterwards are not aggregated.
     """
 
     def __init__(self, strategy: Strategy, cfg: FedtuneConfig, on_metrics: Callable[..., None],
-                 completed_rounds: int = 0) -> None:
+                 completed_rounds: int = 0, stop: threading.Event | None = None) -> None:
         self.strategy = strategy
         self.cfg = cfg
         self.on_metrics = on_metrics
         self.completed_rounds = completed_rounds
+        self.stop = stop
         self._expects: dict[int, ClientInstruction] = {}
         self._sent: list[tuple[Message, int]] = []  # (message, destination node) of the round in progress
         self.grid: Grid | None = None
@@ -109,6 +147,7 @@ class FlowerStrategy(FlwrStrategy):
             content = _instruction_content(server_round, instruction)
             # A node quantized by its own node config checks the strategy accepts that.
             content[protocol.CONFIG][protocol.STRATEGY_NAME] = self.cfg.strategy.name
+            content[protocol.CONFIG].update(config)  # what every training message carries
             content[protocol.CONFIG][protocol.QUANTIZED_BASE_OK] = bool(self.strategy.supports_quantized_base)
             down.append(wire_bytes(content))
             messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id))
@@ -150,9 +189,20 @@ class FlowerStrategy(FlwrStrategy):
         # Ints (e.g. 63-bit seeds) and lists stay as they are: a float would round them.
         return ClientUpdate(client_id=node_id, arrays=arrays, num_examples=int(num_examples), metrics=metrics)
 
+    def _check_replies(self, server_round: int, replies: list[Message], step: str) -> None:
+        """Stop the run on Ctrl-C, or on the first reply of a ClientApp that raised."""
+        if self.stop is not None and self.stop.is_set():
+            raise RunInterrupted(f"stopped during round {server_round}")
+        for msg in replies:
+            if msg.has_error() and msg.error.code in FATAL_CLIENT_ERRORS:
+                raise ClientAppError(f"round {server_round}: a client's {step} failed: "
+                                     f"{client_error_message(msg.error.reason)}")
+
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.completed_rounds
+        replies = list(replies)
+        self._check_replies(server_round, replies, "training")
         updates, up, received, unavailable = [], [], 0, []
         destinations = self._destinations()
         for msg in replies:
@@ -192,6 +242,7 @@ class FlowerStrategy(FlwrStrategy):
         updates.sort(key=lambda u: (u.metrics.get(protocol.PARTITION_ID, -1), u.client_id))
         if sum(u.num_examples for u in updates) <= 0:
             log.warning("round %d: every reply has zero examples; the global adapter is unchanged", server_round)
+            self.on_metrics(round_skipped=True)
             return None, None
         start = time.perf_counter()
         strategy_metrics = self.strategy.aggregate(server_round, updates)
@@ -219,6 +270,7 @@ class FlowerStrategy(FlwrStrategy):
         messages, down = [], 0
         for node_id in self._sample(grid, self.cfg.federation.fraction_evaluate, server_round, 1):
             content = _instruction_content(server_round, self.strategy.configure_evaluation(server_round, node_id))
+            content[protocol.CONFIG].update(config)
             down += wire_bytes(content)
             messages.append(Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=node_id))
         self.on_metrics(eval_bytes_down=down)
@@ -226,6 +278,8 @@ class FlowerStrategy(FlwrStrategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         server_round += self.completed_rounds
+        replies = list(replies)
+        self._check_replies(server_round, replies, "evaluation")
         pairs_loss, pairs_acc = [], []
         for msg in replies:
             if msg.has_error():
@@ -247,7 +301,7 @@ class FlowerStrategy(FlwrStrategy):
         """One evaluation round outside Flower's loop (the round-0 reference)."""
         assert self.grid is not None
         replies = self.grid.send_and_receive(
-            self.configure_evaluate(server_round, arrays, ConfigRecord(), self.grid),
+            self.configure_evaluate(server_round, arrays, self.shared_config(), self.grid),
             timeout=self.cfg.federation.round_timeout)
         return self.aggregate_evaluate(server_round, replies)
 
@@ -256,10 +310,16 @@ class FlowerStrategy(FlwrStrategy):
         log.info("strategy %s (%s): %s", self.strategy.name or type(self.strategy).__name__, params,
                  self.strategy.summary_line)
 
+    def shared_config(self) -> ConfigRecord:
+        """What every training and evaluation message carries besides its instruction."""
+        return ConfigRecord({protocol.STRATEGY_NAME: self.cfg.strategy.name})
+
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
               train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
               evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None) -> Result:
         self.grid = grid
+        train_config = self.shared_config() if train_config is None else train_config
+        evaluate_config = self.shared_config() if evaluate_config is None else evaluate_config
         return super().start(grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config, evaluate_fn)
 
 
@@ -286,11 +346,85 @@ def _instruction_content(server_round: int, instruction: ClientInstruction) -> R
     return content
 
 
+class StoppableGrid(Grid):
+    """A Grid whose ``send_and_receive`` gives up as soon as ``stop`` is set (Ctrl-C).
+
+    Everything else is the wrapped grid's: messages, node ids and replies are the same.
+    """
+
+    def __init__(self, inner: Grid, stop: threading.Event, poll_interval: float = 0.1) -> None:
+        self.inner = inner
+        self.stop = stop
+        self.poll_interval = poll_interval
+
+    def set_run(self, run: Any) -> None:
+        self.inner.set_run(run)
+
+    @property
+    def run(self) -> Any:
+        return self.inner.run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Message:
+        return self.inner.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.inner.get_node_ids()
+
+    def get_nodes(self) -> Iterable[Any]:
+        return self.inner.get_nodes()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.inner.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.inner.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        """Push ``messages`` and collect their replies until all arrived, ``timeout`` passed, or a stop."""
+        waiting = set(self.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while waiting:
+            if self.stop.is_set():
+                raise RunInterrupted("stopped while waiting for the clients' replies")
+            arrived = list(self.pull_messages(waiting))
+            replies.extend(arrived)
+            waiting.difference_update(m.metadata.reply_to_message_id for m in arrived)
+            if not waiting or (deadline is not None and time.monotonic() >= deadline):
+                break
+            self.stop.wait(self.poll_interval)
+        return replies
+
+
+def server_config(grid: Grid, run_config: Mapping[str, Any]) -> FedtuneConfig:
+    """The run's configuration; in a simulation, sized by (or checked against) its SuperNodes.
+
+    Raises :class:`~fedtune.errors.ConfigError` before any model loads when the run sets
+    ``federation.num_clients`` to another number than Flower simulates.
+    """
+    if not is_simulation(grid):
+        return config_from_run_config(run_config)
+    nodes = count_simulated_nodes(grid)
+    cfg = config_from_run_config(with_federation_size(run_config, nodes))
+    check_federation_size(cfg.federation.num_clients, nodes)
+    return cfg
+
+
 def make_server_app(fixed_run_config: Mapping[str, Any] | None = None,
-                    on_finish: Callable[[Path | BaseException], None] | None = None) -> ServerApp:
+                    on_finish: Callable[[Path | BaseException], None] | None = None,
+                    control: Any = None) -> ServerApp:
     """A ServerApp; ``fixed_run_config`` (our CLI's config) takes precedence over Flower's run_config.
 
-    ``on_finish`` receives the run directory, or the exception that ended the run.
+    Parameters
+    ----------
+    fixed_run_config : mapping, optional
+        Run config entries that override Flower's (``fedtune simulate`` passes the whole
+        configuration this way).
+    on_finish : callable, optional
+        Receives the run directory, or the exception that ended the run.
+    control : fedtune.server.RunControl, optional
+        Shares a stop request (Ctrl-C) and the run's progress with the caller.
     """
     app = ServerApp()
 
@@ -299,12 +433,25 @@ def make_server_app(fixed_run_config: Mapping[str, Any] | None = None,
         from fedtune.server import run_federation
 
         try:
-            cfg = config_from_run_config({**dict(context.run_config), **dict(fixed_run_config or {})})
-            run_dir = run_federation(grid, cfg)
+            if control is not None and control.stop.is_set():
+                raise RunInterrupted("stopped before the run started")
+            cfg = server_config(grid, {**dict(context.run_config), **dict(fixed_run_config or {})})
+            if control is not None:
+                grid = StoppableGrid(grid, control.stop)
+            run_dir = run_federation(grid, cfg, control)
         except BaseException as e:
+            if control is not None and control.stop.is_set() and not isinstance(e, RunInterrupted):
+                e = RunInterrupted(f"stopped during the run ({type(e).__name__}: {e})")
             if on_finish is not None:
                 on_finish(e)
+                raise e from None
+            if isinstance(e, FedtuneError):
+                # Flower logs what a ServerApp raises: our message, not a traceback through fedtune.
+                raise e.with_traceback(None) from None
             raise
+        finally:
+            if control is not None:
+                control.finished.set()
         if on_finish is not None:
             on_finish(run_dir)
 
@@ -314,4 +461,4 @@ def make_server_app(fixed_run_config: Mapping[str, Any] | None = None,
 quiet_libraries()
 app = make_server_app()
 
-__all__ = ["FlowerStrategy", "app", "make_server_app"]
+__all__ = ["FlowerStrategy", "StoppableGrid", "app", "client_error_message", "make_server_app", "server_config"]
