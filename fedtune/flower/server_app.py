@@ -3,11 +3,18 @@
 :class:`FlowerStrategy` is the only place that touches Flower messages on the server:
 it samples clients, turns each :class:`~fedtune.strategy.ClientInstruction` into a
 message, measures what crosses the wire, validates replies (a malformed or non-finite
-reply is logged and never aggregated), and hands the valid ones to the fedtune strategy.
-Flower's ``Strategy.start()`` owns the round loop.
+reply is logged and never aggregated; a ClientApp's exception stops the run), and hands
+the valid ones to the fedtune strategy. Flower's ``Strategy.start()`` owns the round loop.
 """
 
 from __future__ import annotations
+
+# Flower's Simulation Runtime (flwr run) imports this module in the ServerApp's thread while its
+# main thread imports the ClientApp's: importing torch, transformers and peft from two threads at
+# once can fail ("cannot import name ... from partially initialized module 'peft.tuners'").
+# Importing the ClientApp's module first makes whichever thread comes second wait for the first
+# to import all of them.
+import fedtune.flower.client_app  # noqa: F401, I001
 
 import logging
 import random
@@ -16,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
@@ -33,6 +40,9 @@ from fedtune.errors import AggregationError, ClientAppError, FedtuneError, Inval
 from fedtune.flower.federation_size import (check_federation_size, count_simulated_nodes, is_simulation,
                                             with_federation_size)
 from fedtune.strategy import ClientInstruction, ClientUpdate, Strategy, check_update
+
+if TYPE_CHECKING:
+    from fedtune.server import RunControl
 
 log = logging.getLogger("fedtune.server")
 
@@ -413,7 +423,7 @@ def server_config(grid: Grid, run_config: Mapping[str, Any]) -> FedtuneConfig:
 
 def make_server_app(fixed_run_config: Mapping[str, Any] | None = None,
                     on_finish: Callable[[Path | BaseException], None] | None = None,
-                    control: Any = None) -> ServerApp:
+                    control: RunControl | None = None) -> ServerApp:
     """A ServerApp; ``fixed_run_config`` (our CLI's config) takes precedence over Flower's run_config.
 
     Parameters
@@ -440,12 +450,14 @@ def make_server_app(fixed_run_config: Mapping[str, Any] | None = None,
                 grid = StoppableGrid(grid, control.stop)
             run_dir = run_federation(grid, cfg, control)
         except BaseException as e:
+            error = e
             if control is not None and control.stop.is_set() and not isinstance(e, RunInterrupted):
-                e = RunInterrupted(f"stopped during the run ({type(e).__name__}: {e})")
+                error = RunInterrupted(f"stopped during the run ({type(e).__name__}: {e})")
             if on_finish is not None:
-                on_finish(e)
-                raise e from None
-            if isinstance(e, FedtuneError):
+                on_finish(error)
+            if error is not e:
+                raise error from e
+            if on_finish is None and isinstance(e, FedtuneError):
                 # Flower logs what a ServerApp raises: our message, not a traceback through fedtune.
                 raise e.with_traceback(None) from None
             raise
