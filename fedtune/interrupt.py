@@ -63,6 +63,8 @@ def stop_child_processes(timeout: float = 2.0) -> None:
 
 def _exit_interrupted(control: RunControl) -> None:
     stop_child_processes()
+    if sys.stdout.isatty():
+        sys.stdout.write("\x1b[?25h")  # the progress bar hides the cursor until it is stopped
     report_interrupted(control)
     sys.stdout.flush()
     os._exit(EXIT_CODE)  # Ray's threads in this process may never return: do not wait for them
