@@ -56,10 +56,12 @@ cleanup() {
     done
     rm -f "$log"
 }
+started_run_id() { sed -n 's/^.*Successfully started run \([0-9][0-9]*\).*$/\1/p' "$log" | head -n 1; }
 on_interrupt() {
     trap - INT TERM
+    run_id="${run_id:-$(started_run_id)}"
     if [ -n "$run_id" ]; then
-        echo "flwr-run: stopping run $run_id" >&2
+        echo "flwr-run: interrupted; stopping run $run_id (its run directory keeps the last checkpoint)" >&2
         "$flwr_bin" stop "$run_id" >/dev/null 2>&1
     fi
     exit 130
@@ -73,7 +75,7 @@ args=("$@")
 # Flower prints this on every simulation, whatever num-supernodes is: it says nothing about this run.
 notice='Since flwr 1.32, default simulated SuperNodes changed from 10 to 2.'
 "$flwr_bin" run . --stream "${args[@]}" 2>&1 | grep --line-buffered -vF "$notice" | tee "$log"
-run_id="$(sed -n 's/^.*Successfully started run \([0-9][0-9]*\).*$/\1/p' "$log" | head -n 1)"
+run_id="$(started_run_id)"
 [ -n "$run_id" ] || { echo "flwr-run: error: the run was not started (see the output above)" >&2; exit 1; }
 
 # Ask the SuperLink how the run ended.
