@@ -31,7 +31,8 @@ def resume_hint(control: RunControl) -> str:
     if control.run_dir is None:
         return "fedtune: interrupted before the run started; nothing to resume"
     if control.completed_round == 0:
-        return f"fedtune: interrupted before round 1 completed; {control.run_dir} has no checkpoint, start the run again"
+        return (f"fedtune: interrupted before round 1 completed; {control.run_dir} has no checkpoint, "
+                "start the run again")
     return (f"fedtune: interrupted; {control.run_dir} keeps the checkpoint of round {control.completed_round}. "
             f"Continue with:\n  fedtune resume {control.run_dir}")
 

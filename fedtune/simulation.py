@@ -110,7 +110,11 @@ def preflight(cfg: FedtuneConfig) -> None:
     try:
         AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
     except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot load model.name={cfg.model.name!r}: {str(e).rstrip('.')}. Give a local folder, a builtin: "
-                             "model, or a hub id with network access") from e
+        raise ModelLoadError(f"cannot load model.name={cfg.model.name!r}: {str(e).rstrip('.')}. Give a local "
+                             "folder, a builtin: model, or a hub id with network access") from e
     pool, _ = load_splits(cfg.data, cfg.model.task)
-    partition_dataset(pool, cfg.partition, cfg.federation.num_clients)  # e.g. more clients than examples
+    with warnings.catch_warnings():
+        # flwr-datasets warns on every retry of a Dirichlet draw; the DataError after the last one says it all.
+        warnings.filterwarnings("ignore", message="The specified min_partition_size .* was not satisfied",
+                                category=UserWarning)
+        partition_dataset(pool, cfg.partition, cfg.federation.num_clients)  # e.g. more clients than examples
