@@ -108,7 +108,8 @@ def load_checkpoint(run_dir: Path) -> Checkpoint | None:
     payload = torch.load(path, map_location="cpu", weights_only=False)
     version = payload.pop("version", None)
     if version != FORMAT_VERSION:
-        raise ConfigError(f"{path} has checkpoint format {version!r}; this fedtune reads format {FORMAT_VERSION}")
+        raise ConfigError([f"{path} has checkpoint format {version!r}; this fedtune reads format {FORMAT_VERSION}; "
+                           "resume it with the fedtune that wrote it, or start a new run"])
     return Checkpoint(**payload)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from collections.abc import Sequence
 
 from fedtune.errors import ConfigError, FedtuneError
@@ -15,15 +16,29 @@ def _split_config_and_overrides(items: Sequence[str]) -> tuple[str | None, list[
     return None, list(items)
 
 
-def cmd_simulate(args: argparse.Namespace) -> int:
-    from fedtune.config import load_config
+def _run(cfg: object, verbose: bool) -> int:
+    """Simulate ``cfg``; Ctrl-C stops it (exit 130) as :mod:`fedtune.interrupt` describes."""
+    from fedtune.errors import RunInterrupted
+    from fedtune.interrupt import EXIT_CODE, report_interrupted, stop_on_interrupt
+    from fedtune.server import RunControl
     from fedtune.simulation import simulate
 
-    config_path, overrides = _split_config_and_overrides(args.args)
-    cfg = load_config(config_path, overrides)
-    run_dir = simulate(cfg, verbose=args.verbose)
+    control = RunControl()
+    try:
+        with stop_on_interrupt(control):
+            run_dir = simulate(cfg, verbose=verbose, control=control)  # type: ignore[arg-type]
+    except (RunInterrupted, KeyboardInterrupt):
+        report_interrupted(control)
+        return EXIT_CODE
     print(f"done: {run_dir}")
     return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from fedtune.config import load_config
+
+    config_path, overrides = _split_config_and_overrides(args.args)
+    return _run(load_config(config_path, overrides), args.verbose)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -31,15 +46,12 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
     from fedtune.config import load_config
     from fedtune.runlog import CONFIG_FILE
-    from fedtune.simulation import simulate
 
     run_dir = Path(args.run_dir)
     if not (run_dir / CONFIG_FILE).is_file():
         raise ConfigError([f"{run_dir} is not a run directory (no {CONFIG_FILE}); pass the output.dir of a run"])
     cfg = load_config(run_dir / CONFIG_FILE, [*args.overrides, f"output.dir={run_dir}", "output.resume=true"])
-    run_dir = simulate(cfg, verbose=args.verbose)
-    print(f"done: {run_dir}")
-    return 0
+    return _run(cfg, args.verbose)
 
 
 def cmd_strategies(args: argparse.Namespace) -> int:
@@ -76,18 +88,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from fedtune.quiet import quiet_libraries
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
 
-    quiet_libraries()
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status.
+
+    0: the run finished; 2: a bad configuration (every problem listed); 1: any other
+    failure, reported in one line (with the traceback under ``--verbose``); 130: Ctrl-C.
+    """
+    args = build_parser().parse_args(argv)
+    verbose = getattr(args, "verbose", False)
     try:
+        from fedtune.quiet import quiet_libraries
+
+        quiet_libraries()
         return int(args.func(args))
     except ConfigError as e:
         print(f"fedtune: {e}", file=sys.stderr)
         return 2
-    except FedtuneError as e:
-        print(f"fedtune: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("fedtune: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - every failure ends in one line and a non-zero exit
+        if verbose:
+            traceback.print_exc()
+        if isinstance(e, FedtuneError):  # its message names the value and the fix
+            print(f"fedtune: error: {e}", file=sys.stderr)
+        else:
+            hint = "" if verbose else " (rerun with --verbose for the traceback)"
+            print(f"fedtune: error: {_first_line(e)}{hint}", file=sys.stderr)
         return 1
 
 

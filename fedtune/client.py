@@ -18,7 +18,7 @@ import torch
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from fedtune import protocol
+from fedtune import __version__, protocol
 from fedtune.codec import tensor_digest
 from fedtune.config import AdapterConfig, FedtuneConfig, ModelConfig, to_yaml
 from fedtune.data import load_splits, num_labels, partition_dataset, split_train_eval, tokenize
@@ -178,7 +178,11 @@ class ClientRuntime:
             strategy = self.cfg.strategy.name
             if ":" in strategy and ":" not in name:
                 import_by_path(strategy.rpartition(":")[0])
-            self._routines[name] = resolve_routine(name)(self)
+            try:
+                cls = resolve_routine(name)
+            except ConfigError as e:  # one line for the server's log, not a config report
+                raise ValueError("; ".join(e.problems) + f"; this client runs fedtune {__version__}") from e
+            self._routines[name] = cls(self)
         return self._routines[name]
 
     def job(self, partition_id: int, server_round: int, arrays: Mapping[str, torch.Tensor], trainable: Sequence[str],

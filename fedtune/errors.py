@@ -12,12 +12,13 @@ class ConfigError(FedtuneError, ValueError):
 
     Parameters
     ----------
-    problems : list of str
-        Each problem names the key, the value received and the fix.
+    problems : list of str, or str
+        Each problem names the key, the value received and the fix. A single string is
+        one problem.
     """
 
-    def __init__(self, problems: list[str]):
-        self.problems = list(problems)
+    def __init__(self, problems: list[str] | str):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
         lines = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(f"{len(self.problems)} problem(s) in the configuration:\n{lines}")
 
@@ -36,3 +37,15 @@ class InvalidUpdateError(FedtuneError, ValueError):
 
 class AggregationError(FedtuneError):
     """Aggregation cannot produce a valid global state (e.g. no valid replies)."""
+
+
+class ClientAppError(FedtuneError):
+    """A client's ClientApp raised an exception: the run stops, since it would fail again."""
+
+
+class NothingAggregatedError(AggregationError):
+    """Every round of a run was skipped: the global model never changed."""
+
+
+class RunInterrupted(FedtuneError):
+    """The run was stopped on request (Ctrl-C) after its last complete round."""

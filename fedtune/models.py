@@ -89,9 +89,34 @@ BUILTIN_MODELS = {
 }
 
 
+# A Hugging Face hub id: "name" or "namespace/name" (letters, digits, "-", "_", ".").
+_HUB_ID = re.compile(r"^[A-Za-z0-9_][\w.-]*(/[A-Za-z0-9_][\w.-]*)?$")
+
+
+def _check_local_folder(name: str) -> None:
+    """Raise :class:`ModelLoadError` for a ``model.name`` that is a path but not a model folder."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"model.name={name!r} is a folder without config.json; give the folder that "
+                                 "save_pretrained wrote (config.json and the weights)")
+        return
+    if _HUB_ID.match(name) and ".." not in name:
+        return  # a hub id, for from_pretrained
+    builtins = ", ".join(BUILTIN_PREFIX + k for k in BUILTIN_MODELS)
+    what = "is a file, not a folder" if path.exists() else "does not exist"
+    raise ModelLoadError(f"model.name={name!r} {what}; give the folder that holds the model's config.json, "
+                         f"a builtin model ({builtins}), or a hub id such as bert-base-uncased (needs network)")
+
+
 def resolve_model_path(name: str) -> str:
-    """A ``builtin:`` name becomes a local folder; anything else is passed to ``from_pretrained``."""
+    """A ``builtin:`` name becomes a local folder; a local folder or a hub id is passed to ``from_pretrained``.
+
+    Raises :class:`~fedtune.errors.ModelLoadError` for an unknown builtin, or a path that
+    is not a model folder.
+    """
     if not name.startswith(BUILTIN_PREFIX):
+        _check_local_folder(name)
         return name
     key = name[len(BUILTIN_PREFIX):]
     if key not in BUILTIN_MODELS:
@@ -107,7 +132,7 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot load the tokenizer of model.name={cfg.name!r} ({path}): {e}. "
+        raise ModelLoadError(f"cannot load the tokenizer of model.name={cfg.name!r} ({path}): {str(e).rstrip('.')}. "
                              "Give a local folder, a builtin: model, or a hub id with network access") from e
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -1,4 +1,8 @@
-"""Keep the terminal readable: silence progress bars and notices that say nothing to a user."""
+"""Keep the terminal readable: silence progress bars and notices that say nothing to a user.
+
+Third-party notices are silenced one by one, by their exact message, and only where the
+cause is not fedtune's; where it is ours, the call that caused it is fixed instead.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +10,37 @@ import logging
 import os
 import warnings
 
+# bitsandbytes (imported by peft) looks for an optional `kernels` package for 4-bit speed on
+# CPUs with AVX512-BF16, and logs this when it is absent: it still runs without it.
+_BNB_KERNELS_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+
+
+class _DropMessage(logging.Filter):
+    """Drop log records whose message starts with ``prefix``."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
 
 def quiet_libraries() -> None:
-    """Hide datasets' progress bars, transformers' load reports and two known-harmless notices."""
+    """Hide datasets' progress bars, transformers' load reports and known-harmless notices."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Ray warns, on every start without GPUs, that a future version stops overriding
+    # CUDA_VISIBLE_DEVICES for zero-GPU workers; this opts in to that behaviour now.
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    bnb = logging.getLogger("bitsandbytes.backends.cpu.ops")  # before bitsandbytes is imported
+    if not any(isinstance(f, _DropMessage) for f in bnb.filters):
+        bnb.addFilter(_DropMessage(_BNB_KERNELS_NOTICE))
     import datasets
     import transformers
 
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    # bitsandbytes (imported by peft) looks for an optional kernels package for 4-bit CPU speed.
     warnings.filterwarnings("ignore", message=".*gemm_4bit_forward.*")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)

@@ -2,7 +2,7 @@
 
 The coordinator builds the same model and adapter as the clients (same seed, so the same
 initial adapter), hands the initial tensors to the strategy, runs Flower's round loop
-through :class:`~fedtune.flower.server_app.FlowerStrategy`, evaluates the global adapter
+through :class:`~fedtune.flower.strategy_adapter.FlowerStrategy`, evaluates the global adapter
 on the central test set (when there is one) after every round and before the first,
 checkpoints after every round (``output.resume`` continues from there), and writes the
 run directory.
@@ -14,8 +14,11 @@ import copy
 import dataclasses
 import json
 import logging
+import threading
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from flwr.app import ArrayRecord, MetricRecord
 from flwr.serverapp import Grid
@@ -23,9 +26,9 @@ from flwr.serverapp import Grid
 from fedtune.checkpoint import Checkpoint, checkpoint_to_resume, rng_state, save_checkpoint, set_rng_state
 from fedtune.codec import tensors_to_record
 from fedtune.config import FedtuneConfig, to_yaml
-from fedtune.errors import ConfigError
+from fedtune.errors import ConfigError, NothingAggregatedError, RunInterrupted
 from fedtune.data import load_splits, num_labels, tokenize
-from fedtune.flower.server_app import FlowerStrategy
+from fedtune.flower.strategy_adapter import FlowerStrategy
 from fedtune.models import AdapterHandle, clear_extensions, get_adapter
 from fedtune.runlog import ADAPTER_DIR, MODEL_DIR, RunLog, default_run_dir
 from fedtune.strategy import AdapterSpec, Strategy, build_strategy
@@ -34,8 +37,37 @@ from fedtune.training import evaluate
 log = logging.getLogger("fedtune.server")
 
 
-def run_federation(grid: Grid, cfg: FedtuneConfig) -> Path:
-    """Run every round of ``cfg`` on ``grid`` (after the checkpoint's, when resuming); return the run directory."""
+@dataclass
+class RunControl:
+    """What the process that starts a run shares with its ServerApp: a stop request and progress.
+
+    Attributes
+    ----------
+    stop : threading.Event
+        Set (on Ctrl-C) to end the run after the round in progress is checkpointed, or at
+        once while the server waits for replies.
+    run_dir : Path or None
+        The run directory, once the ServerApp has chosen it.
+    completed_round : int
+        The last round whose checkpoint is on disk.
+    finished : threading.Event
+        Set when the ServerApp has returned or raised.
+    """
+
+    stop: threading.Event = field(default_factory=threading.Event)
+    run_dir: Path | None = None
+    completed_round: int = 0
+    finished: threading.Event = field(default_factory=threading.Event)
+
+
+def run_federation(grid: Grid, cfg: FedtuneConfig, control: RunControl | None = None) -> Path:
+    """Run every round of ``cfg`` on ``grid`` (after the checkpoint's, when resuming); return the run directory.
+
+    The adapter (or model) is written only when every round ran and at least one of them
+    aggregated something; otherwise this raises and the run directory keeps its last
+    checkpoint, for ``fedtune resume``.
+    """
+    control = control or RunControl()
     run_dir = Path(cfg.output.dir) if cfg.output.dir else default_run_dir(cfg)
     checkpoint = checkpoint_to_resume(cfg, run_dir)
     strategy = build_strategy(cfg.strategy.name, cfg.strategy.options)
@@ -61,8 +93,10 @@ def run_federation(grid: Grid, cfg: FedtuneConfig) -> Path:
                                         base=handle.base_initial() if strategy.tunes_base_model else {}))
 
     run_log = RunLog(cfg, run_dir, rows=checkpoint.metrics if checkpoint else None)
+    control.run_dir, control.completed_round = run_log.run_dir, done
     run_key = checkpoint.run_key if checkpoint and checkpoint.run_key else uuid.uuid4().hex
-    glue = FlowerStrategy(strategy, cfg, on_metrics=run_log.add, completed_rounds=done, run_key=run_key)
+    glue = FlowerStrategy(strategy, cfg, on_metrics=run_log.add, completed_rounds=done, stop=control.stop,
+                          run_key=run_key)
     glue.rejected = list(checkpoint.rejected) if checkpoint else []
     config_yaml = to_yaml(cfg)
 
@@ -84,6 +118,9 @@ def run_federation(grid: Grid, cfg: FedtuneConfig) -> Path:
             save_checkpoint(run_log.run_dir, Checkpoint(
                 round=server_round, config_yaml=config_yaml, strategy_state=strategy.state_dict(),
                 metrics=run_log.rows, rejected=glue.rejected, rng=rng_state(), run_key=run_key))
+            control.completed_round = server_round
+        if control.stop.is_set():
+            raise RunInterrupted(f"stopped after round {server_round}")
         return MetricRecord({k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
 
     try:
@@ -92,14 +129,33 @@ def run_federation(grid: Grid, cfg: FedtuneConfig) -> Path:
                    timeout=cfg.federation.round_timeout, evaluate_fn=end_of_round)
     finally:
         run_log.close()
+        if glue.rejected:
+            (run_log.run_dir / "rejected.jsonl").write_text("".join(json.dumps(r) + "\n" for r in glue.rejected))
+    check_progress(run_log.rows, cfg)
     if cfg.output.save_adapter and strategy.tunes_base_model:
         save_whole_model(handle, strategy, run_log.run_dir / MODEL_DIR)
     elif cfg.output.save_adapter:
         save_global(cfg, labels, handle, strategy, run_log.run_dir / ADAPTER_DIR)
-    if glue.rejected:
-        (run_log.run_dir / "rejected.jsonl").write_text("".join(json.dumps(r) + "\n" for r in glue.rejected))
     log.info("run finished: %s", run_log.run_dir)
     return run_log.run_dir
+
+
+def check_progress(rows: list[dict[str, Any]], cfg: FedtuneConfig) -> None:
+    """Raise :class:`~fedtune.errors.NothingAggregatedError` when no round changed the global model.
+
+    A skipped round (too few valid replies) is a warning; a run whose every round was
+    skipped trained nothing, and saving its untouched adapter would pass for a result.
+    """
+    rounds = [r for r in rows if r.get("round", 0) > 0]
+    if not rounds or any(r.get("clients_aggregated") and not r.get("round_skipped") for r in rounds):
+        return
+    last = rounds[-1]
+    raise NothingAggregatedError(
+        f"no round aggregated anything: all {len(rounds)} rounds were skipped (round {last['round']}: "
+        f"{last.get('clients_sampled', 0)} clients sampled, {last.get('clients_rejected', 0)} replies rejected, "
+        f"{last.get('clients_missing', 0)} missing, federation.min_replies={cfg.federation.min_replies}); "
+        f"see the warnings above and rejected.jsonl, then fix the clients or raise federation.round_timeout "
+        f"and resume with more rounds")
 
 
 def save_whole_model(handle: AdapterHandle, strategy: Strategy, directory: Path) -> None:

@@ -10,20 +10,39 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedtune.config import FedtuneConfig, to_run_config
-from fedtune.errors import FedtuneError
+from fedtune.errors import FedtuneError, RunInterrupted
 
 if TYPE_CHECKING:
     from flwr.clientapp import ClientApp
 
+    from fedtune.server import RunControl
+
 
 def simulate(cfg: FedtuneConfig, verbose: bool = False,
-             client_app_factory: Callable[[dict[str, Any]], ClientApp] | None = None) -> Path:
+             client_app_factory: Callable[[dict[str, Any]], ClientApp] | None = None,
+             control: RunControl | None = None) -> Path:
     """Simulate ``cfg.federation.num_clients`` SuperNodes and run every round; return the run directory.
 
     Server and clients exchange real Flower messages; clients run in Ray worker processes,
     each of which keeps its base model loaded across rounds and virtual clients.
-    ``client_app_factory`` (run config -> ClientApp) replaces fedtune's ClientApp, e.g. to
-    wrap it with fault injection in tests.
+
+    Parameters
+    ----------
+    cfg : FedtuneConfig
+        The run's configuration.
+    verbose : bool
+        Show Flower's and Ray's logs (otherwise only fedtune's table and warnings).
+    client_app_factory : callable, optional
+        Run config -> ClientApp, replacing fedtune's, e.g. to inject faults in tests.
+    control : RunControl, optional
+        Shared with the ServerApp: set its ``stop`` to end the run (see :mod:`fedtune.interrupt`).
+
+    Raises
+    ------
+    FedtuneError
+        Whatever ended the run before its last round (a client's exception, no round
+        aggregated, a stop request); no adapter is written then, and the run directory
+        keeps its last checkpoint.
     """
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -32,24 +51,32 @@ def simulate(cfg: FedtuneConfig, verbose: bool = False,
 
     from fedtune.flower.client_app import make_client_app
     from fedtune.flower.server_app import make_server_app
+    from fedtune.server import RunControl
 
+    control = control or RunControl()
     preflight(cfg)
+    if control.stop.is_set():
+        raise RunInterrupted("stopped before the run started")
     run_config = to_run_config(cfg)
     outcome: dict[str, object] = {}
 
-    server_app = make_server_app(run_config, on_finish=lambda result: outcome.__setitem__("result", result))
+    server_app = make_server_app(run_config, on_finish=lambda result: outcome.__setitem__("result", result),
+                                 control=control)
     client_app = (client_app_factory or make_client_app)(run_config)
-    if not verbose:
-        logging.getLogger("flwr").setLevel(logging.ERROR)
+    quiet_flower(verbose)
     cpus = os.cpu_count() or 1
     backend_config = {
         "client_resources": {"num_cpus": min(cfg.federation.client_cpus, cpus), "num_gpus": 0.0},
         "init_args": {"num_cpus": cpus, "include_dashboard": False, "log_to_driver": verbose},
     }
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*run_simulation.*deprecated.*")
-        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.federation.num_clients,
-                       backend_config=backend_config, verbose_logging=verbose)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*run_simulation.*deprecated.*")
+            run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.federation.num_clients,
+                           backend_config=backend_config, verbose_logging=verbose)
+    except Exception:
+        if not isinstance(outcome.get("result"), BaseException):
+            raise  # the runtime itself failed, not the ServerApp
     result = outcome.get("result")
     if isinstance(result, BaseException):
         raise result
@@ -58,12 +85,22 @@ def simulate(cfg: FedtuneConfig, verbose: bool = False,
     return Path(str(result))
 
 
+def quiet_flower(verbose: bool) -> None:
+    """Unless ``verbose``, hide Flower's log: fedtune reports what ended a run, once.
+
+    Flower logs every ClientApp exception with its Ray traceback, once per client and
+    round; the ServerApp turns the first into one line (see :mod:`fedtune.flower.strategy_adapter`).
+    """
+    logging.getLogger("flwr").setLevel(logging.DEBUG if verbose else logging.CRITICAL)
+
+
 def preflight(cfg: FedtuneConfig) -> None:
-    """Fail fast, before Ray starts, on a model that cannot be found or data that cannot be read."""
+    """Fail fast, before Ray starts, on a model that cannot be found or data that cannot be read or split."""
     from transformers import AutoConfig
 
     from fedtune.checkpoint import checkpoint_to_resume
     from fedtune.data import load_splits
+    from fedtune.data.partition import partition_dataset
     from fedtune.errors import ModelLoadError
     from fedtune.models import resolve_model_path
 
@@ -73,6 +110,11 @@ def preflight(cfg: FedtuneConfig) -> None:
     try:
         AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
     except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot load model.name={cfg.model.name!r}: {e}. Give a local folder, a builtin: "
-                             "model, or a hub id with network access") from e
-    load_splits(cfg.data, cfg.model.task)
+        raise ModelLoadError(f"cannot load model.name={cfg.model.name!r}: {str(e).rstrip('.')}. Give a local "
+                             "folder, a builtin: model, or a hub id with network access") from e
+    pool, _ = load_splits(cfg.data, cfg.model.task)
+    with warnings.catch_warnings():
+        # flwr-datasets warns on every retry of a Dirichlet draw; the DataError after the last one says it all.
+        warnings.filterwarnings("ignore", message="The specified min_partition_size .* was not satisfied",
+                                category=UserWarning)
+        partition_dataset(pool, cfg.partition, cfg.federation.num_clients)  # e.g. more clients than examples

@@ -1,7 +1,7 @@
 """The strategy interface: what the server sends, what each client trains, how replies merge.
 
 A strategy is a plain Python object: tensors in, tensors out. It never sees a Flower
-message; :mod:`fedtune.flower.server_app` adapts every strategy to Flower once. The round
+message; :mod:`fedtune.flower.strategy_adapter` adapts every strategy to Flower once. The round
 loop (sampling, sending, waiting, evaluating, logging) belongs to the framework, so a
 strategy fills in three things:
 

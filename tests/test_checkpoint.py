@@ -21,7 +21,7 @@ from fedtune.checkpoint import (
 )
 from fedtune.config import load_config, to_yaml
 from fedtune.errors import ConfigError
-from fedtune.flower.server_app import update_norm
+from fedtune.flower.strategy_adapter import update_norm
 from strategies import FedIT, FLoRA, LoRAFAIR
 from fedtune.strategies.fedkseed.strategy import FedKSeed
 from tests.strategies.test_exact_strategies import spec, updates

@@ -16,6 +16,7 @@ from fedtune import protocol
 from fedtune.client import ClientReply
 from fedtune.codec import record_to_tensors, tensors_to_record
 from fedtune.config import load_config
+from fedtune.errors import NothingAggregatedError
 from fedtune.flower.client_app import make_client_app, reply_content
 from fedtune.simulation import simulate
 from tests.test_simulation import read_rows, tiny_overrides
@@ -89,9 +90,13 @@ def test_too_few_valid_replies_leave_the_global_model_unchanged(tiny_bert: str, 
     overrides = tiny_overrides(tiny_bert, tmp_path, rounds=1) + [
         "federation.num_clients=7", "federation.client_cpus=1", "federation.max_update_norm=50",
         f"federation.max_message_bytes={2**20}", "federation.min_replies=3", "data.max_examples=350"]
-    rows = read_rows(simulate(load_config(None, overrides), client_app_factory=faulty_client_app))
+    # Its only round skipped, the run aggregated nothing: a failure, with no adapter saved.
+    with pytest.raises(NothingAggregatedError):
+        simulate(load_config(None, overrides), client_app_factory=faulty_client_app)
+    rows = read_rows(tmp_path)
     assert rows[1]["round_skipped"] is True and rows[1]["clients_aggregated"] == 0
     assert rows[1]["eval_loss"] == rows[0]["eval_loss"]  # the initial adapter, evaluated again
+    assert not (tmp_path / "adapter").exists()
 
 
 def test_a_client_refuses_to_send_an_oversized_reply() -> None:

@@ -30,7 +30,8 @@ def test_the_framework_imports_no_method_module() -> None:
     assert offenders == []
 
 
-@pytest.mark.parametrize("name", ["client.py", "server.py", "flower/client_app.py", "flower/server_app.py"])
+@pytest.mark.parametrize("name", ["client.py", "server.py", "flower/client_app.py", "flower/server_app.py",
+                                  "flower/strategy_adapter.py"])
 def test_client_and_server_name_no_method(name: str) -> None:
     text = (ROOT / "fedtune" / name).read_text().lower()
     assert [w for w in METHOD_WORDS if w in text] == []

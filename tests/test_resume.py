@@ -45,16 +45,36 @@ def fedtune(*args: str) -> str:
     return out
 
 
-def kill_after_first_checkpoint(proc: subprocess.Popen, run_dir: Path) -> int:
-    """SIGKILL the whole process group once a round's checkpoint exists; return that round."""
+def wait_for_checkpoint(proc: subprocess.Popen, run_dir: Path) -> None:
+    """Return as soon as a round's checkpoint exists in ``run_dir``."""
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and proc.poll() is None:
         if (run_dir / "checkpoint.pt").is_file():
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            return load_checkpoint(run_dir).round
+            return
         time.sleep(0.05)
     raise AssertionError(f"no checkpoint appeared; the run ended with {proc.returncode}: {proc.stdout.read()[-2000:]}")
+
+
+def kill_after_first_checkpoint(proc: subprocess.Popen, run_dir: Path) -> int:
+    """SIGKILL the whole process group once a round's checkpoint exists; return that round."""
+    wait_for_checkpoint(proc, run_dir)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return load_checkpoint(run_dir).round
+
+
+def live_processes_in_session(sid: int) -> list[str]:
+    """Command lines of the live (not zombie) processes of session ``sid``: a run and its Ray processes."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["status", "cmdline"]):
+        try:
+            if os.getsid(p.pid) == sid and p.info["status"] != psutil.STATUS_ZOMBIE:
+                found.append(" ".join(p.info["cmdline"] or [])[:120])
+        except (ProcessLookupError, PermissionError):
+            continue
+    return found
 
 
 def saved_weights(run_dir: Path) -> Path:
@@ -95,6 +115,33 @@ def test_killed_then_resumed_equals_uninterrupted(strategy: str, uninterrupted: 
     assert all(torch.equal(a[k], b[k]) for k in a), "the resumed adapter differs from the uninterrupted one"
     assert results(read_rows(broken)) == results(read_rows(whole))
     assert load_checkpoint(broken).round == ROUNDS
+
+
+def test_ctrl_c_stops_within_seconds_keeps_the_checkpoint_and_resumes_bitwise(
+        uninterrupted: dict[str, Path], tiny_bert: str, tmp_path: Path) -> None:
+    whole, broken = uninterrupted["fedit"], tmp_path / "broken"
+    proc = start_fedtune("simulate", *tiny_overrides(tiny_bert, broken, rounds=ROUNDS), "federation.client_cpus=1")
+    wait_for_checkpoint(proc, broken)
+    sent = time.monotonic()
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: the whole foreground group
+    try:
+        out, _ = proc.communicate(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError(f"still running 15 s after Ctrl-C: {proc.communicate()[0][-3000:]}") from None
+    assert proc.returncode == 130, out[-3000:]
+    assert time.monotonic() - sent < 15
+    assert "Traceback" not in out
+    assert f"Continue with:\n  fedtune resume {broken}" in out
+    assert live_processes_in_session(proc.pid) == []  # Ray's processes are gone too
+    stopped_after = load_checkpoint(broken).round
+    assert 1 <= stopped_after < ROUNDS, "the run finished before Ctrl-C"
+    assert not (broken / "adapter").exists()
+
+    assert f"resumed after round {stopped_after}" in fedtune("resume", str(broken))
+    a, b = load_file(saved_weights(whole)), load_file(saved_weights(broken))
+    assert all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
+    assert results(read_rows(broken)) == results(read_rows(whole))
 
 
 def test_resume_refuses_a_different_configuration_before_loading_anything(uninterrupted: dict[str, Path]) -> None:

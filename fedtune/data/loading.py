@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import inspect
 from pathlib import Path
 
 import datasets
@@ -32,6 +33,16 @@ def _format_of(path: Path, declared: str) -> str:
                     "to json, jsonl, csv, tsv or disk")
 
 
+def _json_options() -> dict[str, object]:
+    """Read JSON values as they are: "04" or "1e5" stay strings, a "date" column is not parsed.
+
+    ``dtype=False`` does both from pandas 3 on, which deprecates ``convert_dates``; older
+    pandas still converts date-like column names unless told not to.
+    """
+    default = inspect.signature(pd.read_json).parameters["convert_dates"].default
+    return {"dtype": False} if default is not True else {"dtype": False, "convert_dates": False}
+
+
 def _read_frame(path: Path, fmt: str, column_names: list[str] | None) -> pd.DataFrame:
     header = None if column_names else "infer"
     if fmt == "csv":
@@ -40,15 +51,25 @@ def _read_frame(path: Path, fmt: str, column_names: list[str] | None) -> pd.Data
         # SST-style TSV files carry bare quotes inside sentences: read them literally.
         return pd.read_csv(path, sep="\t", header=header, names=column_names,
                            quoting=csv.QUOTE_NONE, keep_default_na=False)
-    # dtype=False: keep "04" or "1e5" as the strings they are.
     if fmt == "jsonl":
-        return pd.read_json(path, lines=True, dtype=False, convert_dates=False)
+        return pd.read_json(path, lines=True, **_json_options())
     if fmt == "json":
         try:
-            return pd.read_json(path, dtype=False, convert_dates=False)
+            return pd.read_json(path, **_json_options())
         except ValueError:
-            return pd.read_json(path, lines=True, dtype=False, convert_dates=False)
+            return pd.read_json(path, lines=True, **_json_options())
     raise DataError(f"unsupported data.format {fmt!r}")
+
+
+def _check_not_empty(path: Path, source: str, fmt: str) -> None:
+    """Raise :class:`DataError` naming the file and the fix when it holds nothing but whitespace."""
+    if path.stat().st_size > 4096 or path.read_bytes().strip():
+        return
+    shape = {"csv": "a header row (e.g. text,label) and one example per line",
+             "tsv": "a header row and one tab-separated example per line",
+             "jsonl": "one JSON object per line", "json": "a JSON list of objects"}.get(fmt, "examples")
+    raise DataError(f"data file {source!r} is empty; put {shape} in it, or point data.source "
+                    "(data.test_source) at another file")
 
 
 def read_table(source: str, cfg: DataConfig) -> datasets.Dataset:
@@ -63,6 +84,7 @@ def read_table(source: str, cfg: DataConfig) -> datasets.Dataset:
             split = "train" if "train" in loaded else next(iter(loaded))
             loaded = loaded[split]
         return loaded
+    _check_not_empty(path, source, fmt)
     try:
         frame = _read_frame(path, fmt, cfg.column_names)
     except (ValueError, pd.errors.ParserError) as e:
@@ -138,7 +160,8 @@ def load_splits(cfg: DataConfig, task: str) -> tuple[datasets.Dataset, datasets.
     if task == "classification":
         train, test, _ = encode_labels(train, test)
     if len(train) == 0:
-        raise DataError(f"data.source={cfg.source!r} holds no examples")
+        raise DataError(f"data.source={cfg.source!r} holds no examples; add rows to it, or point data.source "
+                        "at another file")
     return train, test
 
 

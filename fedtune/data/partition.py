@@ -68,7 +68,8 @@ def partition_dataset(pool: datasets.Dataset, cfg: PartitionConfig, num_partitio
         partitioner.dataset = pool
         return [partitioner.load_partition(i) for i in range(num_partitions)]
     except ValueError as e:
-        raise DataError(f"partition.method={cfg.method!r} failed for {num_partitions} clients: {e}. "
+        reason = str(e).rstrip(".")
+        raise DataError(f"partition.method={cfg.method!r} failed for {num_partitions} clients: {reason}. "
                         "Lower partition.min_partition_size or raise partition.alpha") from e
 
 

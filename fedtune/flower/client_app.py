@@ -16,6 +16,7 @@ from fedtune import client_state, protocol  # noqa: E402
 from fedtune.client import runtime_for  # noqa: E402
 from fedtune.codec import record_to_tensors, tensors_to_record, wire_bytes  # noqa: E402
 from fedtune.config import FedtuneConfig, config_from_run_config  # noqa: E402
+from fedtune.flower.federation_size import with_federation_size  # noqa: E402
 from fedtune.routine import ClientReply, ClientState  # noqa: E402
 
 # Where a client's own state lives in Flower's context.state (it follows the client across processes).
@@ -52,9 +53,12 @@ def store_state(context: Context, config: ConfigRecord, partition_id: int, state
 
 
 def _config(context: Context, fixed_run_config: Mapping[str, Any] | None) -> FedtuneConfig:
+    run_config = {**dict(context.run_config), **dict(fixed_run_config or {})}
+    if protocol.NUM_PARTITIONS in context.node_config:
+        # A run config without federation.num_clients takes the federation's size, as the server does.
+        run_config = with_federation_size(run_config, int(context.node_config[protocol.NUM_PARTITIONS]))
     # The strategy runs on the server only: clients need not be able to import it.
-    return config_from_run_config({**dict(context.run_config), **dict(fixed_run_config or {})},
-                                  check_strategy=False)
+    return config_from_run_config(run_config, check_strategy=False)
 
 
 def _partition_id(context: Context, cfg: FedtuneConfig) -> int:
@@ -86,7 +90,8 @@ def reply_content(reply: ClientReply, cfg: FedtuneConfig, partition_id: int) -> 
         content[protocol.ARRAYS] = tensors_to_record(reply.arrays)
     size, limit = wire_bytes(content), cfg.federation.max_message_bytes
     if size > limit:
-        # Fails this message (the server logs the reason) instead of sending what it would reject.
+        # Fails this message instead of sending what the server would reject; the server then
+        # stops the run with this reason (the reply would be as large next round).
         raise ValueError(f"the reply would be {size:,} bytes, more than federation.max_message_bytes={limit:,}; "
                          f"raise the limit or send a smaller adapter (lower adapter.rank or target_modules)")
     return content
