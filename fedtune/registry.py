@@ -61,7 +61,7 @@ class Registry(Generic[T]):
 
     def registered(self) -> dict[str, T]:
         """Every registered entry by name, built-ins included."""
-        importlib.import_module(BUILT_INS).import_all()
+        import_built_ins()
         return dict(sorted(self._entries.items()))
 
     def resolve(self, name: str) -> T:
@@ -84,6 +84,11 @@ class Registry(Generic[T]):
             raise ConfigError([f"{self.key}={name!r}: {attr!r} in {module_name!r} is not a subclass of "
                                f"{self.base.__module__}.{self.base.__name__}"])
         return cls
+
+
+def import_built_ins() -> None:
+    """Import every built-in method, which registers its strategy and client routines."""
+    importlib.import_module(BUILT_INS).import_all()
 
 
 def strategy_name_problem(name: str) -> str | None:

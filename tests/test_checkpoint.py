@@ -22,7 +22,7 @@ from fedtune.checkpoint import (
 from fedtune.config import load_config, to_yaml
 from fedtune.errors import ConfigError
 from fedtune.flower.strategy_adapter import update_norm
-from strategies import FedIT, FLoRA, LoRAFAIR
+from fedtune.strategies import FedIT, FLoRA, LoRAFAIR
 from fedtune.strategies.fedkseed.strategy import FedKSeed
 from tests.strategies.test_exact_strategies import spec, updates
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import fedtune.strategies
 import fedtune.strategy as strategy_module
-import strategies  # noqa: F401  (registers the built-ins in the real registry before any test patches it)
 from fedtune.errors import ConfigError, InvalidUpdateError
 from fedtune.strategy import (
     ClientInstruction,
@@ -26,6 +26,8 @@ from fedtune.strategy import (
     shapes_of,
 )
 from fedtune.strategies.fedit import FedIT
+
+fedtune.strategies.import_all()  # registers the built-ins in the real registry before any test patches it
 
 
 class _Minimal(Strategy):

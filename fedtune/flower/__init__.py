@@ -23,6 +23,6 @@ from transformers import (  # noqa: F401
     AutoTokenizer,
 )
 
-import fedtune.strategies  # noqa: E402
+from fedtune.registry import import_built_ins  # noqa: E402
 
-fedtune.strategies.import_all()
+import_built_ins()

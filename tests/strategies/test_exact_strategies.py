@@ -13,7 +13,7 @@ from fedtune.errors import AggregationError, ConfigError
 from fedtune.config import load_config
 from fedtune.strategies.flora.residual import Residual, residual_key, split_residual
 from fedtune.strategy import AdapterSpec, ClientUpdate
-from strategies import FFALoRA, FLoRA, FedIT, LoRAFAIR
+from fedtune.strategies import FFALoRA, FLoRA, FedIT, LoRAFAIR
 
 M, N = 12, 10
 MODULES = ("layer0.q", "layer1.v")
