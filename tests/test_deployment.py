@@ -217,6 +217,16 @@ def test_fedkseed_on_the_same_federation(federation: Federation, tiny_bert: str)
     assert (out / MODEL_DIR / "model.safetensors").is_file()  # full-parameter tuning: a whole model
 
 
+def test_a_method_with_its_own_client_routine_from_a_file_outside_the_package(federation: Federation,
+                                                                          tiny_bert: str) -> None:
+    """examples/fedprox.py holds both halves; the SuperNodes' ClientApps find its routine by strategy.name."""
+    out = federation.root / "runs" / "fedprox"
+    name = "examples/fedprox.py:FedProx"
+    federation.submit(*tiny_overrides(tiny_bert, out), f"strategy.name={name}", "strategy.options.mu=0.1")
+    check_run(out, name)
+    assert (out / ADAPTER_DIR / "adapter_model.safetensors").is_file()
+
+
 def test_an_adapter_of_tens_of_megabytes_goes_through_the_transport(federation: Federation, tiny_bert: str) -> None:
     """LoRA of rank 256 on the 30,522-word embedding: A alone is 256 x 30,522 float32, 31 MB per message."""
     out = federation.root / "runs" / "large"

@@ -22,6 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 ROUNDS = 2
 STRATEGIES = {
     "fedit": [],
+    # Each client's personal B lives in its own state: the resumed run reads it from the client's disk.
+    "fedsa-lora": ["strategy.name=fedsa-lora"],
     "fedkseed": ["strategy.name=fedkseed", "strategy.options.tune=full", "strategy.options.k=64", "strategy.options.steps=6",
                  "strategy.options.lr=1e-3", "strategy.options.eps=1e-3", "adapter.dropout=0.0"],
 }
