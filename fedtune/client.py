@@ -191,8 +191,7 @@ class ClientRuntime:
         options = {k[len(protocol.STRATEGY_PREFIX):]: v for k, v in config.items()
                    if k.startswith(protocol.STRATEGY_PREFIX)}
         return ClientJob(partition_id=partition_id, server_round=server_round, arrays=dict(arrays),
-                         trainable=tuple(trainable), options=options, state=state or ClientState(),
-                         quantized_base_ok=config.get(protocol.QUANTIZED_BASE_OK) is not False)
+                         trainable=tuple(trainable), options=options, state=state or ClientState())
 
     def train(self, partition_id: int, server_round: int, arrays: Mapping[str, torch.Tensor],
               trainable: Sequence[str], routine: str, config: Mapping[str, Any] | None = None,
@@ -210,9 +209,13 @@ class ClientRuntime:
                              f"loads its base as model.quantization={model_cfg.quantization!r}; give it "
                              "model.quantization=none (node config or model.client_quantization)")
         job = self.job(partition_id, server_round, arrays, trainable, config, state)
-        return self.routine(routine).train(job)
+        runner = self.routine(routine)
+        if self.cfg.privacy.enabled and not runner.supports_privacy:
+            raise ValueError(f"privacy.enabled=true but client routine {routine!r} does not apply DP-SGD; use a "
+                             "method whose routine does, or set privacy.enabled=false")
+        return runner.train(job)
 
-    def evaluate(self, partition_id: int, arrays: Mapping[str, torch.Tensor], routine: str = "gradient",
+    def evaluate(self, partition_id: int, arrays: Mapping[str, torch.Tensor], routine: str = protocol.DEFAULT_ROUTINE,
                  config: Mapping[str, Any] | None = None, trainable: Sequence[str] = (),
                  server_round: int = 0, state: ClientState | None = None) -> ClientReply:
         """Evaluate the server's global model on this client's local eval split."""

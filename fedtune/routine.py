@@ -87,8 +87,6 @@ class ClientJob:
         The strategy's settings for this instruction (``ClientInstruction.config``).
     state : ClientState
         This client's own state.
-    quantized_base_ok : bool
-        Whether the strategy accepts a quantized base on this client.
     """
 
     partition_id: int
@@ -97,7 +95,6 @@ class ClientJob:
     trainable: tuple[str, ...]
     options: Mapping[str, Any]
     state: ClientState
-    quantized_base_ok: bool = True
 
 
 class ClientRoutine(ABC):
@@ -110,7 +107,7 @@ class ClientRoutine(ABC):
     """
 
     name: ClassVar[str] = ""
-    # Whether train() is DP-SGD when privacy.enabled (the strategy check reads its strategy's flag).
+    # Whether train() applies DP-SGD when privacy.enabled; a client refuses to run one that does not.
     supports_privacy: ClassVar[bool] = False
 
     def __init__(self, client: ClientRuntime) -> None:
@@ -136,6 +133,8 @@ class GradientRoutine(ClientRoutine):
 
     name = protocol.DEFAULT_ROUTINE
     supports_privacy = True
+    # Full-batch steps the method spends besides local training (privacy calibration).
+    full_batch_steps: ClassVar[int] = 0
 
     def load(self, job: ClientJob) -> tuple[AdapterHandle, float]:
         """Put the server's tensors into this client's model; return it and the seconds it took."""
@@ -144,9 +143,6 @@ class GradientRoutine(ClientRoutine):
     def regularizer(self, job: ClientJob, handle: AdapterHandle) -> Callable[[], torch.Tensor] | None:
         """A term added to every batch's loss (none by default)."""
         return None
-
-    # Full-batch steps the method spends besides local training (privacy calibration).
-    full_batch_steps: ClassVar[int] = 0
 
     def train(self, job: ClientJob) -> ClientReply:
         handle, load_seconds = self.load(job)

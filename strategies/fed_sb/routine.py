@@ -46,6 +46,7 @@ class LoraSBInitRoutine(ClientRoutine):
     """
 
     name = LORA_SB_INIT_ROUTINE
+    supports_privacy = True  # the estimate is clipped and noised, and accounted once
 
     def train(self, job: ClientJob) -> ClientReply:
         cfg = self.client.cfg
