@@ -18,6 +18,9 @@ def _split_config_and_overrides(items: Sequence[str]) -> tuple[str | None, list[
 
 def _run(cfg: object, verbose: bool) -> int:
     """Simulate ``cfg``; Ctrl-C stops it (exit 130) as :mod:`fedtune.interrupt` describes."""
+    from fedtune.quiet import quiet_libraries
+
+    quiet_libraries()  # only now: a config that fails its checks is reported without loading the stack
     from fedtune.errors import RunInterrupted
     from fedtune.interrupt import EXIT_CODE, report_interrupted, stop_on_interrupt
     from fedtune.server import RunControl
@@ -102,9 +105,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     verbose = getattr(args, "verbose", False)
     try:
-        from fedtune.quiet import quiet_libraries
-
-        quiet_libraries()
         return int(args.func(args))
     except ConfigError as e:
         print(f"fedtune: {e}", file=sys.stderr)

@@ -180,8 +180,8 @@ class ClientRuntime:
                 import_by_path(strategy.rpartition(":")[0])
             try:
                 cls = resolve_routine(name)
-            except ConfigError as e:  # one line for the server's log, not a config report
-                raise ValueError("; ".join(e.problems) + f"; this client runs fedtune {__version__}") from e
+            except ConfigError as e:  # one line for the server's log, not a config report or a chain
+                raise ValueError("; ".join(e.problems) + f"; this client runs fedtune {__version__}") from None
             self._routines[name] = cls(self)
         return self._routines[name]
 

@@ -46,12 +46,17 @@ def test_an_unknown_routine_names_the_known_ones() -> None:
         resolve_routine("nope")
 
 
-def test_a_user_routine_comes_from_the_file_named_by_strategy_name(tiny_bert: str, registry: dict) -> None:
+def test_a_user_routine_comes_from_the_file_named_by_strategy_name(tiny_bert: str, tmp_path: Path,
+                                                                  registry: dict) -> None:
     """The client imports the strategy's file before looking the routine up: nothing registered by hand."""
-    assert "fedprox" not in registry
-    cfg = load_config(None, [f"model.name={tiny_bert}", f"strategy.name={EXAMPLES / 'fedprox.py'}:FedProx",
-                             "data.max_examples=48", "train.local_steps=1", "data.max_length=16"])
+    registry.pop("fedprox", None)  # another test may have run the example in this process
+    copy = tmp_path / "fedprox_copy.py"  # a path not imported before: its module runs and registers here
+    copy.write_text((EXAMPLES / "fedprox.py").read_text())
+    # As on a client: the config is read without building the strategy.
+    cfg = load_config(None, [f"model.name={tiny_bert}", f"strategy.name={copy}:FedProx",
+                             "data.max_examples=48", "train.local_steps=1", "data.max_length=16"], check_strategy=False)
     runtime = ClientRuntime(cfg, run_id=11)
+    assert "fedprox" not in registry
     routine = runtime.routine("fedprox")
     assert isinstance(routine, ClientRoutine) and type(routine).__name__ == "ProximalRoutine"
     assert runtime.routine("fedprox") is routine  # one per runtime
