@@ -104,6 +104,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = build_parser().parse_args(argv)
     verbose = getattr(args, "verbose", False)
+    from fedtune.quiet import quiet_notices
+
+    quiet_notices()
     try:
         return int(args.func(args))
     except ConfigError as e:

@@ -26,8 +26,8 @@ class _DropMessage(logging.Filter):
         return not str(record.msg).startswith(self.prefix)
 
 
-def quiet_libraries() -> None:
-    """Hide datasets' progress bars, transformers' load reports and known-harmless notices."""
+def quiet_notices() -> None:
+    """Filter the known-harmless notices; imports nothing heavy, so call it first thing."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Ray warns, on every start without GPUs, that a future version stops overriding
     # CUDA_VISIBLE_DEVICES for zero-GPU workers; this opts in to that behaviour now.
@@ -35,13 +35,18 @@ def quiet_libraries() -> None:
     bnb = logging.getLogger("bitsandbytes.backends.cpu.ops")  # before bitsandbytes is imported
     if not any(isinstance(f, _DropMessage) for f in bnb.filters):
         bnb.addFilter(_DropMessage(_BNB_KERNELS_NOTICE))
+    warnings.filterwarnings("ignore", message=".*gemm_4bit_forward.*")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*torch.jit.script_method.*", category=DeprecationWarning)
+
+
+def quiet_libraries() -> None:
+    """:func:`quiet_notices`, and hide datasets' progress bars and transformers' load reports."""
+    quiet_notices()
     import datasets
     import transformers
 
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", message=".*gemm_4bit_forward.*")
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=".*torch.jit.script_method.*", category=DeprecationWarning)
