@@ -8,16 +8,13 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedtune.quiet import quiet_libraries
-
-quiet_libraries()  # before peft/bitsandbytes are imported below
-
-from fedtune import client_state, protocol  # noqa: E402
-from fedtune.client import runtime_for  # noqa: E402
-from fedtune.codec import record_to_tensors, tensors_to_record, wire_bytes  # noqa: E402
-from fedtune.config import FedtuneConfig, config_from_run_config  # noqa: E402
-from fedtune.flower.federation_size import with_federation_size  # noqa: E402
-from fedtune.routine import ClientReply, ClientState  # noqa: E402
+# fedtune.flower (this package) has quietened the libraries and loaded the stack already.
+from fedtune import client_state, protocol
+from fedtune.client import runtime_for
+from fedtune.codec import record_to_tensors, tensors_to_record, wire_bytes
+from fedtune.config import FedtuneConfig, config_from_run_config
+from fedtune.flower.federation_size import with_federation_size
+from fedtune.routine import ClientReply, ClientState
 
 # Where a client's own state lives in Flower's context.state (it follows the client across processes).
 STATE_VALUES = "fedtune.client-state"
@@ -40,8 +37,10 @@ def load_state(context: Context, config: ConfigRecord, partition_id: int) -> Cli
 
 def store_state(context: Context, config: ConfigRecord, partition_id: int, state: ClientState) -> None:
     """Keep what the routine left in ``state``: in ``context.state`` and on this client's disk."""
-    if not (state.values or state.tensors):
-        return
+    records = context.state
+    had_state = STATE_VALUES in records.config_records or STATE_TENSORS in records.array_records
+    if not (state.values or state.tensors or had_state):
+        return  # a routine that keeps nothing writes nothing
     context.state[STATE_VALUES] = ConfigRecord(state.values)
     if state.tensors:
         context.state[STATE_TENSORS] = tensors_to_record(state.tensors)

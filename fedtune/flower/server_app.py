@@ -15,7 +15,6 @@ from fedtune.config import FedtuneConfig, config_from_run_config
 from fedtune.errors import FedtuneError, RunInterrupted
 from fedtune.flower.federation_size import (check_federation_size, count_simulated_nodes, is_simulation,
                                             with_federation_size)
-from fedtune.quiet import quiet_libraries
 from fedtune.server import RunControl, run_federation
 
 
@@ -131,7 +130,6 @@ def make_server_app(fixed_run_config: Mapping[str, Any] | None = None,
     return app
 
 
-quiet_libraries()
 app = make_server_app()
 
 __all__ = ["StoppableGrid", "app", "make_server_app", "server_config"]

@@ -24,13 +24,10 @@ class FLoRARoutine(GradientRoutine):
 
     def load(self, job: ClientJob) -> tuple[AdapterHandle, float]:
         plain, rounds = split_residual(job.arrays)
-        handle, load_seconds = self.client.prepare(_with_arrays(job, plain))
+        handle, load_seconds = self.client.prepare(dataclasses.replace(job, arrays=plain))
         residual = residual_of(handle.model)
         residual.claim(self.client.run_id)  # merges of an earlier run in this process do not carry over
         residual.catch_up()  # another base of this run in this process may have merged more rounds
         residual.merge_rounds(rounds)
         return handle, load_seconds
 
-
-def _with_arrays(job: ClientJob, arrays: dict) -> ClientJob:
-    return dataclasses.replace(job, arrays=arrays)
