@@ -191,18 +191,38 @@ def average_non_lora(
     return weighted_average(rest, weights) if rest and rest[0] else {}
 
 
+def low_rank_norm(terms: Sequence[tuple[float, torch.Tensor, torch.Tensor]]) -> float:
+    """‖Σ_i c_i·B_i·A_i‖_F from the factors, never an m×n matrix (float64).
+
+    With B = [c_1·B_1, …] (m×R) = Q·R_b (thin QR), ‖B·A‖_F = ‖R_b·A‖_F since Q has orthonormal
+    columns: O((m + n)·R) memory. The QR is backward stable, so a difference of nearly equal
+    terms (an exact method's error) is not lost to cancellation, as it would be in a sum of
+    Gram products.
+    """
+    b = torch.cat([c * bt.to(torch.float64) for c, bt, _ in terms], dim=1)
+    a = torch.cat([at.to(torch.float64) for _, _, at in terms], dim=0)
+    _, r_b = torch.linalg.qr(b)
+    return float(torch.linalg.matrix_norm(r_b @ a))
+
+
 def factor_average_error(
     tensors: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float], averaged: Mapping[str, torch.Tensor]
 ) -> float:
     """‖B̄Ā − Σ p_k B_k A_k‖ / ‖Σ p_k B_k A_k‖: how far averaging the factors is from the ideal.
 
     Every client has the same scaling here, so it cancels in the ratio. NaN when the
-    tensors hold no complete A/B pair.
+    tensors hold no complete A/B pair. Computed from the factors (:func:`low_rank_norm`),
+    one module at a time.
     """
     modules = lora_modules(averaged, strict=False)
     if not modules:
         return float("nan")  # nothing to measure: no complete A/B pair
-    ideal = ideal_updates([{k: t[k] for m in modules for k in (m + LORA_A, m + LORA_B)} for t in tensors],
-                          weights, [1.0] * len(tensors))
-    got = {m: averaged[m + LORA_B].to(torch.float64) @ averaged[m + LORA_A].to(torch.float64) for m in modules}
-    return relative_error(ideal, got)
+    probs = normalized_weights(weights)
+    num = den = 0.0
+    for m in modules:
+        ideal = [(p, t[m + LORA_B], t[m + LORA_A]) for p, t in zip(probs, tensors)]
+        num += low_rank_norm([*ideal, (-1.0, averaged[m + LORA_B], averaged[m + LORA_A])]) ** 2
+        den += low_rank_norm(ideal) ** 2
+    if den == 0.0:
+        return 0.0 if num == 0.0 else float("inf")
+    return (num / den) ** 0.5

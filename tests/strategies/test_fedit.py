@@ -260,3 +260,28 @@ def test_fedit_is_exact_for_one_client() -> None:
     strategy.aggregate(1, [update(0, client, 50)])
     glob = strategy.global_adapter()
     assert torch.equal(glob[B_KEY] @ glob[A_KEY], client[B_KEY] @ client[A_KEY])
+
+
+def test_factor_average_error_from_the_factors_equals_the_dense_computation() -> None:
+    """The factored metric against the dense one (m×n per module) on small shapes, and at 0."""
+    from fedtune.strategies.aggregation import (factor_average_error, ideal_updates, low_rank_norm,
+                                                relative_error)
+
+    g = torch.Generator().manual_seed(3)
+    clients = []
+    for _ in range(3):
+        tensors = {}
+        for i in range(2):
+            tensors[f"m{i}.lora_A.weight"] = torch.randn(3, 7, generator=g)
+            tensors[f"m{i}.lora_B.weight"] = torch.randn(9, 3, generator=g)
+        clients.append(tensors)
+    weights = [1.0, 2.0, 5.0]
+    averaged = weighted_average(clients, weights)
+    ideal = ideal_updates(clients, weights, [1.0] * 3)
+    dense = relative_error(ideal, {f"m{i}": averaged[f"m{i}.lora_B.weight"].double()
+                                   @ averaged[f"m{i}.lora_A.weight"].double() for i in range(2)})
+    assert abs(factor_average_error(clients, weights, averaged) - dense) < 1e-12 * max(dense, 1.0)
+    # One client: the average is exact, and the factored difference is float64 rounding, not cancellation.
+    assert factor_average_error(clients[:1], [1.0], clients[0]) < 1e-15
+    b, a = torch.randn(9, 3, generator=g, dtype=torch.float64), torch.randn(3, 7, generator=g, dtype=torch.float64)
+    assert abs(low_rank_norm([(2.0, b, a)]) - float((2 * b @ a).norm())) < 1e-12 * float((b @ a).norm())
