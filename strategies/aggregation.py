@@ -205,24 +205,46 @@ def low_rank_norm(terms: Sequence[tuple[float, torch.Tensor, torch.Tensor]]) -> 
     return float(torch.linalg.matrix_norm(r_b @ a))
 
 
+Term = tuple[float, torch.Tensor, torch.Tensor]  # (c, B, A): the low-rank matrix c·B·A
+
+
+def factored_relative_error(ideal: Mapping[str, Sequence[Term]], got: Mapping[str, Sequence[Term]]) -> float:
+    """‖got − ideal‖_F / ‖ideal‖_F over all modules, each side a sum of low-rank terms c·B·A.
+
+    The factored counterpart of :func:`relative_error`: one module at a time, through
+    :func:`low_rank_norm`, so memory is O((m + n)·R) for the largest module, never m×n.
+    0 when the ideal is zero and got equals it, inf when only the ideal is zero.
+    """
+    num = den = 0.0
+    for module, ideal_terms in ideal.items():
+        difference = [*ideal_terms, *((-c, b, a) for c, b, a in got[module])]
+        num += low_rank_norm(difference) ** 2
+        den += low_rank_norm(ideal_terms) ** 2
+    if den == 0.0:
+        return 0.0 if num == 0.0 else float("inf")
+    return (num / den) ** 0.5
+
+
+def ideal_terms(tensors: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float],
+                scalings: Sequence[float], modules: Sequence[str] | None = None) -> dict[str, list[Term]]:
+    """Σ_k p_k·s_k·B_k·A_k per module as its terms, for :func:`factored_relative_error`."""
+    probs = normalized_weights(weights)
+    modules = lora_modules(tensors[0]) if modules is None else modules
+    return {m: [(p * s, t[m + LORA_B], t[m + LORA_A]) for p, s, t in zip(probs, scalings, tensors)] for m in modules}
+
+
 def factor_average_error(
     tensors: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float], averaged: Mapping[str, torch.Tensor]
 ) -> float:
     """‖B̄Ā − Σ p_k B_k A_k‖ / ‖Σ p_k B_k A_k‖: how far averaging the factors is from the ideal.
 
     Every client has the same scaling here, so it cancels in the ratio. NaN when the
-    tensors hold no complete A/B pair. Computed from the factors (:func:`low_rank_norm`),
-    one module at a time.
+    tensors hold no complete A/B pair. Computed from the factors, one module at a time
+    (:func:`factored_relative_error`).
     """
     modules = lora_modules(averaged, strict=False)
     if not modules:
         return float("nan")  # nothing to measure: no complete A/B pair
-    probs = normalized_weights(weights)
-    num = den = 0.0
-    for m in modules:
-        ideal = [(p, t[m + LORA_B], t[m + LORA_A]) for p, t in zip(probs, tensors)]
-        num += low_rank_norm([*ideal, (-1.0, averaged[m + LORA_B], averaged[m + LORA_A])]) ** 2
-        den += low_rank_norm(ideal) ** 2
-    if den == 0.0:
-        return 0.0 if num == 0.0 else float("inf")
-    return (num / den) ** 0.5
+    ideal = ideal_terms(tensors, weights, [1.0] * len(tensors), modules)
+    got = {m: [(1.0, averaged[m + LORA_B], averaged[m + LORA_A])] for m in modules}
+    return factored_relative_error(ideal, got)
