@@ -212,24 +212,25 @@ def _gradients(handle, train) -> dict[str, torch.Tensor]:
 
 
 def test_a_merged_update_sits_beside_a_quantized_base_exactly(tiny_bert: str) -> None:
-    """FLoRA's merge on a 4-bit layer: y = layer(x) + x @ ΔWᵀ, the packed weights untouched."""
+    """FLoRA's merge on a 4-bit layer: y = layer(x) + (x @ Aᵀ) @ Bᵀ, the packed weights untouched."""
     handle = handle_for(tiny_bert, "4bit")
     handle.load({})
     name = "base_model.model.bert.encoder.layer.1.attention.self.value"
     layer = handle.model.get_submodule(name)
     packed = layer.base_layer.weight.data.clone()
     x = torch.randn(3, 5, 32, generator=torch.Generator().manual_seed(0))
-    delta = 1e-4 * torch.randn(32, 32, generator=torch.Generator().manual_seed(1))  # far below the 4-bit step
+    a = 1e-2 * torch.randn(4, 32, generator=torch.Generator().manual_seed(1))  # B·A far below the 4-bit step
+    b = 1e-2 * torch.randn(32, 4, generator=torch.Generator().manual_seed(2))
     residual = residual_of(handle.model)
     residual.claim("test-merge")
     with torch.no_grad():
         plain = layer(x)
-        residual.add(name, delta)
+        residual.add(name, a, b)
         merged = layer(x)
     residual.clear()
     assert torch.equal(layer.base_layer.weight.data, packed)
-    # float32 rounding of one 32-term dot product per output, relative to outputs of size ~1.
-    torch.testing.assert_close(merged - plain, x @ delta.T, rtol=0, atol=1e-6)
+    # float32 rounding of short dot products, relative to outputs of size ~1.
+    torch.testing.assert_close(merged - plain, x @ (b @ a).T, rtol=0, atol=1e-6)
 
 
 def test_a_base_that_fell_behind_catches_up_from_another_base_of_the_run() -> None:
@@ -250,7 +251,7 @@ def test_a_base_that_fell_behind_catches_up_from_another_base_of_the_run() -> No
     behind.claim("run-a")
     assert behind.catch_up() == 2
     assert behind.merge_rounds({3: rounds[3]}) == [3] and ahead.merge_rounds({3: rounds[3]}) == [3]
-    assert torch.equal(behind.deltas["lin"], ahead.deltas["lin"])  # bitwise: same factors, same order
+    assert torch.equal(behind.deltas["lin"].to_dense(), ahead.deltas["lin"].to_dense())  # bitwise: same factors, same order
     stranger = residual_of(other_run)
     stranger.claim("run-b")
     assert stranger.catch_up() == 0 and not stranger.deltas

@@ -1,11 +1,19 @@
-"""Merged updates kept beside the base weights, at full precision.
+"""Merged updates kept beside the base weights: a frozen low-rank branch per adapted layer.
 
 Strategies that merge each round's update into the model (FLoRA) cannot write it into the
 base weights when those are quantized (the update is far below the quantization step) and
 should not on a base model that a process shares between virtual clients. Instead each
-adapted layer gets a dense float32 delta ΔW, added to its output by a forward hook:
-``y = layer(x) + x @ ΔWᵀ``. The base weights stay untouched and the merge is exact up to
-float32 rounding, whatever the base's dtype or quantization.
+adapted layer gets a frozen branch holding ΔW = Σ_rounds B_round·A_round, added to its
+output by a forward hook: ``y = layer(x) + (x @ Aᵀ) @ Bᵀ``. The base weights stay untouched
+and the merge is exact up to float32 rounding, whatever the base's dtype or quantization.
+
+The branch keeps the factors themselves, concatenated (rank R = Σ of the merged ranks),
+while that is the smaller exact form, R·(m + n) < m·n; from there on it holds ΔW densely
+(:class:`MergedDelta`). Exact re-compression would not help: an SVD of the factors can only
+drop zero singular values, and a sum of independently trained LoRAs has full rank until
+min(m, n); a rank-R m×n matrix has R·(m + n − R) degrees of freedom, so near the break-even
+rank no exact form is smaller than the dense one. Memory per layer is
+4·min(R·(m + n), m·n) bytes.
 
 Updates travel as low-rank factors named ``residual.<round>.<module>.lora_A.weight`` /
 ``...lora_B.weight`` with ΔW_round = B @ A (any scaling already folded into A); a process
@@ -61,21 +69,86 @@ def split_residual(arrays: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.
     return plain, rounds
 
 
+class MergedDelta:
+    """ΔW (m×n) of one layer, as concatenated factors B·A while they are smaller, then dense.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        (out_features, in_features) of the layer.
+    """
+
+    def __init__(self, shape: tuple[int, int]) -> None:
+        self.shape = shape
+        self.a = torch.zeros(0, shape[1])  # R×n, float32
+        self.b = torch.zeros(shape[0], 0)  # m×R
+        self.dense: torch.Tensor | None = None  # m×n once the factors would be larger
+
+    @property
+    def rank(self) -> int:
+        """Columns of the factored form (min(m, n) once dense)."""
+        return min(self.shape) if self.dense is not None else self.a.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        held = [self.dense] if self.dense is not None else [self.a, self.b]
+        return sum(t.numel() * t.element_size() for t in held)
+
+    def add(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """ΔW += B·A for factors B (m×r) and A (r×n)."""
+        if b.shape[0] != self.shape[0] or a.shape[1] != self.shape[1] or a.shape[0] != b.shape[1]:
+            raise InvalidUpdateError(f"factors B {tuple(b.shape)} · A {tuple(a.shape)} do not give a "
+                                     f"{self.shape[0]}×{self.shape[1]} update")
+        a, b = (t.detach().to(device=self.a.device, dtype=torch.float32) for t in (a, b))
+        m, n = self.shape
+        if self.dense is None and (self.rank + a.shape[0]) * (m + n) < m * n:
+            self.a, self.b = torch.cat([self.a, a]), torch.cat([self.b, b], dim=1)
+            return
+        if self.dense is None:  # the break-even rank: from here on the dense form is the smaller one
+            self.dense = (self.b.to(torch.float64) @ self.a.to(torch.float64)).to(torch.float32)
+            self.a, self.b = self.a[:0], self.b[:, :0]
+        self.dense += (b.to(torch.float64) @ a.to(torch.float64)).to(torch.float32)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """x·ΔWᵀ for inputs x (…×n), in float32."""
+        x = x.to(torch.float32)
+        if self.dense is not None:
+            return torch.nn.functional.linear(x, self.dense)
+        return torch.nn.functional.linear(torch.nn.functional.linear(x, self.a), self.b)
+
+    def to_dense(self) -> torch.Tensor:
+        """ΔW as one m×n float64 matrix (for tests and inspection; never on the training path)."""
+        if self.dense is not None:
+            return self.dense.to(torch.float64)
+        return self.b.to(torch.float64) @ self.a.to(torch.float64)
+
+    def copy(self) -> MergedDelta:
+        twin = MergedDelta(self.shape)
+        twin.a, twin.b = self.a.clone(), self.b.clone()
+        twin.dense = None if self.dense is None else self.dense.clone()
+        return twin
+
+
 class Residual:
-    """Dense deltas added to the outputs of named linear layers of one model.
+    """Merged updates added to the outputs of named linear layers of one model.
 
     Parameters
     ----------
     model : torch.nn.Module
-        The model whose layers get the deltas (a PEFT model; module names as in its state dict).
+        The model whose layers get the updates (a PEFT model; module names as in its state dict).
     """
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
-        self.deltas: dict[str, torch.Tensor] = {}
+        self.deltas: dict[str, MergedDelta] = {}
         self.version = 0
         self.owner: object = None
         self._hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
+
+    @property
+    def nbytes(self) -> int:
+        """Memory the merged updates take, in bytes."""
+        return sum(d.nbytes for d in self.deltas.values())
 
     def claim(self, owner: object) -> None:
         """Start from nothing when a new owner (a new run) uses this model; keep state otherwise."""
@@ -87,44 +160,44 @@ class Residual:
         """Copy the merges of the most advanced residual of the same owner in this process.
 
         Another base of the same run (another quantization) has merged the same rounds from
-        the same factors in the same order, so its deltas are bitwise those this one would
-        compute. Returns the version reached.
+        the same factors in the same order, so its state is bitwise the one this residual
+        would compute. Returns the version reached.
         """
         if self.owner is None:
             return self.version
         ahead = max((r for r in list(_ALL) if r is not self and r.owner == self.owner and r.version > self.version),
                     key=lambda r: r.version, default=None)
         if ahead is not None:
-            self.set(ahead.deltas, ahead.version)  # add() copies each delta
+            self.clear()
+            for name, delta in ahead.deltas.items():
+                self._install(name, delta.copy())
+            self.version = ahead.version
         return self.version
 
-    def _install(self, module_name: str) -> None:
-        layer = self.model.get_submodule(module_name)
-
-        def add_delta(_: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-            delta = self.deltas[module_name]
-            return output + torch.nn.functional.linear(args[0].to(delta.dtype), delta).to(output.dtype)
-
-        self._hooks[module_name] = layer.register_forward_hook(add_delta)
-
-    def add(self, module_name: str, delta: torch.Tensor) -> None:
-        """Add a dense delta (out_features × in_features) to a layer, accumulating in float32."""
-        delta = delta.detach().to(torch.float32)
+    def _delta_for(self, module_name: str) -> MergedDelta:
         if module_name in self.deltas:
-            if self.deltas[module_name].shape != delta.shape:
-                raise InvalidUpdateError(f"{module_name}: delta {tuple(delta.shape)} does not match "
-                                         f"{tuple(self.deltas[module_name].shape)}")
-            self.deltas[module_name] += delta
-        else:
-            self.deltas[module_name] = delta.clone()
-            self._install(module_name)
+            return self.deltas[module_name]
+        layer = self.model.get_submodule(module_name)
+        if not hasattr(layer, "in_features"):
+            raise InvalidUpdateError(f"{module_name} is a {type(layer).__name__}, not a linear layer; "
+                                     "merged updates apply to linear layers only")
+        delta = MergedDelta((layer.out_features, layer.in_features))
+        device = next((p.device for p in layer.parameters()), None)
+        if device is not None:
+            delta.a, delta.b = delta.a.to(device), delta.b.to(device)
+        return self._install(module_name, delta)
 
-    def set(self, deltas: Mapping[str, torch.Tensor], version: int) -> None:
-        """Replace every delta (the server sets the exact global state this way)."""
-        self.clear()
-        for name, delta in deltas.items():
-            self.add(name, delta)
-        self.version = version
+    def _install(self, module_name: str, delta: MergedDelta) -> MergedDelta:
+        def add_delta(_: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            return output + delta.apply(args[0]).to(output.dtype)
+
+        self._hooks[module_name] = self.model.get_submodule(module_name).register_forward_hook(add_delta)
+        self.deltas[module_name] = delta
+        return delta
+
+    def add(self, module_name: str, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Merge ΔW = B·A into a layer (factors B of out_features × r, A of r × in_features)."""
+        self._delta_for(module_name).add(a, b)
 
     def merge_rounds(self, rounds: Mapping[int, Mapping[str, tuple[torch.Tensor, torch.Tensor]]]) -> list[int]:
         """Merge every round after :attr:`version`, in order; return the rounds merged.
@@ -141,7 +214,7 @@ class Residual:
                 raise InvalidUpdateError(f"residual history jumps from round {self.version} to {server_round}; "
                                          "the server must send every round this process has not merged")
             for module, (a, b) in rounds[server_round].items():
-                self.add(module, b.to(torch.float64) @ a.to(torch.float64))
+                self.add(module, a, b)
             self.version = server_round
             merged.append(server_round)
         return merged

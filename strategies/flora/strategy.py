@@ -9,11 +9,17 @@ stacks the factors, A = [p_1·s_1·A_1; …; p_K·s_K·A_K] (rows) and B = [B_1,
 update is merged into the model and every client starts the next round from a fresh LoRA
 (A random, B zero) on the merged model.
 
-Merging: the merged updates are kept as dense float32 deltas beside the base weights
-(:mod:`fedtune.strategies.flora.residual`), never written into them, so nothing is lost on a quantized base.
-The download carries the stacked factors, Σ_k r_k·(m + n) numbers per adapted matrix: it
-grows with the number of clients. A client that missed rounds receives every stack it has
-not merged (the server sends the history since the oldest round any known client saw).
+Merging: the merged updates are kept beside the base weights as a frozen low-rank branch
+(:mod:`fedtune.strategies.flora.residual`), never written into them, so nothing is lost on a
+quantized base. The download carries the stacked factors, Σ_k r_k·(m + n) numbers per adapted
+matrix: it grows with the number of clients. A client that missed rounds receives every stack
+it has not merged (the server sends the history since the oldest round any known client saw).
+
+Costs, per adapted m×n matrix, after T rounds with ranks r_k (R_t = Σ_k r_k in round t):
+the server keeps every round's stack, Σ_t R_t·(m + n) float32 numbers (it never forms B·A,
+except one module at a time when a model is loaded for evaluation); a client holds
+min(Σ_t R_t·(m + n), m·n) float32 numbers beside its base (factored below the break-even rank,
+dense above it) and downloads R_t·(m + n) numbers per round it has not merged.
 """
 
 from __future__ import annotations
@@ -43,10 +49,10 @@ from fedtune.strategies.aggregation import (
     LORA_A,
     LORA_B,
     average_non_lora,
-    ideal_updates,
     Stack,
+    factored_relative_error,
+    ideal_terms,
     is_lora_key,
-    relative_error,
     stack_factors,
 )
 
@@ -69,7 +75,6 @@ class FLoRA(Strategy):
         self.weighting = check_weighting(weighting)
         # Merge number v (1, 2, ...) -> stacked factors; a round with no valid reply merges nothing.
         self._stacks: list[Stack] = []
-        self._merged: dict[str, torch.Tensor] = {}  # module -> Σ B_stack @ A_stack so far (float64)
         self._seen: dict[int, int] = {}  # client -> merges it had when last told to train
         self._head: Tensors = {}
 
@@ -112,25 +117,23 @@ class FLoRA(Strategy):
         lora = [select(u.arrays, [r"\.lora_[AB]\.weight$"]) for u in updates]
         stack = stack_factors(lora, weights, scalings)
         self._stacks.append(stack)
-        got = {}
-        for module, (a, b) in stack.items():
-            delta = b.to(torch.float64) @ a.to(torch.float64)
-            got[module] = delta
-            self._merged[module] = self._merged.get(module, 0) + delta
         self._head = average_non_lora([u.arrays for u in updates], weights)
         ranks = [u.arrays[next(k for k in u.arrays if k.endswith(LORA_A))].shape[0] for u in updates]
-        return {"aggregation_error": relative_error(ideal_updates(lora, weights, scalings), got),
+        got = {module: [(1.0, b, a)] for module, (a, b) in stack.items()}
+        return {"aggregation_error": factored_relative_error(ideal_terms(lora, weights, scalings), got),
                 "stacked_rank": float(sum(ranks))}
 
     def global_adapter(self) -> Tensors:
         return {**self._fresh, **self._head}
 
-    def global_residual(self) -> tuple[dict[str, torch.Tensor], int]:
-        """The merged updates as dense float32 deltas by module, and the merges they include."""
-        return {m: d.to(torch.float32) for m, d in self._merged.items()}, len(self._stacks)
+    def merged_rounds(self) -> dict[int, Stack]:
+        """Every merge so far by number (1, 2, …): per module the stacked factors (A, B), B·A its update."""
+        return {version: stack for version, stack in enumerate(self._stacks, start=1)}
 
     def load_global(self, handle: AdapterHandle) -> None:
-        residual_of(handle.model).set(*self.global_residual())
+        residual = residual_of(handle.model)
+        residual.clear()
+        residual.merge_rounds(self.merged_rounds())
         handle.load(self.global_adapter())
 
     def export_adapter(self) -> ExportedAdapter | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedtune.errors import AggregationError, ConfigError
+from fedtune.errors import AggregationError, ConfigError, InvalidUpdateError
 from fedtune.config import load_config
 from fedtune.strategies.flora.residual import Residual, residual_key, split_residual
 from fedtune.strategy import AdapterSpec, ClientUpdate
@@ -63,6 +63,15 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
+def merged(strategy: FLoRA) -> dict[str, torch.Tensor]:
+    """FLoRA's merged update so far as dense float64 matrices (Σ over rounds of B·A)."""
+    out: dict[str, torch.Tensor] = {}
+    for stack in strategy.merged_rounds().values():
+        for m, (a, b) in stack.items():
+            out[m] = out.get(m, 0) + b.double() @ a.double()
+    return out
+
+
 # --------------------------------------------------------------------------- FLoRA
 
 
@@ -72,8 +81,8 @@ def test_flora_merged_update_equals_the_ideal(ranks, weights) -> None:
     strategy.initialize(spec())
     ups = updates(ranks, weights)
     metrics = strategy.aggregate(1, ups)
-    residual, version = strategy.global_residual()
-    assert version == 1
+    assert list(strategy.merged_rounds()) == [1]
+    residual = merged(strategy)
     want = ideal(ups)
     for m in MODULES:
         assert rel(residual[m], want[m]) <= TOL
@@ -103,7 +112,7 @@ def test_flora_zero_weight_client_contributes_nothing() -> None:
     with_zero.aggregate(1, ups)
     without.aggregate(1, [ups[0], ups[2]])
     for m in MODULES:
-        assert rel(with_zero.global_residual()[0][m], without.global_residual()[0][m]) <= TOL
+        assert rel(merged(with_zero)[m], merged(without)[m]) <= TOL
 
 
 def test_flora_rejects_mismatched_factors_and_missing_modules() -> None:
@@ -130,7 +139,7 @@ def test_flora_accumulates_rounds_and_a_late_client_catches_up() -> None:
     strategy.aggregate(2, second)
     total = {m: ideal(first)[m] + ideal(second)[m] for m in MODULES}
     for m in MODULES:
-        assert rel(strategy.global_residual()[0][m], total[m]) <= TOL
+        assert rel(merged(strategy)[m], total[m]) <= TOL
 
     # Client 7 never trained: it gets both merges; applied to an empty residual they give the total.
     late = strategy.configure_client(3, client_id=7).arrays
@@ -141,7 +150,7 @@ def test_flora_accumulates_rounds_and_a_late_client_catches_up() -> None:
     renamed = {v: {m.replace(".", "_"): f for m, f in mods.items()} for v, mods in rounds.items()}
     assert residual.merge_rounds(renamed) == [1, 2]
     for m in MODULES:
-        assert rel(residual.deltas[m.replace(".", "_")], total[m]) <= TOL
+        assert rel(residual.deltas[m.replace(".", "_")].to_dense(), total[m]) <= TOL
 
 
 def test_flora_download_grows_with_clients() -> None:
@@ -162,13 +171,36 @@ def test_residual_hook_equals_merging_into_the_weight() -> None:
     layer = torch.nn.Linear(N, M)
     model = torch.nn.ModuleDict({"lin": layer})
     x = torch.randn(5, N)
-    delta = torch.randn(M, N) * 1e-3
-    expected = torch.nn.functional.linear(x, layer.weight + delta, layer.bias)
+    a, b = torch.randn(2, N), torch.randn(M, 2) * 1e-3
+    expected = torch.nn.functional.linear(x, layer.weight + b @ a, layer.bias)
     residual = Residual(model)
-    residual.add("lin", delta)
+    residual.add("lin", a, b)
     assert torch.allclose(model["lin"](x), expected, atol=1e-6)
     residual.clear()
     assert torch.equal(model["lin"](x), layer(x))
+
+
+def test_residual_holds_factors_below_the_break_even_rank_then_the_dense_update() -> None:
+    """4·min(R·(m + n), m·n) bytes per layer, and the same ΔW (to float32 rounding) either way."""
+    m, n = 12, 10  # break-even rank: R·22 < 120 holds up to R = 5
+    model = torch.nn.ModuleDict({"lin": torch.nn.Linear(n, m)})
+    residual = Residual(model)
+    gen = torch.Generator().manual_seed(3)
+    total = torch.zeros(m, n, dtype=torch.float64)
+    x = torch.randn(4, n, generator=gen)
+    for rank, held in [(2, 2 * (m + n)), (3, 5 * (m + n)), (1, m * n), (4, m * n)]:
+        a, b = torch.randn(rank, n, generator=gen), torch.randn(m, rank, generator=gen)
+        residual.add("lin", a, b)
+        total += b.double() @ a.double()
+        delta = residual.deltas["lin"]
+        assert residual.nbytes == 4 * held
+        assert (delta.dense is None) == (held < m * n)
+        assert rel(delta.to_dense(), total) <= TOL
+        with torch.no_grad():
+            beside = model["lin"](x) - torch.nn.functional.linear(x, model["lin"].weight, model["lin"].bias)
+        torch.testing.assert_close(beside.double(), x.double() @ total.T, rtol=0, atol=1e-5)
+    with pytest.raises(InvalidUpdateError, match="do not give a 12×10 update"):
+        residual.add("lin", torch.randn(2, n + 1), torch.randn(m, 2))
 
 
 def test_residual_refuses_a_gap_and_skips_merged_rounds() -> None:
