@@ -194,15 +194,28 @@ def average_non_lora(
 def low_rank_norm(terms: Sequence[tuple[float, torch.Tensor, torch.Tensor]]) -> float:
     """‖Σ_i c_i·B_i·A_i‖_F from the factors, never an m×n matrix (float64).
 
-    With B = [c_1·B_1, …] (m×R) = Q·R_b (thin QR), ‖B·A‖_F = ‖R_b·A‖_F since Q has orthonormal
-    columns: O((m + n)·R) memory. The QR is backward stable, so a difference of nearly equal
-    terms (an exact method's error) is not lost to cancellation, as it would be in a sum of
-    Gram products.
+    With B = [c_1·B_1, …] (m×R) = Q_b·R_b and Aᵀ = [A_1; …]ᵀ (n×R) = Q_a·R_a (thin QRs),
+    ‖B·A‖_F = ‖R_b·R_aᵀ‖_F since Q_b and Q_a have orthonormal columns: O((m + n)·R) memory,
+    O((m + n)·R²) time. The QR is backward stable, so a difference of nearly equal terms (an
+    exact method's error) is not lost to cancellation, as it would be in a sum of Gram products.
+    """
+    return _prefix_norms(terms, len(terms))[0]
+
+
+def _prefix_norms(terms: Sequence[tuple[float, torch.Tensor, torch.Tensor]], head: int) -> tuple[float, float]:
+    """‖Σ_i c_i·B_i·A_i‖_F over all terms and over the first ``head`` terms, from one pair of QRs.
+
+    The R factor of a matrix's first columns is the leading block of the R factor of the whole
+    (the first columns of a QR are a QR of those columns), so one factorisation serves both.
     """
     b = torch.cat([c * bt.to(torch.float64) for c, bt, _ in terms], dim=1)
     a = torch.cat([at.to(torch.float64) for _, _, at in terms], dim=0)
-    _, r_b = torch.linalg.qr(b)
-    return float(torch.linalg.matrix_norm(r_b @ a))
+    r_b = torch.linalg.qr(b, mode="r").R  # min(m, R)×R, upper triangular; Q is never formed
+    r_a = torch.linalg.qr(a.T, mode="r").R  # min(n, R)×R
+    columns = sum(bt.shape[1] for _, bt, _ in terms[:head])
+    whole = float(torch.linalg.matrix_norm(r_b @ r_a.T))
+    first = float(torch.linalg.matrix_norm(r_b[:, :columns] @ r_a[:, :columns].T))
+    return whole, first
 
 
 Term = tuple[float, torch.Tensor, torch.Tensor]  # (c, B, A): the low-rank matrix c·B·A
@@ -217,9 +230,10 @@ def factored_relative_error(ideal: Mapping[str, Sequence[Term]], got: Mapping[st
     """
     num = den = 0.0
     for module, ideal_terms in ideal.items():
-        difference = [*ideal_terms, *((-c, b, a) for c, b, a in got[module])]
-        num += low_rank_norm(difference) ** 2
-        den += low_rank_norm(ideal_terms) ** 2
+        difference, ideal_norm = _prefix_norms([*ideal_terms, *((-c, b, a) for c, b, a in got[module])],
+                                               len(ideal_terms))
+        num += difference ** 2
+        den += ideal_norm ** 2
     if den == 0.0:
         return 0.0 if num == 0.0 else float("inf")
     return (num / den) ** 0.5
