@@ -150,4 +150,4 @@ def test_the_metrics_equal_the_dense_ones(m: int, n: int, r: int, k: int) -> Non
     got, want = strategy.aggregate(1, updates), dense_metrics(updates)
     assert set(got) == set(want)
     for key, value in want.items():
-        assert got[key] == pytest.approx(value, rel=1e-9), key
+        assert got[key] == pytest.approx(value, rel=1e-12), key
