@@ -59,14 +59,11 @@ class IdealProjection:
         R_a of the thin QR Āᵀ = Q_a·R_a, so that ‖X·Ā‖_F = ‖X·R_aᵀ‖_F.
     norm : float
         ‖ΔW‖_F.
-    shape : tuple of int
-        ΔW's shape (m, n).
     """
 
     projected: torch.Tensor
     a_root: torch.Tensor
     norm: float
-    shape: tuple[int, int]
 
     @classmethod
     def of(cls, terms: Sequence[Term], a_avg: torch.Tensor) -> IdealProjection:
@@ -75,7 +72,7 @@ class IdealProjection:
         projected = sum(c * (b.detach().to(torch.float64) @ (a.detach().to(torch.float64) @ a_avg.T))
                         for c, b, a in terms)
         _, a_root = torch.linalg.qr(a_avg.T)
-        return cls(projected, a_root, low_rank_norm(terms), (projected.shape[0], a_avg.shape[1]))
+        return cls(projected, a_root, low_rank_norm(terms))
 
     def cosine_distance(self, x: torch.Tensor) -> torch.Tensor:
         """1 − cos(ΔW, X·Ā) for X (m × r), differentiable in X (0 when they point the same way)."""
@@ -91,7 +88,8 @@ def residual_correction(target: IdealProjection, b_avg: torch.Tensor, *, lam: fl
     ΔW and Ā enter through ``target`` only, so the objective and its gradient are computed
     on m×r and r×r matrices. Runs in float64 and returns the best iterate seen (never worse
     than ΔB = 0). ``lr`` is relative to the RMS of B̄, so the step size follows the scale of
-    the factors (to the RMS of ΔW when B̄ is zero).
+    the factors. At B̄ = 0 the cosine's gradient (~1e300, its denominator clamped) overflows
+    Adam's second moment and ΔB stays 0, as it did when the objective was computed densely.
 
     Parameters
     ----------
@@ -113,7 +111,7 @@ def residual_correction(target: IdealProjection, b_avg: torch.Tensor, *, lam: fl
     """
     b_avg = b_avg.detach().to(torch.float64)
     delta = torch.zeros_like(b_avg, requires_grad=True)
-    scale = float(b_avg.pow(2).mean().sqrt()) or target.norm / (target.shape[0] * target.shape[1]) ** 0.5 or 1.0
+    scale = float(b_avg.pow(2).mean().sqrt()) or 1.0
     optimizer = torch.optim.Adam([delta], lr=lr * scale)
 
     def objective() -> torch.Tensor:
