@@ -3,19 +3,24 @@
 Bian et al., "LoRA-FAIR: Federated LoRA Fine-Tuning with Aggregation and Initialization
 Refinement", ICCV 2025 (https://arxiv.org/abs/2411.14961).
 
-The server averages Ā = Σ p_k·A_k and B̄ = Σ p_k·B_k as FedIT does, computes the ideal
-update ΔW = Σ p_k·B_k·A_k, and finds a residual ΔB that minimises
+The server averages Ā = Σ p_k·A_k and B̄ = Σ p_k·B_k as FedIT does, and finds a residual ΔB
+that minimises, against the ideal update ΔW = Σ p_k·B_k·A_k,
 
     (1 − cos(ΔW, (B̄ + ΔB)·Ā)) + λ·‖ΔB‖_F        (λ = 0.01 in the paper)
 
 by a few gradient steps. Clients start the next round from B̄ + ΔB and Ā, so communication
 is the same as FedIT's. Every round reports the relative error of FedIT's and of the
 corrected product against the ideal, and the share of FedIT's error the correction removed.
+
+Everything is computed from the factors, one module at a time, never as an m×n matrix: with
+X = B̄ + ΔB (m×r), ⟨ΔW, X·Ā⟩ = ⟨ΔW·Āᵀ, X⟩ where ΔW·Āᵀ = Σ p_k·B_k·(A_k·Āᵀ) is m×r, and
+‖X·Ā‖_F = ‖X·R_aᵀ‖_F for the thin QR Āᵀ = Q_a·R_a. Memory is O(K·r·(m + n)) for K clients.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -28,42 +33,90 @@ from fedtune.strategy import (
     register_strategy,
     shapes_of,
 )
-from fedtune.strategies.aggregation import check_weighting, client_weights, LORA_A, LORA_B, ideal_updates, lora_modules, relative_error, weighted_average
+from fedtune.strategies.aggregation import (
+    LORA_A,
+    LORA_B,
+    Term,
+    check_weighting,
+    client_weights,
+    factored_relative_error,
+    ideal_terms,
+    lora_modules,
+    low_rank_norm,
+    weighted_average,
+)
 
 
-def cosine_distance(ideal: torch.Tensor, got: torch.Tensor) -> torch.Tensor:
-    """1 − cos between two matrices seen as vectors (0 when they point the same way)."""
-    return 1.0 - (ideal * got).sum() / (ideal.norm() * got.norm()).clamp_min(1e-300)
+@dataclass(frozen=True)
+class IdealProjection:
+    """What the cosine to ΔW = Σ c_k·B_k·A_k needs for products X·Ā, all of it r-sized.
+
+    Attributes
+    ----------
+    projected : Tensor
+        ΔW·Āᵀ = Σ c_k·B_k·(A_k·Āᵀ) (m × r), so that ⟨ΔW, X·Ā⟩ = ⟨projected, X⟩.
+    a_root : Tensor
+        R_a of the thin QR Āᵀ = Q_a·R_a, so that ‖X·Ā‖_F = ‖X·R_aᵀ‖_F.
+    norm : float
+        ‖ΔW‖_F.
+    """
+
+    projected: torch.Tensor
+    a_root: torch.Tensor
+    norm: float
+
+    @classmethod
+    def of(cls, terms: Sequence[Term], a_avg: torch.Tensor) -> IdealProjection:
+        """The projection of the ideal ``terms`` (c, B, A) onto products with ``a_avg`` (Ā, r × n), in float64."""
+        a_avg = a_avg.detach().to(torch.float64)
+        projected = sum(c * (b.detach().to(torch.float64) @ (a.detach().to(torch.float64) @ a_avg.T))
+                        for c, b, a in terms)
+        _, a_root = torch.linalg.qr(a_avg.T)
+        return cls(projected, a_root, low_rank_norm(terms))
+
+    def cosine_distance(self, x: torch.Tensor) -> torch.Tensor:
+        """1 − cos(ΔW, X·Ā) for X (m × r), differentiable in X (0 when they point the same way)."""
+        inner = (self.projected * x).sum()
+        got_norm = torch.linalg.matrix_norm(x @ self.a_root.T)
+        return 1.0 - inner / (self.norm * got_norm).clamp_min(1e-300)
 
 
-def residual_correction(ideal: torch.Tensor, b_avg: torch.Tensor, a_avg: torch.Tensor, *, lam: float,
-                        steps: int, lr: float) -> torch.Tensor:
-    """ΔB minimising (1 − cos(ideal, (B̄ + ΔB)·Ā)) + λ·‖ΔB‖_F, found by Adam from ΔB = 0.
+def residual_correction(target: IdealProjection, b_avg: torch.Tensor, *, lam: float, steps: int,
+                        lr: float) -> torch.Tensor:
+    """ΔB minimising (1 − cos(ΔW, (B̄ + ΔB)·Ā)) + λ·‖ΔB‖_F, found by Adam from ΔB = 0.
 
-    Runs in float64 and returns the best iterate seen (never worse than ΔB = 0). ``lr`` is
-    relative to the RMS of B̄, so the step size follows the scale of the factors.
+    ΔW and Ā enter through ``target`` only, so the objective and its gradient are computed
+    on m×r and r×r matrices. Runs in float64 and returns the best iterate seen (never worse
+    than ΔB = 0). ``lr`` is relative to the RMS of B̄, so the step size follows the scale of
+    the factors. At B̄ = 0 the cosine's gradient (~1e300, its denominator clamped) overflows
+    Adam's second moment and ΔB stays 0, as it did when the objective was computed densely.
 
     Parameters
     ----------
-    ideal : Tensor
-        Σ p_k·B_k·A_k (m × n).
-    b_avg, a_avg : Tensor
-        B̄ (m × r) and Ā (r × n).
+    target : IdealProjection
+        ΔW = Σ p_k·B_k·A_k projected onto products with Ā.
+    b_avg : Tensor
+        B̄ (m × r).
     lam : float
         Weight of the norm penalty λ.
     steps : int
         Gradient steps.
     lr : float
         Adam step size as a fraction of RMS(B̄).
+
+    Returns
+    -------
+    Tensor
+        ΔB (m × r), float64.
     """
-    ideal, b_avg, a_avg = (t.detach().to(torch.float64) for t in (ideal, b_avg, a_avg))
+    b_avg = b_avg.detach().to(torch.float64)
     delta = torch.zeros_like(b_avg, requires_grad=True)
-    scale = float(b_avg.pow(2).mean().sqrt()) or float(ideal.abs().max()) or 1.0
+    scale = float(b_avg.pow(2).mean().sqrt()) or 1.0
     optimizer = torch.optim.Adam([delta], lr=lr * scale)
 
     def objective() -> torch.Tensor:
         norm = delta.pow(2).sum().add(1e-300).sqrt()  # differentiable at ΔB = 0
-        return cosine_distance(ideal, (b_avg + delta) @ a_avg) + lam * norm
+        return target.cosine_distance(b_avg + delta) + lam * norm
 
     with torch.no_grad():
         best, best_value = torch.zeros_like(b_avg), float(objective())
@@ -120,27 +173,29 @@ class LoRAFAIR(Strategy):
         weights = client_weights(updates, self.weighting)
         tensors = [u.arrays for u in updates]
         averaged = weighted_average(tensors, weights)
+        modules = lora_modules(averaged)
         # One scaling for every client: it cancels in both the cosine and the relative error.
-        ideal = ideal_updates(tensors, weights, [1.0] * len(tensors))
+        ideal = ideal_terms(tensors, weights, [1.0] * len(tensors), modules)
         fedit, fair = {}, {}
         cos_fedit = cos_fair = 0.0
-        for module in lora_modules(averaged):
+        for module in modules:
             a, b = averaged[module + LORA_A].to(torch.float64), averaged[module + LORA_B].to(torch.float64)
-            delta = residual_correction(ideal[module], b, a, lam=self.lam, steps=self.steps, lr=self.lr)
-            corrected = b + delta
+            target = IdealProjection.of(ideal[module], a)
+            corrected = b + residual_correction(target, b, lam=self.lam, steps=self.steps, lr=self.lr)
             averaged[module + LORA_B] = corrected.to(averaged[module + LORA_B].dtype)
-            fedit[module], fair[module] = b @ a, corrected @ a
-            cos_fedit += float(cosine_distance(ideal[module], fedit[module]))
-            cos_fair += float(cosine_distance(ideal[module], fair[module]))
+            fedit[module], fair[module] = [(1.0, b, a)], [(1.0, corrected, a)]
+            cos_fedit += float(target.cosine_distance(b))
+            cos_fair += float(target.cosine_distance(corrected))
         self._global = averaged
-        error_fedit, error_fair = relative_error(ideal, fedit), relative_error(ideal, fair)
-        modules = max(len(fedit), 1)
+        error_fedit = factored_relative_error(ideal, fedit)
+        error_fair = factored_relative_error(ideal, fair)
+        count = max(len(modules), 1)
         return {
             "aggregation_error": error_fair,
             "fedit_aggregation_error": error_fedit,
             "error_removed": 1.0 - error_fair / error_fedit if error_fedit > 0 else 0.0,
-            "cosine_distance": cos_fair / modules,
-            "fedit_cosine_distance": cos_fedit / modules,
+            "cosine_distance": cos_fair / count,
+            "fedit_cosine_distance": cos_fedit / count,
         }
 
     def global_adapter(self) -> Tensors:
@@ -150,4 +205,4 @@ class LoRAFAIR(Strategy):
         return {"lam": self.lam, "steps": self.steps, "lr": self.lr, "weighting": self.weighting}
 
 
-__all__ = ["LoRAFAIR", "residual_correction"]
+__all__ = ["IdealProjection", "LoRAFAIR", "residual_correction"]

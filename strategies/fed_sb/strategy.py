@@ -89,10 +89,10 @@ from fedtune.strategies.aggregation import (
     client_weights,
     LORA_A,
     LORA_B,
-    ideal_updates,
+    factored_relative_error,
+    ideal_terms,
     lora_modules,
     normalized_weights,
-    relative_error,
     weighted_average,
 )
 
@@ -175,12 +175,45 @@ def federated_init(
 
 def dense_updates(frozen: Mapping[str, torch.Tensor], r_tensors: Mapping[str, torch.Tensor],
                   scaling: float) -> dict[str, torch.Tensor]:
-    """s·B·R·A per module in float64 (``frozen`` holds B and A, ``r_tensors`` holds R)."""
+    """s·B·R·A per module in float64 (``frozen`` holds B and A, ``r_tensors`` holds R).
+
+    m×n matrices: a reference for checks on small shapes; the strategy itself measures from
+    the factors (:func:`r_average_error`).
+    """
     out = {}
     for module in lora_modules(frozen):
         b, a = frozen[module + LORA_B].to(torch.float64), frozen[module + LORA_A].to(torch.float64)
         out[module] = scaling * (b @ r_tensors[module + LORA_R].to(torch.float64) @ a)
     return out
+
+
+def r_average_error(frozen: Mapping[str, torch.Tensor], client_r: Sequence[Mapping[str, torch.Tensor]],
+                    averaged_r: Mapping[str, torch.Tensor], weights: Sequence[float], scaling: float) -> float:
+    """‖s·B·R̄·A − Σ_k p_k·s·B·R_k·A‖_F / ‖Σ_k p_k·s·B·R_k·A‖_F over all modules, from the factors.
+
+    Each side is a sum of rank-r terms (s, B, R·A) (:func:`fedtune.strategies.aggregation.factored_relative_error`),
+    so no m×n matrix is formed. The clients' R_k·A are folded as the plain adapters they
+    stand for (:func:`fedtune.strategies.fed_sb.layer.fold_r_into_a`, in A's dtype), R̄·A in float64.
+
+    Parameters
+    ----------
+    frozen : dict
+        B and A per module.
+    client_r : sequence of dict
+        Each client's R per module (other keys are ignored).
+    averaged_r : dict
+        R̄ per module.
+    weights : sequence of float
+        Non-negative client weights, normalised to p_k.
+    scaling : float
+        s = lora_alpha / r.
+    """
+    modules = lora_modules(frozen)
+    clients = [fold_r_into_a({**frozen, **select(r, [R_ONLY])}) for r in client_r]
+    ideal = ideal_terms(clients, weights, [scaling] * len(clients), modules)
+    got = {m: [(scaling, frozen[m + LORA_B],
+                averaged_r[m + LORA_R].to(torch.float64) @ frozen[m + LORA_A].to(torch.float64))] for m in modules}
+    return factored_relative_error(ideal, got)
 
 
 @register_strategy
@@ -380,11 +413,9 @@ class FedSB(Strategy):
     def _aggregate_r(self, updates: Sequence[ClientUpdate]) -> dict[str, float]:
         weights = self._weights(updates)
         self._trained = weighted_average([u.arrays for u in updates], weights)
-        # Measured, not assumed: the ideal is the clients' own dense updates, averaged.
-        clients = [fold_r_into_a({**self._frozen, **select(u.arrays, [R_ONLY])}) for u in updates]
-        ideal = ideal_updates(clients, weights, [self.spec.scaling] * len(updates))
-        got = dense_updates(self._frozen, self._trained, self.spec.scaling)
-        return {"aggregation_error": relative_error(ideal, got)}
+        # Measured, not assumed: the ideal is the clients' own updates, averaged.
+        error = r_average_error(self._frozen, [u.arrays for u in updates], self._trained, weights, self.spec.scaling)
+        return {"aggregation_error": error}
 
     # ------------------------------------------------------------------ the global model
     def global_adapter(self) -> Tensors:
@@ -413,4 +444,4 @@ class FedSB(Strategy):
                 "init_learning_rate": self.init_learning_rate, "resend_frozen": self.resend_frozen}
 
 
-__all__ = ["FedSB", "dense_updates", "federated_init", "weighted_sum"]
+__all__ = ["FedSB", "dense_updates", "federated_init", "r_average_error", "weighted_sum"]

@@ -27,8 +27,9 @@ from fedtune.strategies.fed_sb.init import (
 from fedtune.strategies.fed_sb.keys import LORA_SB_INIT_ROUTINE, LORA_SB_ROUTINE
 from fedtune.strategies.fed_sb.layer import attach_r, lora_layers
 from fedtune.strategy import AdapterSpec, ClientUpdate, build_strategy, resolve_strategy
-from fedtune.strategies.aggregation import relative_error
-from fedtune.strategies.fed_sb.strategy import FedSB, dense_updates, federated_init
+from fedtune.strategies.aggregation import ideal_updates, relative_error, weighted_average
+from fedtune.strategies.fed_sb.layer import fold_r_into_a
+from fedtune.strategies.fed_sb.strategy import FedSB, dense_updates, federated_init, r_average_error
 
 M, N, RANK, ALPHA = 14, 11, 3, 6.0
 SCALE = ALPHA / RANK
@@ -346,6 +347,27 @@ def test_every_client_holds_bitwise_identical_b_and_a(tiny_bert: str) -> None:
         load_wire(clients[1], strategy.global_adapter(), initial)
         torch.testing.assert_close(clients[1](**x).logits, expected, atol=1e-5, rtol=0)
     assert set(lora_layers(clients[0])) == {k[: -len(".lora_A.weight")] for k in held if k.endswith("lora_A.weight")}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("perturb", [0.0, 0.3])
+def test_the_aggregation_error_from_the_factors_equals_the_dense_one(dtype: torch.dtype, perturb: float) -> None:
+    strategy = initialized()
+    frozen = {k: v.to(dtype) for k, v in strategy.lora_sb_tensors().items() if "lora_A" in k or "lora_B" in k}
+    examples = [5, 3, 8]
+    client_r = [{k: v.to(dtype) for k, v in u.arrays.items()}
+                for u in r_updates(strategy, examples, seed=3, server_round=4)]
+    averaged = weighted_average(client_r, examples)
+    gen = torch.Generator().manual_seed(4)
+    averaged = {k: v + perturb * torch.randn(v.shape, generator=gen, dtype=dtype) for k, v in averaged.items()}
+    # The former dense computation: m×n updates, then their relative error.
+    clients = [fold_r_into_a({**frozen, **{k: v for k, v in r.items() if "lora_R" in k}}) for r in client_r]
+    dense = relative_error(ideal_updates(clients, examples, [SCALE] * 3), dense_updates(frozen, averaged, SCALE))
+    got = r_average_error(frozen, client_r, averaged, examples, SCALE)
+    if perturb:
+        assert got == pytest.approx(dense, rel=1e-10)
+    else:  # rounding only: ~2e-16 in float64, ~5e-8 in float32 (R_k·A folded to float32)
+        assert abs(got - dense) <= 1e-15 + 1e-6 * dense
 
 
 def test_dense_updates_rejects_unpaired_factors() -> None:
