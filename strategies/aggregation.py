@@ -117,7 +117,7 @@ Stack = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (A_stack, B_st
 
 
 def stack_factors(tensors: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float], scalings: Sequence[float],
-                  dtype: torch.dtype = torch.float32) -> Stack:
+                  dtype: torch.dtype = torch.float32, modules: Sequence[str] | None = None) -> Stack:
     """Stack client factors so that B_stack @ A_stack = Σ_k p_k·s_k·B_k·A_k.
 
     Parameters
@@ -132,6 +132,8 @@ def stack_factors(tensors: Sequence[Mapping[str, torch.Tensor]], weights: Sequen
 
     dtype : torch.dtype
         The stacks' dtype (products are formed in float64 first).
+    modules : sequence of str, optional
+        Stack only these modules (all by default); one at a time keeps memory to one module's stack.
 
     Returns
     -------
@@ -139,7 +141,7 @@ def stack_factors(tensors: Sequence[Mapping[str, torch.Tensor]], weights: Sequen
         Per module, ``(A_stack, B_stack)`` with Σ_k r_k rows / columns.
     """
     probs = normalized_weights(weights)
-    modules = lora_modules(tensors[0])
+    modules = lora_modules(tensors[0]) if modules is None else modules
     stack = {}
     for module in modules:
         a_parts, b_parts = [], []
@@ -158,20 +160,33 @@ def stack_factors(tensors: Sequence[Mapping[str, torch.Tensor]], weights: Sequen
 def truncated_svd(a_stack: torch.Tensor, b_stack: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The top-``rank`` SVD of B_stack @ A_stack, from the factors: never an m×n matrix.
 
-    With B_stack (m×R) = Q_b·R_b and A_stackᵀ (n×R) = Q_a·R_a (thin QR), the product is
-    Q_b·(R_b·R_aᵀ)·Q_aᵀ, so the SVD of the R×R core gives it (Halko, Martinsson and Tropp
-    2011, section 5): O((m + n)·R²) time and O((m + n)·R) memory. In float64.
+    With B_stack (m×R) = Q_b·R_b and A_stackᵀ (n×R) = Q_a·R_a (Householder QR), the product
+    is Q_b·(R_b·R_aᵀ)·Q_aᵀ, so the SVD of the small core gives it (Halko, Martinsson and
+    Tropp 2011, section 5). Q_b and Q_a are never formed: their reflectors are applied to
+    the kept singular vectors only (LAPACK's ormqr). O((m + n)·R²) time, O((m + n)·R)
+    memory, in float64.
 
     Returns
     -------
     u, s, vh : Tensor
         m×k, k and k×n with k = min(rank, R, m, n); singular values in decreasing order.
     """
-    q_b, r_b = torch.linalg.qr(b_stack.to(torch.float64))
-    q_a, r_a = torch.linalg.qr(a_stack.to(torch.float64).T)
+    b_reflectors, b_tau = torch.geqrf(b_stack.to(torch.float64))
+    a_reflectors, a_tau = torch.geqrf(a_stack.to(torch.float64).T.contiguous())
+    r_b = b_reflectors[: b_tau.shape[0]].triu()
+    r_a = a_reflectors[: a_tau.shape[0]].triu()
     u_core, s, vh_core = torch.linalg.svd(r_b @ r_a.T)
     k = min(rank, s.shape[0])
-    return q_b @ u_core[:, :k], s[:k], vh_core[:k] @ q_a.T
+    u = _apply_q(b_reflectors, b_tau, u_core[:, :k])
+    v = _apply_q(a_reflectors, a_tau, vh_core[:k].T)
+    return u, s[:k], v.T
+
+
+def _apply_q(reflectors: torch.Tensor, tau: torch.Tensor, small: torch.Tensor) -> torch.Tensor:
+    """Q·[small; 0] for the Q of a Householder QR (``torch.geqrf``), without forming Q."""
+    padded = small.new_zeros(reflectors.shape[0], small.shape[1])
+    padded[: small.shape[0]] = small
+    return torch.ormqr(reflectors, tau, padded)
 
 
 def relative_error(ideal: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor]) -> float:
@@ -199,23 +214,30 @@ def low_rank_norm(terms: Sequence[tuple[float, torch.Tensor, torch.Tensor]]) -> 
     O((m + n)·R²) time. The QR is backward stable, so a difference of nearly equal terms (an
     exact method's error) is not lost to cancellation, as it would be in a sum of Gram products.
     """
-    return _prefix_norms(terms, len(terms))[0]
+    return prefix_norms(terms, [len(terms)])[0]
 
 
-def _prefix_norms(terms: Sequence[tuple[float, torch.Tensor, torch.Tensor]], head: int) -> tuple[float, float]:
-    """‖Σ_i c_i·B_i·A_i‖_F over all terms and over the first ``head`` terms, from one pair of QRs.
+def prefix_norms(terms: Sequence[tuple[float, torch.Tensor, torch.Tensor]], heads: Sequence[int]) -> list[float]:
+    """‖Σ_{i<h} c_i·B_i·A_i‖_F for each h in ``heads``, from one pair of QRs of all the factors.
 
     The R factor of a matrix's first columns is the leading block of the R factor of the whole
-    (the first columns of a QR are a QR of those columns), so one factorisation serves both.
+    (the first columns of a QR are a QR of those columns), so one factorisation serves every
+    prefix of the terms.
     """
     b = torch.cat([c * bt.to(torch.float64) for c, bt, _ in terms], dim=1)
     a = torch.cat([at.to(torch.float64) for _, _, at in terms], dim=0)
     r_b = torch.linalg.qr(b, mode="r").R  # min(m, R)×R, upper triangular; Q is never formed
     r_a = torch.linalg.qr(a.T, mode="r").R  # min(n, R)×R
-    columns = sum(bt.shape[1] for _, bt, _ in terms[:head])
-    whole = float(torch.linalg.matrix_norm(r_b @ r_a.T))
-    first = float(torch.linalg.matrix_norm(r_b[:, :columns] @ r_a[:, :columns].T))
-    return whole, first
+    ends = [0, *(int(bt.shape[1]) for _, bt, _ in terms)]
+    columns = [sum(ends[: h + 1]) for h in heads]
+    return [float(torch.linalg.matrix_norm(r_b[:, :c] @ r_a[:, :c].T)) for c in columns]
+
+
+def relative_to(squared: float, reference_squared: float) -> float:
+    """√(squared / reference_squared): 0 when both are zero, inf when only the reference is."""
+    if reference_squared == 0.0:
+        return 0.0 if squared == 0.0 else float("inf")
+    return (squared / reference_squared) ** 0.5
 
 
 Term = tuple[float, torch.Tensor, torch.Tensor]  # (c, B, A): the low-rank matrix c·B·A
@@ -230,13 +252,11 @@ def factored_relative_error(ideal: Mapping[str, Sequence[Term]], got: Mapping[st
     """
     num = den = 0.0
     for module, ideal_terms in ideal.items():
-        difference, ideal_norm = _prefix_norms([*ideal_terms, *((-c, b, a) for c, b, a in got[module])],
-                                               len(ideal_terms))
+        got_terms = [(-c, b, a) for c, b, a in got[module]]
+        ideal_norm, difference = prefix_norms([*ideal_terms, *got_terms], [len(ideal_terms), len(ideal_terms) + len(got_terms)])
         num += difference ** 2
         den += ideal_norm ** 2
-    if den == 0.0:
-        return 0.0 if num == 0.0 else float("inf")
-    return (num / den) ** 0.5
+    return relative_to(num, den)
 
 
 def ideal_terms(tensors: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float],

@@ -39,17 +39,17 @@ from fedtune.strategies.aggregation import (
     Term,
     check_weighting,
     client_weights,
-    factored_relative_error,
     ideal_terms,
     lora_modules,
-    low_rank_norm,
+    prefix_norms,
+    relative_to,
     weighted_average,
 )
 
 
 @dataclass(frozen=True)
 class IdealProjection:
-    """What the cosine to ΔW = Σ c_k·B_k·A_k needs for products X·Ā, all of it r-sized.
+    """What the cosine and the distance to ΔW = Σ c_k·B_k·A_k need for products X·Ā, all r-sized.
 
     Attributes
     ----------
@@ -59,26 +59,50 @@ class IdealProjection:
         R_a of the thin QR Āᵀ = Q_a·R_a, so that ‖X·Ā‖_F = ‖X·R_aᵀ‖_F.
     norm : float
         ‖ΔW‖_F.
+    b_avg : Tensor
+        B̄ (m × r), float64.
+    fedit_distance : float
+        ‖ΔW − B̄·Ā‖_F, FedIT's error.
     """
 
     projected: torch.Tensor
     a_root: torch.Tensor
     norm: float
+    b_avg: torch.Tensor
+    fedit_distance: float
 
     @classmethod
-    def of(cls, terms: Sequence[Term], a_avg: torch.Tensor) -> IdealProjection:
-        """The projection of the ideal ``terms`` (c, B, A) onto products with ``a_avg`` (Ā, r × n), in float64."""
-        a_avg = a_avg.detach().to(torch.float64)
+    def of(cls, terms: Sequence[Term], b_avg: torch.Tensor, a_avg: torch.Tensor) -> IdealProjection:
+        """The ideal ``terms`` (c, B, A) seen through B̄ (m × r) and Ā (r × n), in float64.
+
+        ‖ΔW‖ and FedIT's ‖ΔW − B̄·Ā‖ come from one pair of QRs of the stacked factors
+        (:func:`~fedtune.strategies.aggregation.prefix_norms`).
+        """
+        b_avg, a_avg = b_avg.detach().to(torch.float64), a_avg.detach().to(torch.float64)
         projected = sum(c * (b.detach().to(torch.float64) @ (a.detach().to(torch.float64) @ a_avg.T))
                         for c, b, a in terms)
-        _, a_root = torch.linalg.qr(a_avg.T)
-        return cls(projected, a_root, low_rank_norm(terms))
+        a_root = torch.linalg.qr(a_avg.T, mode="r").R
+        norm, fedit_distance = prefix_norms([*terms, (-1.0, b_avg, a_avg)], [len(terms), len(terms) + 1])
+        return cls(projected, a_root, norm, b_avg, fedit_distance)
 
     def cosine_distance(self, x: torch.Tensor) -> torch.Tensor:
         """1 − cos(ΔW, X·Ā) for X (m × r), differentiable in X (0 when they point the same way)."""
         inner = (self.projected * x).sum()
         got_norm = torch.linalg.matrix_norm(x @ self.a_root.T)
         return 1.0 - inner / (self.norm * got_norm).clamp_min(1e-300)
+
+    def distance(self, x: torch.Tensor) -> float:
+        """‖ΔW − X·Ā‖_F for X = B̄ + ΔB, from FedIT's distance and r-sized products.
+
+        ‖D − ΔB·Ā‖² = ‖D‖² − 2·⟨D, ΔB·Ā⟩ + ‖ΔB·Ā‖² with D = ΔW − B̄·Ā and
+        ⟨D, ΔB·Ā⟩ = ⟨ΔW·Āᵀ − B̄·ĀĀᵀ, ΔB⟩; no cancellation unless the correction removes
+        nearly all of FedIT's error.
+        """
+        delta = x.detach().to(torch.float64) - self.b_avg
+        gram = self.a_root.T @ self.a_root  # ĀĀᵀ
+        inner = float(((self.projected - self.b_avg @ gram) * delta).sum())
+        squared = self.fedit_distance ** 2 - 2.0 * inner + float(torch.linalg.matrix_norm(delta @ self.a_root.T)) ** 2
+        return max(squared, 0.0) ** 0.5
 
 
 def residual_correction(target: IdealProjection, b_avg: torch.Tensor, *, lam: float, steps: int,
@@ -112,23 +136,22 @@ def residual_correction(target: IdealProjection, b_avg: torch.Tensor, *, lam: fl
     b_avg = b_avg.detach().to(torch.float64)
     delta = torch.zeros_like(b_avg, requires_grad=True)
     scale = float(b_avg.pow(2).mean().sqrt()) or 1.0
-    optimizer = torch.optim.Adam([delta], lr=lr * scale)
+    optimizer = torch.optim.Adam([delta], lr=lr * scale, fused=True)
 
     def objective() -> torch.Tensor:
         norm = delta.pow(2).sum().add(1e-300).sqrt()  # differentiable at ΔB = 0
         return target.cosine_distance(b_avg + delta) + lam * norm
 
-    with torch.no_grad():
-        best, best_value = torch.zeros_like(b_avg), float(objective())
+    value = objective()
+    best, best_value = torch.zeros_like(b_avg), float(value.detach())
     for _ in range(steps):
         optimizer.zero_grad()
-        value = objective()
         value.backward()
         optimizer.step()
-        with torch.no_grad():
-            current = float(objective())
-            if current < best_value:
-                best, best_value = delta.detach().clone(), current
+        value = objective()  # at the new iterate: the next step's gradient and the best-iterate check
+        current = float(value.detach())
+        if current < best_value:
+            best, best_value = delta.detach().clone(), current
     return best
 
 
@@ -176,19 +199,20 @@ class LoRAFAIR(Strategy):
         modules = lora_modules(averaged)
         # One scaling for every client: it cancels in both the cosine and the relative error.
         ideal = ideal_terms(tensors, weights, [1.0] * len(tensors), modules)
-        fedit, fair = {}, {}
+        ideal_sq = fedit_sq = fair_sq = 0.0
         cos_fedit = cos_fair = 0.0
         for module in modules:
             a, b = averaged[module + LORA_A].to(torch.float64), averaged[module + LORA_B].to(torch.float64)
-            target = IdealProjection.of(ideal[module], a)
+            target = IdealProjection.of(ideal[module], b, a)
             corrected = b + residual_correction(target, b, lam=self.lam, steps=self.steps, lr=self.lr)
             averaged[module + LORA_B] = corrected.to(averaged[module + LORA_B].dtype)
-            fedit[module], fair[module] = [(1.0, b, a)], [(1.0, corrected, a)]
+            ideal_sq += target.norm ** 2
+            fedit_sq += target.fedit_distance ** 2
+            fair_sq += target.distance(corrected) ** 2
             cos_fedit += float(target.cosine_distance(b))
             cos_fair += float(target.cosine_distance(corrected))
         self._global = averaged
-        error_fedit = factored_relative_error(ideal, fedit)
-        error_fair = factored_relative_error(ideal, fair)
+        error_fedit, error_fair = (relative_to(squared, ideal_sq) for squared in (fedit_sq, fair_sq))
         count = max(len(modules), 1)
         return {
             "aggregation_error": error_fair,

@@ -99,10 +99,10 @@ class FlexLoRA(Strategy):
         weights = client_weights(updates, self.weighting)
         scalings = client_scalings(updates)
         lora = [select(u.arrays, [r"\.lora_[AB]\.weight$"]) for u in updates]
-        stacks = stack_factors(lora, weights, scalings, dtype=torch.float64)
         dtype = self._global[self._modules[0] + LORA_A].dtype
         out, kept, total = {}, 0.0, 0.0
-        for module, (a_stack, b_stack) in stacks.items():
+        for module in lora_modules(lora[0]):  # one module's float64 stack at a time
+            a_stack, b_stack = stack_factors(lora, weights, scalings, torch.float64, [module])[module]
             u, s, vh = truncated_svd(a_stack, b_stack, a_stack.shape[0])
             r = self.spec.rank
             kept += float(s[:r].square().sum())

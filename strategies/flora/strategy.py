@@ -50,11 +50,36 @@ from fedtune.strategies.aggregation import (
     LORA_B,
     average_non_lora,
     Stack,
-    factored_relative_error,
+    Term,
     ideal_terms,
+    low_rank_norm,
+    relative_to,
     is_lora_key,
     stack_factors,
 )
+
+def stack_error(ideal: dict[str, list[Term]], stack: Stack) -> float:
+    """‖B_stack·A_stack − Σ_k c_k·B_k·A_k‖ / ‖Σ_k c_k·B_k·A_k‖ over all modules, from the factors.
+
+    Block k of the stack is (B̂_k, Â_k), so the difference is
+    Σ_k B̂_k·(c_k·A_k − Â_k) + (B_k − B̂_k)·c_k·A_k: each client's rounding, rank Σ r_k, no
+    cancellation. B̂_k is B_k cast to the stack's dtype; the second term is dropped only
+    where the two are bitwise equal.
+    """
+    num = den = 0.0
+    for module, terms in ideal.items():
+        a_stack, b_stack = stack[module]
+        difference, start = [], 0
+        for c, b, a in terms:
+            b_hat, a_hat = b_stack[:, start:start + b.shape[1]], a_stack[start:start + b.shape[1]]
+            start += b.shape[1]
+            difference.append((1.0, b_hat, c * a.to(torch.float64) - a_hat.to(torch.float64)))
+            if not torch.equal(b_hat, b.to(b_hat.dtype)) or b.dtype != b_hat.dtype:
+                difference.append((c, b.to(torch.float64) - b_hat.to(torch.float64), a))
+        num += low_rank_norm(difference) ** 2
+        den += low_rank_norm(terms) ** 2
+    return relative_to(num, den)
+
 
 @register_strategy
 class FLoRA(Strategy):
@@ -119,8 +144,7 @@ class FLoRA(Strategy):
         self._stacks.append(stack)
         self._head = average_non_lora([u.arrays for u in updates], weights)
         ranks = [u.arrays[next(k for k in u.arrays if k.endswith(LORA_A))].shape[0] for u in updates]
-        got = {module: [(1.0, b, a)] for module, (a, b) in stack.items()}
-        return {"aggregation_error": factored_relative_error(ideal_terms(lora, weights, scalings), got),
+        return {"aggregation_error": stack_error(ideal_terms(lora, weights, scalings), stack),
                 "stacked_rank": float(sum(ranks))}
 
     def global_adapter(self) -> Tensors:

@@ -295,3 +295,19 @@ def test_a_new_run_in_the_same_process_starts_from_an_empty_residual() -> None:
     assert residual.version == 1 and "lin" in residual.deltas
     residual.claim(202)  # next run: round 1 must be merged again, not skipped
     assert residual.version == 0 and not residual.deltas
+
+
+def test_flora_stack_error_from_the_factors_equals_the_dense_error() -> None:
+    from fedtune.strategies.aggregation import ideal_terms, ideal_updates, relative_error, stack_factors
+    from fedtune.strategies.flora.strategy import stack_error
+
+    lora = [{k: v for k, v in u.arrays.items() if "lora_" in k} for u in updates([2, 4, 3], [1, 2, 3])]
+    weights, scalings = [1.0, 2.0, 3.0], [4.0, 2.0, 8.0 / 3.0]
+    ideal = ideal_updates(lora, weights, scalings)
+    for perturb in (0.0, 1e-3):  # the stack as built (float32 rounding only), then with its B changed
+        stack = stack_factors(lora, weights, scalings)
+        stack = {m: (a, b + perturb * torch.ones_like(b)) for m, (a, b) in stack.items()}
+        dense = relative_error(ideal, {m: b.double() @ a.double() for m, (a, b) in stack.items()})
+        got = stack_error(ideal_terms(lora, weights, scalings), stack)
+        assert got == pytest.approx(dense, rel=1e-9, abs=1e-15)
+        assert (got > 1e-4) == (perturb > 0)

@@ -64,7 +64,7 @@ def rel(got: torch.Tensor, want: torch.Tensor) -> float:
 @pytest.mark.parametrize("m,n,r,k", SHAPES)
 def test_objective_and_gradient_equal_the_dense_ones(m: int, n: int, r: int, k: int) -> None:
     terms, b_avg, a_avg, ideal = clients(m, n, r, k, seed=m + n)
-    target = IdealProjection.of(terms, a_avg)
+    target = IdealProjection.of(terms, b_avg, a_avg)
     assert target.norm == pytest.approx(float(ideal.norm()), rel=1e-12)
     x = (b_avg + 0.05 * torch.randn(m, r, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
     values, grads = [], []
@@ -76,13 +76,15 @@ def test_objective_and_gradient_equal_the_dense_ones(m: int, n: int, r: int, k: 
         grads.append(x_.grad)
     assert values[0] == pytest.approx(values[1], rel=1e-10)
     assert rel(grads[0], grads[1]) <= 1e-10
+    assert target.fedit_distance == pytest.approx(float((ideal - b_avg @ a_avg).norm()), rel=1e-12)
+    assert target.distance(x) == pytest.approx(float((ideal - x @ a_avg).norm()), rel=1e-12)
 
 
 @pytest.mark.parametrize("m,n,r,k", SHAPES)
 @pytest.mark.parametrize("lam", [0.0, 0.01])
 def test_the_correction_equals_the_dense_one(m: int, n: int, r: int, k: int, lam: float) -> None:
     terms, b_avg, a_avg, ideal = clients(m, n, r, k, seed=3 * m + n)
-    got = residual_correction(IdealProjection.of(terms, a_avg), b_avg, lam=lam, steps=50, lr=0.05)
+    got = residual_correction(IdealProjection.of(terms, b_avg, a_avg), b_avg, lam=lam, steps=50, lr=0.05)
     want = dense_residual_correction(ideal, b_avg, a_avg, lam=lam, steps=50, lr=0.05)
     assert float(want.norm()) > 0
     assert rel(got, want) <= 1e-12
@@ -93,7 +95,7 @@ def test_a_zero_b_average_is_left_as_the_dense_version_leaves_it() -> None:
     # Adam's second moment overflows and both versions stay at ΔB = 0.
     terms, _, a_avg, ideal = clients(12, 10, 4, 3, seed=5)
     b_avg = torch.zeros(12, 4, dtype=torch.float64)
-    got = residual_correction(IdealProjection.of(terms, a_avg), b_avg, lam=0.01, steps=20, lr=0.05)
+    got = residual_correction(IdealProjection.of(terms, b_avg, a_avg), b_avg, lam=0.01, steps=20, lr=0.05)
     want = dense_residual_correction(ideal, b_avg, a_avg, lam=0.01, steps=20, lr=0.05)
     assert torch.equal(got, want)
 
