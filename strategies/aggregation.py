@@ -182,6 +182,31 @@ def truncated_svd(a_stack: torch.Tensor, b_stack: torch.Tensor, rank: int) -> tu
     return u, s[:k], v.T
 
 
+def truncated_product(a_stack: torch.Tensor, b_stack: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Factors b (m×k) and a (k×n) with b·a the top-``rank`` truncation of B_stack @ A_stack.
+
+    As :func:`truncated_svd`, through the SVD U_c·S·V_cᵀ of the core R_b·R_aᵀ, but neither Q
+    is applied: b = U·S = B_stack·R_aᵀ·V_c and a = Vᵀ = S⁻¹·U_cᵀ·R_b·A_stack, two small
+    GEMMs after two QRs that form only R. Rows of a whose singular value is zero to float64
+    precision (s ≤ s₁·max(m, n, R)·ε) are zero, as are the matching columns of b.
+
+    Returns
+    -------
+    b, a, s : Tensor
+        m×k, k×n and every singular value of the product (decreasing), float64.
+    """
+    b_stack, a_stack = b_stack.to(torch.float64), a_stack.to(torch.float64)
+    r_b = torch.linalg.qr(b_stack, mode="r").R
+    r_a = torch.linalg.qr(a_stack.T, mode="r").R
+    u_core, s, vh_core = torch.linalg.svd(r_b @ r_a.T)
+    k = min(rank, s.shape[0])
+    tolerance = float(s[0]) * max(*b_stack.shape, a_stack.shape[1]) * torch.finfo(torch.float64).eps if k else 0.0
+    kept = (s[:k] > tolerance).to(torch.float64)
+    b = (b_stack @ (r_a.T @ vh_core[:k].T)) * kept
+    a = (kept / s[:k].clamp_min(tolerance or 1.0))[:, None] * (u_core[:, :k].T @ r_b) @ a_stack
+    return b, a, s
+
+
 def _apply_q(reflectors: torch.Tensor, tau: torch.Tensor, small: torch.Tensor) -> torch.Tensor:
     """Q·[small; 0] for the Q of a Householder QR (``torch.geqrf``), without forming Q."""
     padded = small.new_zeros(reflectors.shape[0], small.shape[1])

@@ -10,7 +10,7 @@ paper's split). Clients of high rank keep more of the aggregate; none is limited
 smallest rank.
 
 Low-rank all the way: ΔW is never formed. The SVD comes from the stacked factors (QR of
-each stack, then the SVD of a Σ r_k × Σ r_k core; :func:`~fedtune.strategies.aggregation.truncated_svd`),
+each stack, then the SVD of a Σ r_k × Σ r_k core; :func:`~fedtune.strategies.aggregation.truncated_product`),
 so the server holds O(Σ r_k·(m + n)) numbers per module. The server sends the top
 ``adapter.rank`` components once, the same message to every client; a client of rank r_k
 keeps the first r_k (the routine), so ``adapter.rank`` must be the largest client rank.
@@ -44,7 +44,7 @@ from fedtune.strategies.aggregation import (
     is_lora_key,
     lora_modules,
     stack_factors,
-    truncated_svd,
+    truncated_product,
 )
 from fedtune.strategies.flexlora.routine import FLEXLORA_ROUTINE
 
@@ -103,11 +103,10 @@ class FlexLoRA(Strategy):
         out, kept, total = {}, 0.0, 0.0
         for module in lora_modules(lora[0]):  # one module's float64 stack at a time
             a_stack, b_stack = stack_factors(lora, weights, scalings, torch.float64, [module])[module]
-            u, s, vh = truncated_svd(a_stack, b_stack, a_stack.shape[0])
             r = self.spec.rank
+            b, a, s = truncated_product(a_stack, b_stack, r)
             kept += float(s[:r].square().sum())
             total += float(s.square().sum())
-            b, a = u[:, :r] * s[:r], vh[:r]
             if b.shape[1] < r:  # the aggregate has lower rank than adapter.rank: pad with zero components
                 b = torch.cat([b, b.new_zeros(b.shape[0], r - b.shape[1])], dim=1)
                 a = torch.cat([a, a.new_zeros(r - a.shape[0], a.shape[1])], dim=0)

@@ -130,3 +130,21 @@ def test_the_server_never_holds_a_dense_update() -> None:
     s.aggregate(1, [update(i, lora(4, i), 1) for i in range(3)])
     shapes = {tuple(v.shape) for v in s.state_dict()["_global"].values()}
     assert (M, N) not in shapes and {(M, 4), (4, N)} <= shapes
+
+
+def test_truncated_product_equals_the_truncated_svd_and_survives_a_rank_deficient_stack() -> None:
+    from fedtune.strategies.aggregation import truncated_product
+
+    gen = torch.Generator().manual_seed(4)
+    a_part, b_part = torch.randn(3, 9, generator=gen, dtype=torch.float64), torch.randn(11, 3, generator=gen, dtype=torch.float64)
+    a_stack = torch.cat([a_part, torch.randn(2, 9, generator=gen, dtype=torch.float64), a_part])
+    b_stack = torch.cat([b_part, torch.randn(11, 2, generator=gen, dtype=torch.float64), b_part], dim=1)  # rank 5 of 8
+    for rank in (2, 5, 7):
+        u, s, vh = truncated_svd(a_stack, b_stack, rank)
+        b, a, singular = truncated_product(a_stack, b_stack, rank)
+        torch.testing.assert_close(b @ a, (u * s) @ vh, rtol=0, atol=1e-12)
+        assert torch.isfinite(a).all() and torch.isfinite(b).all()
+        assert torch.equal(singular[: s.shape[0]], s) or torch.allclose(singular[: s.shape[0]], s, rtol=1e-14)
+    _, a, _ = truncated_product(a_stack, b_stack, 7)
+    assert a[5:].abs().max() == 0  # the product has rank 5: the rest are zero rows, not noise divided by ~0
+    torch.testing.assert_close(a[:5] @ a[:5].T, torch.eye(5, dtype=torch.float64), rtol=0, atol=1e-10)
