@@ -73,7 +73,7 @@ def dense_round(modules) -> list[torch.Tensor]:
 
 
 def factored_round(modules) -> list[torch.Tensor]:
-    return [residual_correction(IdealProjection.of(terms, b_avg, a_avg), b_avg, lam=LAM, steps=STEPS, lr=LR)
+    return [residual_correction(IdealProjection.of(terms, b_avg, a_avg), lam=LAM, steps=STEPS, lr=LR)
             for terms, b_avg, a_avg in modules]
 
 

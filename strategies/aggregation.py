@@ -242,6 +242,18 @@ def low_rank_norm(terms: Sequence[tuple[float, torch.Tensor, torch.Tensor]]) -> 
     return prefix_norms(terms, [len(terms)])[0]
 
 
+def gram_norm(terms: Sequence[tuple[float, torch.Tensor, torch.Tensor]]) -> float:
+    """‖Σ_i c_i·B_i·A_i‖_F from Gram matrices: ‖B·A‖² = ⟨BᵀB, A·Aᵀ⟩ (two GEMMs, float64).
+
+    About twice as fast as :func:`low_rank_norm`'s QRs, and as accurate for a sum whose terms
+    do not cancel (clients' updates); use :func:`low_rank_norm` for a difference of nearly
+    equal terms, where the Gram products would lose the result to cancellation.
+    """
+    b = torch.cat([c * bt.to(torch.float64) for c, bt, _ in terms], dim=1)
+    a = torch.cat([at.to(torch.float64) for _, _, at in terms], dim=0)
+    return max(float(((b.T @ b) * (a @ a.T)).sum()), 0.0) ** 0.5
+
+
 def prefix_norms(terms: Sequence[tuple[float, torch.Tensor, torch.Tensor]], heads: Sequence[int]) -> list[float]:
     """‖Σ_{i<h} c_i·B_i·A_i‖_F for each h in ``heads``, from one pair of QRs of all the factors.
 
