@@ -98,15 +98,16 @@ class IdealProjection:
         """
         x = self.b_avg + delta
         projected_x = x @ self.a_root.T
-        got_norm = float(torch.linalg.matrix_norm(projected_x))
-        inner = float((self.projected * x).sum())
+        got_norm = float(torch.linalg.vector_norm(projected_x))
+        inner = float(torch.vdot(self.projected.view(-1), x.view(-1)))
         scale = self.norm * got_norm
-        delta_norm = (float(delta.square().sum()) + 1e-300) ** 0.5
-        grad = delta * (lam / delta_norm)
+        delta_norm = (float(torch.vdot(delta.view(-1), delta.view(-1))) + 1e-300) ** 0.5
         if scale > 1e-300:
-            grad += self.projected * (-1.0 / scale) + (projected_x @ self.a_root) * (inner / (scale * got_norm ** 2))
+            grad = torch.addmm(self.projected, projected_x, self.a_root, beta=-1.0 / scale,
+                               alpha=inner / (scale * got_norm ** 2))
         else:  # the clamped denominator is constant there
-            grad += self.projected * (-1.0 / 1e-300)
+            grad = self.projected * (-1.0 / 1e-300)
+        grad.add_(delta, alpha=lam / delta_norm)
         return 1.0 - inner / max(scale, 1e-300) + lam * delta_norm, grad
 
     def cosine_distance(self, x: torch.Tensor) -> torch.Tensor:
