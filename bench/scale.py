@@ -9,7 +9,9 @@ strategy's ``aggregate``, on one CPU thread. The adapted shapes come from a
 ``transformers.LlamaConfig`` built here and instantiated on the meta device. Each row runs in
 a fresh process: its peak memory is the growth of the process's resident set (VmHWM, reset
 just before ``aggregate``) over what the clients' adapters already take. "Bytes up" is one
-client's adapter; "down" is what the strategy sends a client after the round.
+client's adapter; "down" is what the strategy sends a client after the round (a new client:
+FLoRA's whole history, Fed-SB's frozen B and A besides R̄). Fed-SB's row is a round that
+averages R, after its initialisation rounds (not timed).
 
 FLoRA's client rows are the bytes of the merged branch (:class:`MergedDelta`, really built,
 one per distinct layer shape, times the layers of that shape) after 1, 5 and 20 rounds,
@@ -38,7 +40,7 @@ CLIENTS = 10
 MIXED = [64, 32, 16, 16, 8, 8, 4, 4, 4, 4]  # FLoRA's heterogeneous setting (Wang et al. 2024, section 5)
 ALPHA = 16.0
 MEMORY_LIMIT = 12 * 2**30  # inputs above this are computed, not measured (the machine has 24 GiB, shared)
-STRATEGIES = ("fedit", "ffa-lora", "fedsa-lora", "lora-fair", "flexlora", "flora")
+STRATEGIES = ("fedit", "ffa-lora", "fedsa-lora", "lora-fair", "flexlora", "flora", "fed-sb")
 MIXED_RANKS = ("flexlora", "flora")
 LLAMA = {  # Llama-2 shapes (Touvron et al. 2023, table 1; the 70B uses grouped-query attention)
     "7B": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -124,6 +126,30 @@ def synthetic_updates(shapes, ranks, strategy_name):
     return updates
 
 
+def replies_to(strategy, server_round: int, clients: int):
+    """Random replies of the shapes each client is told to send (Fed-SB's sketches and R), echoing the round."""
+    import torch
+    from fedtune.strategy import ClientUpdate
+
+    updates = []
+    for k in range(clients):
+        expects = strategy.configure_client(server_round, k).expects
+        gen = torch.Generator().manual_seed(1000 * server_round + k)
+        arrays = {key: torch.randn(shape, generator=gen) * 1e-2 for key, shape in expects.items()}
+        updates.append(ClientUpdate(client_id=k, arrays=arrays, num_examples=100 + 10 * k,
+                                    metrics={"lora_sb_round": server_round, "lora_scaling": ALPHA / 16}))
+    return updates
+
+
+def fed_sb_round(strategy, ranks):
+    """Fed-SB after its initialisation rounds (aggregated here, untimed): the round that averages R."""
+    server_round = 1
+    while not strategy.initialized:
+        strategy.aggregate(server_round, replies_to(strategy, server_round, len(ranks)))
+        server_round += 1
+    return server_round, replies_to(strategy, server_round, len(ranks))
+
+
 def spec_for(shapes, rank):
     import torch
     from fedtune.strategy import AdapterSpec
@@ -160,15 +186,18 @@ def measure_row(row: dict) -> dict:
     ranks = ranks_for(row["ranks"])
     strategy = resolve_strategy(row["strategy"])()
     strategy.initialize(spec_for(shapes, max(ranks)))
-    updates = synthetic_updates(shapes, ranks, row["strategy"])
+    if row["strategy"] == "fed-sb":
+        server_round, updates = fed_sb_round(strategy, ranks)
+    else:
+        server_round, updates = 1, synthetic_updates(shapes, ranks, row["strategy"])
     gc.collect()
     reset_peak()
     before = resident_bytes("VmRSS")
     start = time.perf_counter()
-    strategy.aggregate(1, updates)
+    strategy.aggregate(server_round, updates)
     seconds = time.perf_counter() - start
     peak = resident_bytes("VmHWM")
-    down = strategy.configure_client(2, client_id=CLIENTS + 1).arrays
+    down = strategy.configure_client(server_round + 1, client_id=CLIENTS + 1).arrays
     up = [sum(t.numel() * t.element_size() for t in u.arrays.values()) for u in updates]
     return {**row, "seconds": round(seconds, 3), "extra_bytes": peak - before, "inputs_bytes": sum(up),
             "up_bytes": max(up), "down_bytes": sum(t.numel() * t.element_size() for t in down.values()),

@@ -89,10 +89,9 @@ from fedtune.strategies.aggregation import (
     client_weights,
     LORA_A,
     LORA_B,
-    factored_relative_error,
-    ideal_terms,
     lora_modules,
     normalized_weights,
+    relative_to,
     weighted_average,
 )
 
@@ -191,9 +190,10 @@ def r_average_error(frozen: Mapping[str, torch.Tensor], client_r: Sequence[Mappi
                     averaged_r: Mapping[str, torch.Tensor], weights: Sequence[float], scaling: float) -> float:
     """‖s·B·R̄·A − Σ_k p_k·s·B·R_k·A‖_F / ‖Σ_k p_k·s·B·R_k·A‖_F over all modules, from the factors.
 
-    Each side is a sum of rank-r terms (s, B, R·A) (:func:`fedtune.strategies.aggregation.factored_relative_error`),
-    so no m×n matrix is formed. The clients' R_k·A are folded as the plain adapters they
-    stand for (:func:`fedtune.strategies.fed_sb.layer.fold_r_into_a`, in A's dtype), R̄·A in float64.
+    Both sides share B, so the difference is s·B·M with M = Σ_k p_k·R_k·A − R̄·A (r×n), and
+    ‖B·M‖ = ‖R_b·M‖ with B = Q_b·R_b: one QR of an m×r matrix per module, no m×n matrix. The
+    clients' R_k·A are folded as the plain adapters they stand for
+    (:func:`fedtune.strategies.fed_sb.layer.fold_r_into_a`, in A's dtype), R̄·A in float64.
 
     Parameters
     ----------
@@ -208,12 +208,16 @@ def r_average_error(frozen: Mapping[str, torch.Tensor], client_r: Sequence[Mappi
     scaling : float
         s = lora_alpha / r.
     """
-    modules = lora_modules(frozen)
+    probs = normalized_weights(weights)
     clients = [fold_r_into_a({**frozen, **select(r, [R_ONLY])}) for r in client_r]
-    ideal = ideal_terms(clients, weights, [scaling] * len(clients), modules)
-    got = {m: [(scaling, frozen[m + LORA_B],
-                averaged_r[m + LORA_R].to(torch.float64) @ frozen[m + LORA_A].to(torch.float64))] for m in modules}
-    return factored_relative_error(ideal, got)
+    num = den = 0.0
+    for m in lora_modules(frozen):
+        r_b = torch.linalg.qr(frozen[m + LORA_B].to(torch.float64), mode="r").R
+        ideal = sum(p * c[m + LORA_A].to(torch.float64) for p, c in zip(probs, clients))
+        got = averaged_r[m + LORA_R].to(torch.float64) @ frozen[m + LORA_A].to(torch.float64)
+        num += float(torch.linalg.matrix_norm(scaling * (r_b @ (ideal - got)))) ** 2
+        den += float(torch.linalg.matrix_norm(scaling * (r_b @ ideal))) ** 2
+    return relative_to(num, den)
 
 
 @register_strategy
