@@ -49,7 +49,7 @@ SHAPES = {"layer.weight": (64, 33), "layer.bias": (64,), "head.weight": (3, 64)}
 # The fingerprint of this installation's direction stream (NumPy 2.4, PCG64 + float32 ziggurat).
 # If it changes after a NumPy upgrade, directions changed: clients and server of one federation
 # must then run the same NumPy version, and histories recorded before are not replayable.
-PINNED_FINGERPRINT = "8df24cdcc0f4312787dc9398ea01d2e5223560190815f62c539a5793d31c2dbd"
+PINNED_FINGERPRINT = "a8484ac8c63564ac4f4d31eb0c2fb9fc16c4f2e4a7f363da1ddba0d3c78f17a3"
 
 
 def raw_bytes(tensors: dict[str, torch.Tensor]) -> dict[str, bytes]:
