@@ -8,23 +8,22 @@ directional derivative). A training run is therefore fully described by its
 
 What makes the exchange exact:
 
-* :func:`direction` draws ``z`` with NumPy's PCG64 bit generator and its float32 ziggurat
-  (``Generator.standard_normal(dtype=np.float32)``), seeded through ``SeedSequence`` from
-  ``(seed, parameter name)``. Generation runs on the CPU in one thread per generator, so
-  it does not depend on torch, the device, the thread count or the process; see
-  :func:`direction` for what the guarantee rests on and :func:`direction_fingerprint` to
-  check two installations agree.
-* :func:`apply_update` is the only place parameters are updated, by the client in
-  :func:`zo_step` and by everyone in :func:`replay`: ``step = z * c`` then ``w += step``
-  with ``c = float32(-lr * g)``. Two separately rounded IEEE operations, with no fused
-  multiply-add that a CPU or GPU kernel could choose differently, so the result is the
-  same bits on every device.
+* :func:`direction` draws ``z`` with a vectorised ziggurat over PCG64 raw streams seeded
+  through ``SeedSequence`` from ``(seed, parameter name)``, using only integer and exactly
+  rounded IEEE operations, so it does not depend on torch, the device, the thread count,
+  the process or NumPy's distribution code; see :func:`direction` for what the guarantee
+  rests on and :func:`direction_fingerprint` to check two installations agree.
+* :func:`apply_update` (the client in :func:`zo_step`) and :func:`replay` (everyone) update
+  parameters the same way: ``step = z * c`` then ``w += step`` with ``c = float32(-lr * g)``.
+  Two separately rounded IEEE operations, with no fused multiply-add that a CPU or GPU
+  kernel could choose differently, so the result is the same bits on every device.
 * :func:`zo_step` restores the parameters after the two perturbed evaluations by copying
   a saved copy back, not by subtracting ``eps * z`` (which rounds, and in fp16/bf16
   drifts by as much as the update itself).
 
 Parameters handled here are float32 tensors updated in place (fp32 master copies).
-Memory per step: one copy of the trained tensors (the restore point) and one direction.
+Memory per step: one copy of the trained tensors (the restore point) and one direction;
+replay needs no direction-sized buffer on the CPU.
 """
 
 from __future__ import annotations
