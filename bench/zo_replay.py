@@ -14,7 +14,6 @@ same bits in a second, independent run and with another thread count, and prints
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from collections.abc import Callable
