@@ -1,11 +1,14 @@
-"""Time sequential ``replay`` against ``replay_grouped`` on one synthetic FedKSeed history.
+"""Time FedKSeed replay with the version 1 directions (the old generator) against today's.
 
-    .venv/bin/python bench/zo_replay.py                       # 2M float32 parameters, 2,000 steps, K=512
-    .venv/bin/python bench/zo_replay.py --steps 4000 --k 4096
+    .venv/bin/python bench/zo_replay.py                       # 2M float32 parameters, 200 steps, 1 and 2 threads
+    .venv/bin/python bench/zo_replay.py --params 22700000 --tensors 100 --threads 2
 
-Sequential replay generates one direction per history entry; grouped replay generates one per
-distinct seed, so the ratio approaches steps / distinct seeds when generation dominates. The
-script also prints the largest difference between the two results (float32 rounding only).
+Both replays apply the same history (one direction per step, ``w <- w - lr * g * z(s)``) to
+the same start; "old" regenerates each direction as version 1 did (NumPy's sequential
+float32 ziggurat, ``Generator(PCG64).standard_normal``, then torch's ``mul_``/``add_``), kept
+here only as the reference to time. The script then checks that today's replay gives the
+same bits in a second, independent run and with another thread count, and prints
+``bitwise equal: True`` when it does.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,24 +24,29 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from fedtune.strategies.fedkseed.zeroth_order import direction, group_history, replay, replay_grouped, seed_pool  # noqa: E402
+from fedtune.strategies.fedkseed import zeroth_order  # noqa: E402
+from fedtune.strategies.fedkseed.zeroth_order import replay, seed_pool  # noqa: E402
+
+Params = dict[str, torch.Tensor]
+History = list[tuple[int, float]]
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", type=int, default=2_000_000, help="float32 parameters in all (default 2M)")
     parser.add_argument("--tensors", type=int, default=4, help="split over this many named tensors")
-    parser.add_argument("--steps", type=int, default=2000, help="history length (seed, scalar) pairs")
-    parser.add_argument("--k", type=int, default=512, help="seed pool size the history draws from")
+    parser.add_argument("--steps", type=int, default=200, help="history length, (seed, scalar) pairs (default 200, "
+                                                                "a FedKSeed round's aggregated steps)")
+    parser.add_argument("--k", type=int, default=4096, help="seed pool size the history draws from")
     parser.add_argument("--lr", type=float, default=1e-6)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads (default 1: the update is memory-bound, and idle OpenMP workers "
-                             "spinning between updates slow NumPy's single-threaded generation on a busy machine)")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2],
+                        help="torch thread counts to time both replays with (today's replay draws its "
+                             "directions on torch.get_num_threads() threads)")
     return parser.parse_args()
 
 
-def synthetic(args: argparse.Namespace) -> tuple[dict[str, torch.Tensor], list[tuple[int, float]]]:
+def synthetic(args: argparse.Namespace) -> tuple[Params, History]:
     generator = torch.Generator().manual_seed(args.seed)
     size = args.params // args.tensors
     params = {f"layer.{i}.weight": torch.randn(size, generator=generator) for i in range(args.tensors)}
@@ -48,52 +57,54 @@ def synthetic(args: argparse.Namespace) -> tuple[dict[str, torch.Tensor], list[t
     return params, history
 
 
-def float64_reference(params: dict[str, torch.Tensor], history: list[tuple[int, float]],
-                      lr: float) -> dict[str, torch.Tensor]:
-    """w - lr * Σ g z in float64 (the same float32 directions): the exact result to compare with."""
-    reference = {k: v.double() for k, v in params.items()}
-    shapes = {name: tuple(t.shape) for name, t in params.items()}
-    for seed, scalar in group_history(history):
-        z = direction(seed, shapes)
-        for name in reference:
-            reference[name] -= lr * scalar * z[name].double()
-    return reference
+def _legacy_direction(seed: int, name: str, size: int) -> torch.Tensor:
+    """Version 1's direction of one tensor: NumPy's float32 ziggurat on a PCG64 stream."""
+    entropy = [zeroth_order._DIRECTION_DOMAIN, seed, zeroth_order._name_key(name)]
+    generator = np.random.Generator(np.random.PCG64(np.random.SeedSequence(entropy)))
+    return torch.from_numpy(generator.standard_normal(size, dtype=np.float32))
 
 
-def max_error(result: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
-    return max((result[k].double() - reference[k]).abs().max().item() for k in reference)
+def _legacy_replay(params: Params, history: History, lr: float) -> None:
+    """Version 1's sequential replay: the whole direction, then ``z * c`` and ``w + step`` in torch."""
+    with torch.no_grad():
+        for seed, scalar in history:
+            coefficient = float(np.float32(-lr * scalar))
+            z = {name: _legacy_direction(seed, name, p.numel()) for name, p in sorted(params.items())}
+            for name, param in params.items():
+                param.add_(z[name].reshape(param.shape).mul_(coefficient))
 
 
-def timed(fn, *fn_args) -> float:
-    start = time.perf_counter()
-    fn(*fn_args)
-    return time.perf_counter() - start
+def timed(replay_fn: Callable[[Params, History, float], None], start: Params, history: History,
+          lr: float) -> tuple[float, Params]:
+    params = {k: v.clone() for k, v in start.items()}
+    began = time.perf_counter()
+    replay_fn(params, history, lr)
+    return time.perf_counter() - began, params
+
+
+def same_bits(a: Params, b: Params) -> bool:
+    return all(a[k].numpy().tobytes() == b[k].numpy().tobytes() for k in a)
 
 
 def main() -> None:
     args = parse_args()
-    torch.set_num_threads(args.threads)
-    params, history = synthetic(args)
-    distinct = len({seed for seed, _ in history})
-    shapes = {name: tuple(t.shape) for name, t in params.items()}
-    one_direction = min(timed(direction, history[0][0], shapes) for _ in range(3))
-    sequential = {k: v.clone() for k, v in params.items()}
-    grouped = {k: v.clone() for k, v in params.items()}
-    seconds_sequential = timed(replay, sequential, history, args.lr)
-    seconds_grouped = timed(replay_grouped, grouped, history, args.lr)
-    difference = max((sequential[k] - grouped[k]).abs().max().item() for k in params)
-    reference = float64_reference(params, history, args.lr)
-    largest_change = max((reference[k] - params[k].double()).abs().max().item() for k in params)
+    start, history = synthetic(args)
     print(f"parameters {args.params:,} float32 in {args.tensors} tensors; history {args.steps:,} steps "
-          f"over a pool of {args.k:,}: {distinct:,} distinct seeds; torch threads {torch.get_num_threads()}")
-    print(f"one direction: {one_direction * 1e3:.1f} ms")
-    print(f"{'':>16}{'seconds':>10}{'directions':>12}{'ms/step':>10}{'max error vs fp64':>20}")
-    for name, seconds, count, result in (("replay", seconds_sequential, args.steps, sequential),
-                                         ("replay_grouped", seconds_grouped, distinct, grouped)):
-        print(f"{name:>16}{seconds:>10.2f}{count:>12,}{seconds / args.steps * 1e3:>10.2f}"
-              f"{max_error(result, reference):>20.3g}")
-    print(f"speed-up {seconds_sequential / seconds_grouped:.2f}x (directions ratio {args.steps / distinct:.2f}x); "
-          f"max |sequential - grouped| = {difference:.3g}; largest exact change from the start {largest_change:.3g}")
+          f"over a pool of {args.k:,} ({len({s for s, _ in history}):,} distinct seeds)")
+    print(f"{'threads':>8}{'old s':>10}{'new s':>10}{'old ms/step':>13}{'new ms/step':>13}{'speed-up':>10}")
+    results: list[Params] = []
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        seconds_old, _ = timed(_legacy_replay, start, history, args.lr)
+        seconds_new, result = timed(replay, start, history, args.lr)
+        results.append(result)
+        print(f"{threads:>8}{seconds_old:>10.2f}{seconds_new:>10.2f}{seconds_old / args.steps * 1e3:>13.1f}"
+              f"{seconds_new / args.steps * 1e3:>13.1f}{seconds_old / seconds_new:>9.2f}x")
+    _, again = timed(replay, start, history, args.lr)  # a second, independent run
+    changed = max((results[0][k] - start[k]).abs().max().item() for k in start)
+    print(f"largest change from the start {changed:.3g} (the replay did something)")
+    print(f"bitwise equal: {all(same_bits(results[0], r) for r in [*results[1:], again])} "
+          f"(today's replay, across thread counts {args.threads} and a second run)")
 
 
 if __name__ == "__main__":

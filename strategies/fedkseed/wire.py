@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from fedtune.strategies.fedkseed.zeroth_order import (
+    DIRECTION_VERSION,
     TUNE_ADAPTER,
     TUNE_FULL,
     Params,
@@ -172,8 +173,8 @@ class RoundPlan:
         """Raise ``RuntimeError`` when this installation draws other directions than the server's."""
         if self.fingerprint != direction_fingerprint():
             raise RuntimeError(f"this client's direction fingerprint {direction_fingerprint()[:12]} differs from "
-                               f"the server's {self.fingerprint[:12]}: install the server's NumPy version, "
-                               "or replays would diverge")
+                               f"the server's {self.fingerprint[:12]}: install the server's fedtune version "
+                               f"(directions v{DIRECTION_VERSION}), or replays would diverge")
 
 
 def encode_round_config(plan: RoundPlan, prefix: str = "") -> dict[str, Any]:

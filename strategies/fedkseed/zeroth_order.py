@@ -8,23 +8,22 @@ directional derivative). A training run is therefore fully described by its
 
 What makes the exchange exact:
 
-* :func:`direction` draws ``z`` with NumPy's PCG64 bit generator and its float32 ziggurat
-  (``Generator.standard_normal(dtype=np.float32)``), seeded through ``SeedSequence`` from
-  ``(seed, parameter name)``. Generation runs on the CPU in one thread per generator, so
-  it does not depend on torch, the device, the thread count or the process; see
-  :func:`direction` for what the guarantee rests on and :func:`direction_fingerprint` to
-  check two installations agree.
-* :func:`apply_update` is the only place parameters are updated, by the client in
-  :func:`zo_step` and by everyone in :func:`replay`: ``step = z * c`` then ``w += step``
-  with ``c = float32(-lr * g)``. Two separately rounded IEEE operations, with no fused
-  multiply-add that a CPU or GPU kernel could choose differently, so the result is the
-  same bits on every device.
+* :func:`direction` draws ``z`` with a vectorised ziggurat over PCG64 raw streams seeded
+  through ``SeedSequence`` from ``(seed, parameter name)``, using only integer and exactly
+  rounded IEEE operations, so it does not depend on torch, the device, the thread count,
+  the process or NumPy's distribution code; see :func:`direction` for what the guarantee
+  rests on and :func:`direction_fingerprint` to check two installations agree.
+* :func:`apply_update` (the client in :func:`zo_step`) and :func:`replay` (everyone) update
+  parameters the same way: ``step = z * c`` then ``w += step`` with ``c = float32(-lr * g)``.
+  Two separately rounded IEEE operations, with no fused multiply-add that a CPU or GPU
+  kernel could choose differently, so the result is the same bits on every device.
 * :func:`zo_step` restores the parameters after the two perturbed evaluations by copying
   a saved copy back, not by subtracting ``eps * z`` (which rounds, and in fp16/bf16
   drifts by as much as the update itself).
 
 Parameters handled here are float32 tensors updated in place (fp32 master copies).
-Memory per step: one copy of the trained tensors (the restore point) and one direction.
+Memory per step: one copy of the trained tensors (the restore point) and one direction;
+replay needs no direction-sized buffer on the CPU.
 """
 
 from __future__ import annotations
@@ -32,7 +31,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
+import os
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +49,10 @@ SEED_LIMIT = 2**63  # seeds are in [0, 2**63): they fit Flower's signed 64-bit i
 _POOL_DOMAIN = 0x5EED_9001
 _SAMPLING_DOMAIN = 0x5EED_5A3B
 _DIRECTION_DOMAIN = 0x5EED_D12E
+
+# The direction generator's version: it keys the direction streams and the fingerprint, so
+# parties with different generators refuse to work together (``RoundPlan.check_fingerprint``).
+DIRECTION_VERSION = 2
 
 # What zeroth-order steps tune: every weight of the model (the paper's setting) or the adapter's.
 TUNE_FULL = "full"
@@ -106,15 +111,10 @@ def seed_pool(run_seed: int, k: int) -> list[int]:
 def parameter_direction(seed: int, name: str, shape: Sequence[int]) -> torch.Tensor:
     """The float32 N(0, I) direction of one named parameter for ``seed``, on the CPU.
 
-    Each parameter has its own generator, seeded by ``(seed, name)``, so a subset of the
+    Each parameter has its own streams, seeded by ``(seed, name)``, so a subset of the
     parameters costs only its own size and the order of parameters does not matter.
     """
-    _check_seed("seed", seed)
-    entropy = [_DIRECTION_DOMAIN, seed, _name_key(name)]
-    generator = np.random.Generator(np.random.PCG64(np.random.SeedSequence(entropy)))
-    count = math.prod(int(d) for d in shape)
-    values = generator.standard_normal(count, dtype=np.float32)
-    return torch.from_numpy(values).reshape(tuple(int(d) for d in shape))
+    return direction(seed, {name: shape})[name]
 
 
 def direction(seed: int, shapes: Mapping[str, Sequence[int]]) -> dict[str, torch.Tensor]:
@@ -134,32 +134,270 @@ def direction(seed: int, shapes: Mapping[str, Sequence[int]]) -> dict[str, torch
 
     Notes
     -----
-    Why the values are the same bits everywhere: the seed goes through ``SeedSequence``
-    (integer hashing, documented as platform independent) into PCG64 (integer arithmetic,
-    a stream NumPy keeps stable across versions), and ``standard_normal(dtype=float32)``
-    runs NumPy's float32 ziggurat sequentially in C on the CPU: it never touches torch,
-    the accelerator, OpenMP or any thread pool, so the device, thread count and process
-    make no difference. About 99.3 % of values are an integer times a table constant
-    (one correctly rounded float32 multiply). The rest go through the accept test
-    ``... < exp(-x*x/2)`` and, for ``|z| > 3.654``, ``logf``, both from the C maths library;
-    two libraries that differ in the last bit there could, very rarely, disagree. NumPy
-    also does not promise that ``Generator`` distribution algorithms stay the same across
-    NumPy versions (NEP 19; only the bit generators are promised). So: pin the NumPy
-    version across a federation and compare :func:`direction_fingerprint` at start-up;
-    ``tests/test_zeroth_order.py`` pins the fingerprint of this installation.
+    The sampler is Marsaglia and Tsang's ziggurat (256 layers, exact N(0, 1) by rejection),
+    vectorised with NumPy. Each value reads one 32-bit word of a PCG64 stream seeded through
+    ``SeedSequence`` from ``(seed, name)``: value ``n`` reads word ``n``, so chunks of a
+    tensor are filled independently, in any order and on any number of threads. The ~1 %
+    of words outside their layer's inner rectangle are finished afterwards, in position
+    order, from a second PCG64 stream (wedge test, Marsaglia's tail beyond ``R``, or a
+    fresh word).
+
+    Why the values are the same bits everywhere: ``SeedSequence`` (integer hashing) and the
+    PCG64 raw stream involve only integer arithmetic, and NumPy keeps both stable across
+    versions and platforms (NEP 19). From the words on, only exactly rounded IEEE-754
+    operations are used, each a separate NumPy call (so no fused multiply-add): integer
+    bit operations, table look-ups, ``*``, ``+``, ``/``, ``sqrt``, ``rint``, ``frexp`` and
+    ``ldexp``. ``exp`` and ``log`` (for the tables, the wedge and the tail) are evaluated
+    from those by :func:`_exp` and :func:`_log`, not by the C maths library or NumPy's
+    SIMD kernels, which may differ in the last bit between machines. Torch, the device,
+    the thread count and NumPy's distribution code (which NEP 19 does not freeze) play no
+    part. :func:`direction_fingerprint` checks two installations agree.
     """
-    return {name: parameter_direction(seed, name, shapes[name]) for name in sorted(shapes)}
+    _check_seed("seed", seed)
+    shapes = {name: tuple(int(d) for d in shapes[name]) for name in sorted(shapes)}
+    values = {name: np.empty(math.prod(shape), dtype=np.float32) for name, shape in shapes.items()}
+    _draw(seed, [_Target(name, flat) for name, flat in values.items()])
+    return {name: torch.from_numpy(values[name]).reshape(shape) for name, shape in shapes.items()}
 
 
 @functools.cache
 def direction_fingerprint() -> str:
-    """SHA-256 of a fixed 2**20-value direction, to check two installations agree.
+    """SHA-256 of the generator's version and a fixed 2**20-value direction.
 
-    Thousands of those values take the ``exp`` branch and hundreds the ``logf`` tail, so a
-    NumPy or maths-library difference that matters is likely to show up here.
+    Parties whose fingerprints differ would replay different directions. About 10,000 of
+    those values go through the wedge test and about 140 through the tail, so a difference
+    in any branch of the generator is likely to show up here.
     """
     values = parameter_direction(2024, "fedtune.fingerprint", (2**20,)).numpy()
-    return hashlib.sha256(values.astype("<f4").tobytes()).hexdigest()
+    digest = hashlib.sha256(f"fedtune zeroth-order directions v{DIRECTION_VERSION}\n".encode())
+    digest.update(values.astype("<f4").tobytes())
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- the generator's parts
+
+_CHUNK = 1 << 16  # values per generation task; even, so a chunk starts on a whole 64-bit output
+_WORD_STREAM, _RETRY_STREAM = 0, 1
+
+# Marsaglia and Tsang's 256-layer ziggurat: the base strip's edge and every layer's area.
+_R = 3.6541528853610088
+_V = 4.92867323399e-3
+_LAYERS = 256
+_POSITION_SCALE = 2**23  # a word's 23 high bits are the position within its layer
+
+_LN2_HI = 6.93147180369123816490e-01  # ln 2 in two parts (fdlibm): k * _LN2_HI is exact for |k| < 2**20
+_LN2_LO = 1.90821492927058770002e-10
+_EXP_TAYLOR = tuple(1.0 / math.factorial(k) for k in range(15))  # |r| <= ln2 / 2: truncation < 2**-60
+_ATANH_SERIES = tuple(1.0 / (2 * k + 1) for k in range(12))  # |s| <= 0.172: truncation < 2**-60
+
+
+def _exp(t: np.ndarray | float) -> np.ndarray:
+    """``exp(t)`` in float64 for ``|t| < 700``, from exactly rounded operations only.
+
+    ``t = k ln2 + r`` (Cody-Waite), a Taylor polynomial in ``r`` and an exact scaling by
+    ``2**k``: accurate to a few ulps, and the same bits on every machine.
+    """
+    t = np.asarray(t, dtype=np.float64)
+    k = np.rint(t / _LN2_HI)
+    r = (t - k * _LN2_HI) - k * _LN2_LO
+    polynomial = np.full_like(r, _EXP_TAYLOR[-1])
+    for coefficient in reversed(_EXP_TAYLOR[:-1]):
+        polynomial = polynomial * r + coefficient
+    return np.ldexp(polynomial, k.astype(np.int32))
+
+
+def _log(u: np.ndarray | float) -> np.ndarray:
+    """``log(u)`` in float64 for positive finite ``u``, from exactly rounded operations only.
+
+    ``u = m 2**e`` with ``m`` in [sqrt(1/2), sqrt(2)), and ``log m = 2 atanh((m - 1) / (m + 1))``
+    as a series: accurate to a few ulps, and the same bits on every machine.
+    """
+    mantissa, exponent = np.frexp(np.asarray(u, dtype=np.float64))
+    low = mantissa < math.sqrt(0.5)
+    mantissa = np.where(low, mantissa * 2.0, mantissa)
+    exponent = (exponent - low).astype(np.float64)
+    s = (mantissa - 1.0) / (mantissa + 1.0)
+    s2 = s * s
+    series = np.full_like(s, _ATANH_SERIES[-1])
+    for coefficient in reversed(_ATANH_SERIES[:-1]):
+        series = series * s2 + coefficient
+    return exponent * _LN2_HI + (exponent * _LN2_LO + 2.0 * s * series)
+
+
+def _ziggurat_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(threshold, width, height)``: the layer tables, the same bits on every machine.
+
+    A 32-bit word ``w`` reads: bits 0-7 the layer ``i``, bit 8 the sign, bits 9-31 the
+    position ``u``; ``j = w & 511``. Its candidate value is ``u * width[j]`` (signed), and it
+    is accepted at once when ``w < threshold[j]``, that is when it lies in the layer's inner
+    rectangle. ``height[i]`` is the density ``exp(-x**2 / 2)`` at layer ``i``'s outer edge
+    ``x_i`` (1 above the top layer). Layer 0 is the base strip, wider than ``R``, plus the
+    tail.
+    """
+    edge = np.empty(_LAYERS)
+    edge[-1] = _R
+    for i in range(_LAYERS - 2, 0, -1):  # each layer above has area _V
+        below = float(_exp(-0.5 * edge[i + 1] ** 2))
+        edge[i] = math.sqrt(-2.0 * float(_log(_V / edge[i + 1] + below)))
+    edge[0] = _V / float(_exp(-0.5 * _R * _R))
+    inner = np.concatenate([[_R, 0.0], edge[1:-1]])  # the inner rectangle of layer i ends at x_(i-1)
+    keep = np.floor(inner / edge * _POSITION_SCALE).astype(np.uint32)
+    width = (edge / _POSITION_SCALE).astype(np.float32)
+    threshold = np.concatenate([keep, keep]) << np.uint32(9)
+    signed_width = np.concatenate([width, -width])
+    height = np.concatenate([[1.0], _exp(-0.5 * edge[1:] * edge[1:])])
+    return threshold, signed_width, height
+
+
+_THRESHOLD, _WIDTH, _HEIGHT = _ziggurat_tables()
+
+
+def _stream(seed: int, name: str, stream: int) -> np.random.SeedSequence:
+    return np.random.SeedSequence([_DIRECTION_DOMAIN, DIRECTION_VERSION, seed, _name_key(name), stream])
+
+
+@functools.cache
+def _executor(workers: int, pid: int) -> ThreadPoolExecutor:
+    # One pool per process and size (a forked child must not use its parent's threads).
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fedtune-zo")
+
+
+@dataclass(frozen=True)
+class _Target:
+    """Where one named parameter's direction goes: ``flat`` itself, or ``flat += coefficient * z``."""
+
+    name: str
+    flat: np.ndarray  # float32, one dimension
+    coefficient: np.float32 | None = None
+
+
+def _draw(seed: int, targets: Sequence[_Target]) -> None:
+    """Draw ``z(seed)`` for every target: the fast path in parallel chunks, then the slow path."""
+    streams = [_stream(seed, target.name, _WORD_STREAM) for target in targets]
+    jobs = [(t, start) for t, target in enumerate(targets) for start in range(0, target.flat.size, _CHUNK)]
+
+    def fill(job: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        t, start = job
+        return _fill_chunk(streams[t], targets[t], start)
+
+    workers = torch.get_num_threads()
+    parts = list(_executor(workers, os.getpid()).map(fill, jobs) if len(jobs) > 1 and workers > 1
+                 else map(fill, jobs))
+    positions: list[list[np.ndarray]] = [[np.empty(0, dtype=np.intp)] for _ in targets]
+    words: list[list[np.ndarray]] = [[np.empty(0, dtype=np.uint32)] for _ in targets]
+    for (t, _), (chunk_positions, chunk_words) in zip(jobs, parts):
+        positions[t].append(chunk_positions)
+        words[t].append(chunk_words)
+    finished = _finish([(_stream(seed, target.name, _RETRY_STREAM), np.concatenate(positions[t]),
+                         np.concatenate(words[t]).astype(np.uint32)) for t, target in enumerate(targets)])
+    for target, (positions, values) in zip(targets, finished):
+        if target.coefficient is None:
+            target.flat[positions] = values
+        else:
+            target.flat[positions] += values * target.coefficient
+
+
+def _fill_chunk(words: np.random.SeedSequence, target: _Target, start: int) -> tuple[np.ndarray, np.ndarray]:
+    """The fast path for values ``start .. start + _CHUNK`` of ``target``.
+
+    Returns the positions whose word fell outside its inner rectangle, and those words;
+    they are left for :func:`_finish` (written as -0.0 in an update, which adds nothing).
+    """
+    end = min(start + _CHUNK, target.flat.size)
+    bit_generator = np.random.PCG64(words)
+    bit_generator.advance(start // 2)
+    # Word 2n is the low half of output n on any platform ("<u8" costs nothing on little-endian).
+    chunk_words = bit_generator.random_raw((end - start + 1) // 2).astype("<u8", copy=False).view("<u4")
+    chunk_words = chunk_words[:end - start]
+    j = np.bitwise_and(chunk_words, 0x1FF, dtype=np.intp)
+    z = target.flat[start:end] if target.coefficient is None else np.empty(end - start, dtype=np.float32)
+    np.multiply(chunk_words >> 9, _WIDTH.take(j, mode="wrap"), out=z, dtype=np.float32, casting="unsafe")
+    outside = np.flatnonzero(chunk_words >= _THRESHOLD.take(j, mode="wrap"))
+    if target.coefficient is not None:
+        np.multiply(z, target.coefficient, out=z)
+        z[outside] = -0.0  # w + (-0.0) is w bit for bit, for every w
+        np.add(target.flat[start:end], z, out=target.flat[start:end])
+    return start + outside, chunk_words[outside]
+
+
+def _finish(pending: Sequence[tuple[np.random.SeedSequence, np.ndarray, np.ndarray]]
+            ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The ziggurat's slow path, vectorised over every tensor's pending values.
+
+    ``pending`` holds, per tensor, its retry stream and the positions (ascending) and words
+    the fast path left. Each round draws two 64-bit outputs per value still pending, from its
+    tensor's stream in position order, so a tensor's values do not depend on the others. A
+    value in a layer's wedge is accepted when a uniform height in that layer (first draw)
+    lies under the density; otherwise it starts over with a fresh word (second draw), taken
+    at once when inside its inner rectangle. A value in the base strip beyond ``R`` samples
+    the tail (Marsaglia 1964, both draws) until accepted. Returns, per tensor, the positions
+    and their values.
+    """
+    sizes = [positions.size for _, positions, _ in pending]
+    owner = np.repeat(np.arange(len(pending)), sizes)
+    words = np.concatenate([w for _, _, w in pending]).astype(np.uint32)
+    result = np.empty(owner.size, dtype=np.float32)
+    todo = np.arange(owner.size)  # into the concatenation of every tensor's pending values
+    in_tail = (words & 0xFF) == 0
+    generators: dict[int, np.random.PCG64] = {}
+    while todo.size:
+        draws = _retry_draws(pending, generators, owner[todo])
+        x = _candidate(words)
+        accepted = np.empty(todo.size, dtype=bool)
+        wedge = np.flatnonzero(~in_tail)
+        accepted[wedge] = _under_density(words[wedge], x[wedge], draws[wedge, 0])
+        tail = np.flatnonzero(in_tail)
+        if tail.size:
+            x[tail], accepted[tail] = _tail(x[tail], draws[tail, 0], draws[tail, 1])
+        restart = wedge[~accepted[wedge]]
+        fresh = (draws[restart, 1] & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+        words[restart] = fresh
+        x[restart] = _candidate(fresh)
+        accepted[restart] = fresh < _THRESHOLD[fresh & 0x1FF]
+        in_tail[restart] = (fresh & 0xFF) == 0  # used only when not accepted
+        result[todo[accepted]] = x[accepted]
+        left = np.flatnonzero(~accepted)
+        todo, words, in_tail = todo[left], words[left], in_tail[left]
+    bounds = np.cumsum([0, *sizes])
+    return [(positions, result[lo:hi]) for (_, positions, _), lo, hi in zip(pending, bounds[:-1], bounds[1:])]
+
+
+def _candidate(words: np.ndarray) -> np.ndarray:
+    """The fast path's value of each word (float32), before any acceptance test."""
+    return np.multiply(words >> 9, _WIDTH[words & 0x1FF], dtype=np.float32, casting="unsafe")
+
+
+def _uniform(draws: np.ndarray) -> np.ndarray:
+    """Uniform float64 in (0, 1] from 64-bit outputs (their 53 high bits)."""
+    return ((draws >> np.uint64(11)) + np.uint64(1)) * 2.0**-53
+
+
+def _under_density(words: np.ndarray, x: np.ndarray, draws: np.ndarray) -> np.ndarray:
+    """The wedge test: does a uniform height in the word's layer lie under ``exp(-x**2 / 2)``?"""
+    layer = (words & 0xFF).astype(np.intp)
+    top, bottom = _HEIGHT[layer - 1], _HEIGHT[layer]
+    x = x.astype(np.float64)
+    return bottom + _uniform(draws) * (top - bottom) < _exp(-0.5 * x * x)
+
+
+def _tail(x: np.ndarray, first: np.ndarray, second: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Marsaglia's tail: a candidate beyond ``R`` with the sign of ``x``, and whether it is accepted."""
+    beyond = -_log(_uniform(first)) / _R
+    accepted = -2.0 * _log(_uniform(second)) > beyond * beyond
+    return np.copysign((_R + beyond).astype(np.float32), x), accepted
+
+
+def _retry_draws(pending: Sequence[tuple[np.random.SeedSequence, np.ndarray, np.ndarray]],
+                 generators: dict[int, np.random.PCG64], owner: np.ndarray) -> np.ndarray:
+    """Two 64-bit outputs per pending value, each from its own tensor's retry stream."""
+    draws = [np.empty(0, dtype=np.uint64)]
+    for t, count in enumerate(np.bincount(owner, minlength=len(pending)).tolist()):  # owner is sorted
+        if count == 0:
+            continue
+        if t not in generators:
+            generators[t] = np.random.PCG64(pending[t][0])
+        draws.append(generators[t].random_raw(2 * count))
+    return np.concatenate(draws).reshape(-1, 2)
 
 
 # --------------------------------------------------------------------------- the update
@@ -347,13 +585,23 @@ def _endless(batches: Iterable[Any]) -> Iterator[Any]:
 def replay(params: Params, history: Iterable[Step], lr: float) -> None:
     """Apply ``w <- w - lr * g * z(s)`` for every ``(s, g)`` in order: the bitwise reference.
 
-    Rebuilds exactly what :func:`zo_train` (or a sequence of aggregated rounds) did,
-    generating one direction per entry.
+    Rebuilds exactly what :func:`zo_train` (or a sequence of aggregated rounds) did: the
+    same bits as :func:`apply_update` with :func:`direction`. Contiguous CPU tensors are
+    updated chunk by chunk as the direction is drawn (no direction-sized buffer); others
+    get their whole direction, one step at a time.
     """
     _check_params(params)
-    shapes = {name: tuple(p.shape) for name, p in params.items()}
-    for seed, scalar in history:
-        apply_update(params, direction(seed, shapes), scalar, lr)
+    fused = {name: p for name, p in params.items() if p.device.type == "cpu" and p.is_contiguous()}
+    others = {name: p for name, p in params.items() if name not in fused}
+    shapes = {name: tuple(p.shape) for name, p in others.items()}
+    with torch.no_grad():
+        for seed, scalar in history:
+            _check_seed("seed", seed)
+            coefficient = np.float32(-lr * scalar)
+            _draw(seed, [_Target(name, p.detach().numpy().reshape(-1), coefficient)
+                         for name, p in sorted(fused.items())])
+            if others:
+                apply_update(others, direction(seed, shapes), scalar, lr)
 
 
 def group_history(history: Iterable[Step]) -> list[Step]:
@@ -407,6 +655,7 @@ def _check_params(params: Params) -> None:
 
 
 __all__ = [
+    "DIRECTION_VERSION",
     "SEED_LIMIT",
     "TUNE_ADAPTER",
     "TUNE_FULL",

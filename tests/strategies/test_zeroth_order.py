@@ -28,7 +28,9 @@ from fedtune.strategies.fedkseed.wire import (
     encode_steps,
 )
 
+from fedtune.strategies.fedkseed import zeroth_order
 from fedtune.strategies.fedkseed.zeroth_order import (
+    DIRECTION_VERSION,
     SEED_LIMIT,
     apply_update,
     direction,
@@ -46,10 +48,11 @@ from fedtune.strategies.fedkseed.zeroth_order import (
 REPO = Path(__file__).resolve().parents[2]
 SHAPES = {"layer.weight": (64, 33), "layer.bias": (64,), "head.weight": (3, 64)}
 
-# The fingerprint of this installation's direction stream (NumPy 2.4, PCG64 + float32 ziggurat).
-# If it changes after a NumPy upgrade, directions changed: clients and server of one federation
-# must then run the same NumPy version, and histories recorded before are not replayable.
-PINNED_FINGERPRINT = "8df24cdcc0f4312787dc9398ea01d2e5223560190815f62c539a5793d31c2dbd"
+# The fingerprint of the version 2 directions (PCG64 raw streams, fedtune's vectorised ziggurat).
+# They rest on integer and exactly rounded IEEE operations only, so no NumPy or platform change
+# should move it; if it changes, directions changed, and histories recorded before are not
+# replayable: bump DIRECTION_VERSION.
+PINNED_FINGERPRINT = "a8484ac8c63564ac4f4d31eb0c2fb9fc16c4f2e4a7f363da1ddba0d3c78f17a3"
 
 
 def raw_bytes(tensors: dict[str, torch.Tensor]) -> dict[str, bytes]:
@@ -136,11 +139,69 @@ def test_direction_is_float32_standard_normal_per_named_parameter() -> None:
     assert all(z[k].dtype == torch.float32 and tuple(z[k].shape) == SHAPES[k] for k in SHAPES)
     # A subset costs only its own size and gives the same values: each name has its own stream.
     assert torch.equal(direction(11, {"layer.bias": (64,)})["layer.bias"], z["layer.bias"])
+    assert torch.equal(parameter_direction(11, "layer.bias", (64,)), z["layer.bias"])
     assert not torch.equal(z["layer.bias"], parameter_direction(12, "layer.bias", (64,)))
     assert not torch.equal(parameter_direction(11, "other.bias", (64,)), z["layer.bias"])
-    big = parameter_direction(5, "stats", (200_000,)).double()
-    # 200k samples: the standard error of the mean is 0.0022 and of the variance 0.0032.
-    assert abs(big.mean().item()) < 0.012 and abs(big.var().item() - 1) < 0.016
+
+
+def test_direction_is_reproducible_and_independent_of_its_neighbours() -> None:
+    shapes = {"big": (3, 70_001), "small": (5,), "empty": (0, 4)}  # several chunks, a partial one, none
+    first = direction(2**62 + 7, shapes)
+    again = direction(2**62 + 7, dict(reversed(shapes.items())))
+    assert raw_bytes(first) == raw_bytes(again)
+    assert raw_bytes({"big": parameter_direction(2**62 + 7, "big", (3, 70_001))}) == raw_bytes({"big": first["big"]})
+    assert first["empty"].shape == (0, 4)
+    other_seed, other_name = parameter_direction(2**62 + 8, "big", (3, 70_001)), parameter_direction(2**62 + 7, "big2", (3, 70_001))
+    for other in (other_seed, other_name):
+        assert (other != first["big"]).float().mean().item() > 0.99
+
+
+def test_direction_matches_the_standard_normal_distribution() -> None:
+    # Fixed seeds, so the outcome is fixed: the bounds are ~6 standard errors wide and pass
+    # for any correct generator, and a wrong table, wedge or tail shows up far beyond them.
+    z = torch.cat([parameter_direction(s, "stats", (2**20,)) for s in range(4)]).double()
+    n = z.numel()
+    assert abs(z.mean().item()) < 6 / math.sqrt(n)
+    assert abs(z.var().item() - 1) < 6 * math.sqrt(2 / n)
+    assert abs((z**4).mean().item() - 3) < 6 * math.sqrt(96 / n)  # kurtosis: the tails weigh right
+    # Kolmogorov-Smirnov distance to the normal CDF (critical value 1.95/sqrt(n) at 0.1 %).
+    sorted_z = np.sort(z.numpy())
+    cdf = 0.5 * (1 + np.vectorize(math.erf)(sorted_z / math.sqrt(2)))
+    ecdf = np.arange(1, n + 1) / n
+    assert max(np.abs(cdf - ecdf).max(), np.abs(cdf - (ecdf - 1 / n)).max()) < 1.95 / math.sqrt(n)
+    # The tail beyond R and the wedges, which the fast path never produces alone.
+    beyond = (z.abs() > zeroth_order._R).double().sum().item()
+    expected = n * math.erfc(zeroth_order._R / math.sqrt(2))
+    assert abs(beyond - expected) < 6 * math.sqrt(expected)
+    assert z.abs().max().item() > zeroth_order._R + 0.5
+
+
+def test_portable_exp_and_log_are_within_a_few_ulps_of_the_c_library() -> None:
+    t = np.linspace(-700.0, 700.0, 200_001)
+    assert np.max(np.abs(zeroth_order._exp(t) / np.exp(t) - 1)) < 4 * 2**-52
+    u = np.concatenate([np.exp(np.linspace(-700.0, 0.0, 100_001)), np.linspace(1e-300, 1.0, 100_001)])
+    assert np.max(np.abs(zeroth_order._log(u) - np.log(u)) / np.maximum(1.0, np.abs(np.log(u)))) < 4 * 2**-52
+
+
+def test_replay_equals_a_sequential_loop_over_direction_and_apply_update_bitwise() -> None:
+    generator = torch.Generator().manual_seed(1)
+    start = {"a": torch.randn(300, 701, generator=generator), "b": torch.randn(17, generator=generator),
+             "c": torch.randn(40, 3, generator=generator).t()}  # c is not contiguous: the unfused path
+    start["a"][0, :4] = torch.tensor([-0.0, 0.0, float("inf"), -float("inf")])
+    pool = seed_pool(4, 8)
+    history = [(pool[i % 8], g) for i, g in enumerate(np.random.default_rng(1).normal(0, 10, 25).tolist())]
+    replayed = clone(start)
+    replay(replayed, history, lr=1e-3)
+    reference = clone(start)
+    for seed, scalar in history:
+        apply_update(reference, direction(seed, {k: tuple(v.shape) for k, v in reference.items()}), scalar, 1e-3)
+    assert raw_bytes(replayed) == raw_bytes(reference)
+    assert raw_bytes(replayed) != raw_bytes(start)
+
+
+def test_direction_version_keys_the_fingerprint() -> None:
+    assert DIRECTION_VERSION == 2
+    assert direction_fingerprint() != "8df24cdcc0f4312787dc9398ea01d2e5223560190815f62c539a5793d31c2dbd"  # v1's
 
 
 # --------------------------------------------------------------------------- the ZO step
@@ -386,5 +447,5 @@ def test_round_plan_round_trips_and_checks_the_fingerprint() -> None:
                                   prefix="strategy.")
     assert decoded == plan
     decoded.check_fingerprint()
-    with pytest.raises(RuntimeError, match="install the server's NumPy version"):
+    with pytest.raises(RuntimeError, match="install the server's fedtune version"):
         RoundPlan(**{**plan.__dict__, "fingerprint": "0" * 64}).check_fingerprint()
