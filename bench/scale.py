@@ -89,10 +89,12 @@ def nf4_bytes_per_weight() -> float:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import bitsandbytes as bnb
-    weight = bnb.nn.Params4bit(torch.randn(512, 1024), requires_grad=False, quant_type="nf4")
-    layer = bnb.nn.Linear4bit(1024, 512, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+    # fedtune's default: NF4 without double quantization (quantization.double_quant: false)
+    weight = bnb.nn.Params4bit(torch.randn(512, 1024), requires_grad=False, quant_type="nf4", compress_statistics=False)
+    layer = bnb.nn.Linear4bit(1024, 512, bias=False, compute_dtype=torch.float32, quant_type="nf4",
+                              compress_statistics=False)
     layer.weight = weight
-    layer(torch.randn(1, 1024))  # quantizes
+    layer = layer.to("cpu")  # quantizes
     state = layer.weight.quant_state
     held = layer.weight.numel() * layer.weight.element_size() + state.absmax.numel() * state.absmax.element_size()
     return held / (512 * 1024)

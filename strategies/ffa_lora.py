@@ -11,7 +11,9 @@ upload is half of FedIT's LoRA payload.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+
+import torch
 
 from fedtune import protocol
 from fedtune.codec import tensor_digest
@@ -25,10 +27,39 @@ from fedtune.strategy import (
     select,
     shapes_of,
 )
-from fedtune.strategies.aggregation import check_weighting, client_weights, factor_average_error, weighted_average
+from fedtune.strategies.aggregation import (
+    LORA_A,
+    LORA_B,
+    check_weighting,
+    client_weights,
+    normalized_weights,
+    relative_to,
+    weighted_average,
+)
 
 FROZEN_A = r"\.lora_A\.weight$"
 NOT_A = r"^(?!.*\.lora_A\.weight$)"
+
+
+def shared_a_error(clients: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float],
+                   averaged: Mapping[str, torch.Tensor], frozen: Mapping[str, torch.Tensor]) -> float:
+    """‖B̄·A − Σ_k p_k·B_k·A‖ / ‖Σ_k p_k·B_k·A‖ over all modules, for the A every client shares.
+
+    With A shared the difference is (B̄ − Σ_k p_k·B_k)·A, and ‖M·A‖ = ‖M·R_aᵀ‖ for the thin QR
+    Aᵀ = Q_a·R_a: one n×r QR per module, m×r work per client, no m×n matrix. The scaling s
+    cancels in the ratio.
+    """
+    modules = sorted(k[: -len(LORA_A)] for k in frozen if k.endswith(LORA_A))
+    if not modules:
+        return float("nan")  # nothing to measure: no LoRA factors
+    probs = normalized_weights(weights)
+    num = den = 0.0
+    for module in modules:
+        r_a = torch.linalg.qr(frozen[module + LORA_A].to(torch.float64).T, mode="r").R
+        ideal = sum(p * c[module + LORA_B].to(torch.float64) for p, c in zip(probs, clients))
+        num += float(torch.linalg.matrix_norm((averaged[module + LORA_B].to(torch.float64) - ideal) @ r_a.T)) ** 2
+        den += float(torch.linalg.matrix_norm(ideal @ r_a.T)) ** 2
+    return relative_to(num, den)
 
 
 @register_strategy
@@ -69,8 +100,7 @@ class FFALoRA(Strategy):
         weights = client_weights(updates, self.weighting)
         self._trained = weighted_average([u.arrays for u in updates], weights)
         # Measured, not assumed: float rounding is all that separates it from the ideal.
-        clients = [{**self._frozen, **u.arrays} for u in updates]
-        return {"aggregation_error": factor_average_error(clients, weights, self.global_adapter())}
+        return {"aggregation_error": shared_a_error([u.arrays for u in updates], weights, self._trained, self._frozen)}
 
     def global_adapter(self) -> Tensors:
         return {**self._frozen, **self._trained}

@@ -311,3 +311,17 @@ def test_flora_stack_error_from_the_factors_equals_the_dense_error() -> None:
         got = stack_error(ideal_terms(lora, weights, scalings), stack)
         assert got == pytest.approx(dense, rel=1e-9, abs=1e-15)
         assert (got > 1e-4) == (perturb > 0)
+
+
+def test_ffa_lora_error_through_the_shared_a_equals_the_dense_error() -> None:
+    from fedtune.strategies.aggregation import ideal_updates, relative_error
+    from fedtune.strategies.ffa_lora import shared_a_error
+
+    s = spec()
+    frozen = {k: v for k, v in s.initial.items() if "lora_A" in k}
+    clients = [u.arrays for u in updates([4, 4, 4], [3, 1, 2], base=s.initial)]
+    averaged = {k: v + 1e-3 for k, v in clients[0].items()}  # a wrong average, so the error is visible
+    dense = relative_error(ideal_updates([{**frozen, **c} for c in clients], [3, 1, 2], [1.0] * 3),
+                           {m: averaged[f"{m}.lora_B.weight"].double() @ frozen[f"{m}.lora_A.weight"].double()
+                            for m in MODULES})
+    assert shared_a_error(clients, [3, 1, 2], averaged, frozen) == pytest.approx(dense, rel=1e-12)
