@@ -98,21 +98,6 @@ def is_lora_key(key: str) -> bool:
     return key.endswith(LORA_A) or key.endswith(LORA_B)
 
 
-def ideal_updates(
-    tensors: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float], scalings: Sequence[float]
-) -> dict[str, torch.Tensor]:
-    """The exact federated update per module: Σ_k p_k · s_k · B_k @ A_k, in float64."""
-    probs = normalized_weights(weights)
-    out = {}
-    for module in lora_modules(tensors[0]):
-        acc = None
-        for p, s, t in zip(probs, scalings, tensors):
-            term = (p * s) * (t[module + LORA_B].to(torch.float64) @ t[module + LORA_A].to(torch.float64))
-            acc = term if acc is None else acc + term
-        out[module] = acc
-    return out
-
-
 Stack = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module -> (A_stack, B_stack)
 
 
@@ -214,15 +199,6 @@ def _apply_q(reflectors: torch.Tensor, tau: torch.Tensor, small: torch.Tensor) -
     return torch.ormqr(reflectors, tau, padded)
 
 
-def relative_error(ideal: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor]) -> float:
-    """‖got − ideal‖_F / ‖ideal‖_F over all modules together (0 when the ideal is zero and got equals it)."""
-    num = sum(float((got[m].to(torch.float64) - ideal[m]).pow(2).sum()) for m in ideal)
-    den = sum(float(ideal[m].pow(2).sum()) for m in ideal)
-    if den == 0.0:
-        return 0.0 if num == 0.0 else float("inf")
-    return (num / den) ** 0.5
-
-
 def average_non_lora(
     tensors: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]
 ) -> dict[str, torch.Tensor]:
@@ -283,8 +259,8 @@ Term = tuple[float, torch.Tensor, torch.Tensor]  # (c, B, A): the low-rank matri
 def factored_relative_error(ideal: Mapping[str, Sequence[Term]], got: Mapping[str, Sequence[Term]]) -> float:
     """‖got − ideal‖_F / ‖ideal‖_F over all modules, each side a sum of low-rank terms c·B·A.
 
-    The factored counterpart of :func:`relative_error`: one module at a time, through
-    :func:`low_rank_norm`, so memory is O((m + n)·R) for the largest module, never m×n.
+    One module at a time, through :func:`prefix_norms`, so memory is O((m + n)·R) for the
+    largest module, never m×n.
     0 when the ideal is zero and got equals it, inf when only the ideal is zero.
     """
     num = den = 0.0

@@ -172,20 +172,6 @@ def federated_init(
     return out
 
 
-def dense_updates(frozen: Mapping[str, torch.Tensor], r_tensors: Mapping[str, torch.Tensor],
-                  scaling: float) -> dict[str, torch.Tensor]:
-    """s·B·R·A per module in float64 (``frozen`` holds B and A, ``r_tensors`` holds R).
-
-    m×n matrices: a reference for checks on small shapes; the strategy itself measures from
-    the factors (:func:`r_average_error`).
-    """
-    out = {}
-    for module in lora_modules(frozen):
-        b, a = frozen[module + LORA_B].to(torch.float64), frozen[module + LORA_A].to(torch.float64)
-        out[module] = scaling * (b @ r_tensors[module + LORA_R].to(torch.float64) @ a)
-    return out
-
-
 def r_average_error(frozen: Mapping[str, torch.Tensor], client_r: Sequence[Mapping[str, torch.Tensor]],
                     averaged_r: Mapping[str, torch.Tensor], weights: Sequence[float], scaling: float) -> float:
     """‖s·B·R̄·A − Σ_k p_k·s·B·R_k·A‖_F / ‖Σ_k p_k·s·B·R_k·A‖_F over all modules, from the factors.
@@ -448,4 +434,4 @@ class FedSB(Strategy):
                 "init_learning_rate": self.init_learning_rate, "resend_frozen": self.resend_frozen}
 
 
-__all__ = ["FedSB", "dense_updates", "federated_init", "r_average_error", "weighted_sum"]
+__all__ = ["FedSB", "federated_init", "r_average_error", "weighted_sum"]

@@ -298,7 +298,8 @@ def test_a_new_run_in_the_same_process_starts_from_an_empty_residual() -> None:
 
 
 def test_flora_stack_error_from_the_factors_equals_the_dense_error() -> None:
-    from fedtune.strategies.aggregation import ideal_terms, ideal_updates, relative_error, stack_factors
+    from fedtune.strategies.aggregation import ideal_terms, stack_factors
+    from tests.strategies.dense_reference import ideal_updates, relative_error
     from fedtune.strategies.flora.strategy import stack_error
 
     lora = [{k: v for k, v in u.arrays.items() if "lora_" in k} for u in updates([2, 4, 3], [1, 2, 3])]
@@ -314,7 +315,7 @@ def test_flora_stack_error_from_the_factors_equals_the_dense_error() -> None:
 
 
 def test_ffa_lora_error_through_the_shared_a_equals_the_dense_error() -> None:
-    from fedtune.strategies.aggregation import ideal_updates, relative_error
+    from tests.strategies.dense_reference import ideal_updates, relative_error
     from fedtune.strategies.ffa_lora import shared_a_error
 
     s = spec()

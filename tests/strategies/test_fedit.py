@@ -264,8 +264,8 @@ def test_fedit_is_exact_for_one_client() -> None:
 
 def test_factor_average_error_from_the_factors_equals_the_dense_computation() -> None:
     """The factored metric against the dense one (m×n per module) on small shapes, and at 0."""
-    from fedtune.strategies.aggregation import (factor_average_error, ideal_updates, low_rank_norm,
-                                                relative_error)
+    from fedtune.strategies.aggregation import factor_average_error, gram_norm, low_rank_norm
+    from tests.strategies.dense_reference import ideal_updates, relative_error
 
     g = torch.Generator().manual_seed(3)
     clients = []
@@ -285,3 +285,7 @@ def test_factor_average_error_from_the_factors_equals_the_dense_computation() ->
     assert factor_average_error(clients[:1], [1.0], clients[0]) < 1e-15
     b, a = torch.randn(9, 3, generator=g, dtype=torch.float64), torch.randn(3, 7, generator=g, dtype=torch.float64)
     assert abs(low_rank_norm([(2.0, b, a)]) - float((2 * b @ a).norm())) < 1e-12 * float((b @ a).norm())
+    terms = [(0.5, b, a), (2.0, torch.randn(9, 2, generator=g, dtype=torch.float64),
+                           torch.randn(2, 7, generator=g, dtype=torch.float64))]
+    dense_sum = sum(c * bt @ at for c, bt, at in terms)
+    assert gram_norm(terms) == pytest.approx(float(dense_sum.norm()), rel=1e-12)

@@ -7,7 +7,8 @@ import torch
 
 from fedtune import protocol
 from fedtune.config import load_config
-from fedtune.strategies.aggregation import ideal_updates, truncated_svd
+from fedtune.strategies.aggregation import truncated_svd
+from tests.strategies.dense_reference import ideal_updates
 from fedtune.strategies.flexlora import FlexLoRA
 from fedtune.strategies.flexlora.routine import client_factors
 from fedtune.strategy import AdapterSpec, ClientUpdate
