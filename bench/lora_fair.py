@@ -20,39 +20,16 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-from fedtune.strategies.lora_fair import IdealProjection, residual_correction
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, for tests/ (and fedtune uninstalled)
+
+from fedtune.strategies.lora_fair import IdealProjection, residual_correction  # noqa: E402
+from tests.strategies.dense_reference import dense_residual_correction  # noqa: E402  (the former implementation)
 
 LAM, STEPS, LR = 0.01, 50, 0.05
-
-
-def dense_cosine_distance(ideal: torch.Tensor, got: torch.Tensor) -> torch.Tensor:
-    return 1.0 - (ideal * got).sum() / (ideal.norm() * got.norm()).clamp_min(1e-300)
-
-
-def dense_residual_correction(ideal: torch.Tensor, b_avg: torch.Tensor, a_avg: torch.Tensor) -> torch.Tensor:
-    """The former ``residual_correction``: Adam on the cosine of m×n matrices."""
-    delta = torch.zeros_like(b_avg, requires_grad=True)
-    scale = float(b_avg.pow(2).mean().sqrt()) or float(ideal.abs().max()) or 1.0
-    optimizer = torch.optim.Adam([delta], lr=LR * scale)
-
-    def objective() -> torch.Tensor:
-        norm = delta.pow(2).sum().add(1e-300).sqrt()
-        return dense_cosine_distance(ideal, (b_avg + delta) @ a_avg) + LAM * norm
-
-    with torch.no_grad():
-        best, best_value = torch.zeros_like(b_avg), float(objective())
-    for _ in range(STEPS):
-        optimizer.zero_grad()
-        objective().backward()
-        optimizer.step()
-        with torch.no_grad():
-            current = float(objective())
-            if current < best_value:
-                best, best_value = delta.detach().clone(), current
-    return best
 
 
 def module_factors(m: int, n: int, rank: int, clients: int, gen: torch.Generator):
@@ -68,7 +45,7 @@ def dense_round(modules) -> list[torch.Tensor]:
     out = []
     for terms, b_avg, a_avg in modules:
         ideal = sum(p * (b @ a) for p, b, a in terms)
-        out.append(dense_residual_correction(ideal, b_avg, a_avg))
+        out.append(dense_residual_correction(ideal, b_avg, a_avg, lam=LAM, steps=STEPS, lr=LR))
     return out
 
 

@@ -45,3 +45,32 @@ def dense_updates(frozen: Mapping[str, torch.Tensor], r_tensors: Mapping[str, to
         b, a = frozen[module + LORA_B].to(torch.float64), frozen[module + LORA_A].to(torch.float64)
         out[module] = scaling * (b @ r_tensors[module + LORA_R].to(torch.float64) @ a)
     return out
+
+
+def dense_cosine_distance(ideal: torch.Tensor, got: torch.Tensor) -> torch.Tensor:
+    """1 − cos(ideal, got), entry by entry."""
+    return 1.0 - (ideal * got).sum() / (ideal.norm() * got.norm()).clamp_min(1e-300)
+
+
+def dense_residual_correction(ideal, b_avg, a_avg, *, lam, steps, lr):
+    """LoRA-FAIR's former correction: Adam on the cosine of m×n matrices, best iterate kept."""
+    ideal, b_avg, a_avg = (t.detach().to(torch.float64) for t in (ideal, b_avg, a_avg))
+    delta = torch.zeros_like(b_avg, requires_grad=True)
+    scale = float(b_avg.pow(2).mean().sqrt()) or float(ideal.abs().max()) or 1.0
+    optimizer = torch.optim.Adam([delta], lr=lr * scale)
+
+    def objective():
+        norm = delta.pow(2).sum().add(1e-300).sqrt()
+        return dense_cosine_distance(ideal, (b_avg + delta) @ a_avg) + lam * norm
+
+    with torch.no_grad():
+        best, best_value = torch.zeros_like(b_avg), float(objective())
+    for _ in range(steps):
+        optimizer.zero_grad()
+        objective().backward()
+        optimizer.step()
+        with torch.no_grad():
+            current = float(objective())
+            if current < best_value:
+                best, best_value = delta.detach().clone(), current
+    return best

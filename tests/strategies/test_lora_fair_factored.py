@@ -1,6 +1,6 @@
 """LoRA-FAIR from the factors against the dense m×n computation it replaced.
 
-The dense reference below is the former implementation: ΔW = Σ p_k·B_k·A_k formed in
+The dense reference (``dense_reference.py``) is the former implementation: ΔW = Σ p_k·B_k·A_k formed in
 float64 and the cosine taken entry by entry. The factored objective, its gradient, the ΔB
 that Adam finds and the metrics must agree with it on small shapes.
 """
@@ -12,36 +12,10 @@ import torch
 
 from fedtune.strategies.lora_fair import IdealProjection, LoRAFAIR, residual_correction
 from fedtune.strategy import AdapterSpec, ClientUpdate
+from tests.strategies.dense_reference import dense_cosine_distance, dense_residual_correction
 
 # (m, n, r, clients)
 SHAPES = [(12, 10, 4, 3), (40, 24, 8, 4), (7, 30, 3, 2), (16, 5, 8, 5)]
-
-
-def dense_cosine_distance(ideal: torch.Tensor, got: torch.Tensor) -> torch.Tensor:
-    return 1.0 - (ideal * got).sum() / (ideal.norm() * got.norm()).clamp_min(1e-300)
-
-
-def dense_residual_correction(ideal, b_avg, a_avg, *, lam, steps, lr):
-    ideal, b_avg, a_avg = (t.detach().to(torch.float64) for t in (ideal, b_avg, a_avg))
-    delta = torch.zeros_like(b_avg, requires_grad=True)
-    scale = float(b_avg.pow(2).mean().sqrt()) or float(ideal.abs().max()) or 1.0
-    optimizer = torch.optim.Adam([delta], lr=lr * scale)
-
-    def objective():
-        norm = delta.pow(2).sum().add(1e-300).sqrt()
-        return dense_cosine_distance(ideal, (b_avg + delta) @ a_avg) + lam * norm
-
-    with torch.no_grad():
-        best, best_value = torch.zeros_like(b_avg), float(objective())
-    for _ in range(steps):
-        optimizer.zero_grad()
-        objective().backward()
-        optimizer.step()
-        with torch.no_grad():
-            current = float(objective())
-            if current < best_value:
-                best, best_value = delta.detach().clone(), current
-    return best
 
 
 def clients(m: int, n: int, r: int, k: int, seed: int):
