@@ -7,8 +7,9 @@
 Ten synthetic clients (random factors, no model download) send their adapters to one
 strategy's ``aggregate``, on one CPU thread. The adapted shapes come from a
 ``transformers.LlamaConfig`` built here and instantiated on the meta device. Each row runs in
-a fresh process: its peak memory is the growth of the process's resident set (VmHWM, reset
-just before ``aggregate``) over what the clients' adapters already take. "Bytes up" is one
+a fresh process, with the libraries imported before the clock starts: its peak memory is the
+growth of the process's resident set (VmHWM, reset just before ``aggregate``) over what the
+clients' adapters already take. "Bytes up" is one
 client's adapter; "down" is what the strategy sends a client after the round (a new client:
 FLoRA's whole history, Fed-SB's frozen B and A besides R̄). Fed-SB's row is a round that
 averages R, after its initialisation rounds (not timed).
@@ -184,6 +185,7 @@ def measure_row(row: dict) -> dict:
 
     torch.set_num_threads(1)
     import_all()
+    import torch._dynamo  # noqa: F401  (what a process's first torch.optim optimizer imports, ~1.5 s once: not a round's cost)
     shapes = llama_shapes(row["model"], row["targets"])
     ranks = ranks_for(row["ranks"])
     strategy = resolve_strategy(row["strategy"])()
@@ -278,18 +280,22 @@ def gib(value) -> str:
     return "—" if value is None else f"{value / 2**30:.2f}"
 
 
+def mib(value) -> str:
+    return "—" if value is None else f"{value / 2**20:,.1f}"
+
+
 def print_table(results: dict) -> None:
-    print(f"{'model':5} {'targets':7} {'ranks':5} {'strategy':10} {'agg s':>7} {'extra GiB':>9} "
-          f"{'÷ inputs':>8} {'up GiB':>7} {'down GiB':>8}  how")
+    print(f"{'model':5} {'targets':7} {'ranks':5} {'strategy':10} {'agg s':>7} {'extra MiB':>10} "
+          f"{'÷ inputs':>8} {'up MiB':>8} {'down MiB':>9}  how")
     for row in results["server"].values():
         ratio = "—" if row["extra_bytes"] is None else f"{row['extra_bytes'] / row['inputs_bytes']:.2f}"
         seconds = "—" if row["seconds"] is None else f"{row['seconds']:.2f}"
         print(f"{row['model']:5} {row['targets']:7} {row['ranks']:5} {row['strategy']:10} {seconds:>7} "
-              f"{gib(row['extra_bytes']):>9} {ratio:>8} {gib(row['up_bytes']):>7} {gib(row['down_bytes']):>8}  "
+              f"{mib(row['extra_bytes']):>10} {ratio:>8} {mib(row['up_bytes']):>8} {mib(row['down_bytes']):>9}  "
               f"{row['how']}")
     print()
     print(f"FLoRA client, merged branch beside a 4-bit NF4 base ({results.get('nf4_bytes_per_weight', 0):.4f} "
-          "bytes per quantized weight, measured)")
+          "bytes per quantized weight, measured), GiB (× the base)")
     print(f"{'model':5} {'targets':7} {'ranks':5} {'base GiB':>8} {'+1 round':>14} {'+5 rounds':>14} {'+20 rounds':>14}")
     for row in results["flora_client"].values():
         cells = [f"{gib(row[f'round{t}_bytes'])} ({1 + row[f'round{t}_bytes'] / row['base_bytes']:.2f}×)"

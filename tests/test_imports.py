@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STACK = ["peft", "peft.tuners.lora.layer", "transformers.models.auto.modeling_auto", "fedtune.routine",
+STACK = ["peft", "peft.tuners.lora.layer", "torch._dynamo", "transformers.models.auto.modeling_auto", "fedtune.routine",
          "fedtune.strategies.fed_sb.layer", "fedtune.strategies.fedkseed.routine", "fedtune.strategies.flora.residual"]
 RUN_TIME_MODULES = {"fedtune.flower.server_app": [*STACK, "fedtune.server"],
                     "fedtune.flower.client_app": [*STACK, "fedtune.client"]}
