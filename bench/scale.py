@@ -105,8 +105,9 @@ def ranks_for(label: str) -> list[int]:
     return MIXED if label == "mixed" else [int(label)] * CLIENTS
 
 
-def adapter_bytes(shapes: dict[str, tuple[int, int]], rank: int) -> int:
-    return sum(4 * rank * (m + n) for m, n in shapes.values())
+def adapter_bytes(shapes: dict[str, tuple[int, int]], rank: int, with_a: bool = True) -> int:
+    """float32 bytes of one client's factors: B (m×r) and, unless FFA-LoRA's, A (r×n) per layer."""
+    return sum(4 * rank * (m + (n if with_a else 0)) for m, n in shapes.values())
 
 
 # --------------------------------------------------------------------------- one row (fresh process)
@@ -259,7 +260,7 @@ def formula_row(row: dict) -> dict:
     """Bytes from the shapes alone, for rows whose inputs would not fit this machine."""
     shapes = llama_shapes(row["model"], row["targets"])
     ranks = ranks_for(row["ranks"])
-    up = [adapter_bytes(shapes, r) // (2 if row["strategy"] == "ffa-lora" else 1) for r in ranks]
+    up = [adapter_bytes(shapes, r, with_a=row["strategy"] != "ffa-lora") for r in ranks]
     return {**row, "seconds": None, "extra_bytes": None, "inputs_bytes": sum(up), "up_bytes": max(up),
             "down_bytes": None, "how": "formula"}
 

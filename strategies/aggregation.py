@@ -207,7 +207,10 @@ def average_non_lora(
     return weighted_average(rest, weights) if rest and rest[0] else {}
 
 
-def low_rank_norm(terms: Sequence[tuple[float, torch.Tensor, torch.Tensor]]) -> float:
+Term = tuple[float, torch.Tensor, torch.Tensor]  # (c, B, A): the low-rank matrix c·B·A
+
+
+def low_rank_norm(terms: Sequence[Term]) -> float:
     """‖Σ_i c_i·B_i·A_i‖_F from the factors, never an m×n matrix (float64).
 
     With B = [c_1·B_1, …] (m×R) = Q_b·R_b and Aᵀ = [A_1; …]ᵀ (n×R) = Q_a·R_a (thin QRs),
@@ -218,32 +221,37 @@ def low_rank_norm(terms: Sequence[tuple[float, torch.Tensor, torch.Tensor]]) -> 
     return prefix_norms(terms, [len(terms)])[0]
 
 
-def gram_norm(terms: Sequence[tuple[float, torch.Tensor, torch.Tensor]]) -> float:
+def gram_norm(terms: Sequence[Term]) -> float:
     """‖Σ_i c_i·B_i·A_i‖_F from Gram matrices: ‖B·A‖² = ⟨BᵀB, A·Aᵀ⟩ (two GEMMs, float64).
 
     About twice as fast as :func:`low_rank_norm`'s QRs, and as accurate for a sum whose terms
     do not cancel (clients' updates); use :func:`low_rank_norm` for a difference of nearly
     equal terms, where the Gram products would lose the result to cancellation.
     """
-    b = torch.cat([c * bt.to(torch.float64) for c, bt, _ in terms], dim=1)
-    a = torch.cat([at.to(torch.float64) for _, _, at in terms], dim=0)
+    b, a = _stacked(terms)
     return max(float(((b.T @ b) * (a @ a.T)).sum()), 0.0) ** 0.5
 
 
-def prefix_norms(terms: Sequence[tuple[float, torch.Tensor, torch.Tensor]], heads: Sequence[int]) -> list[float]:
+def prefix_norms(terms: Sequence[Term], heads: Sequence[int]) -> list[float]:
     """‖Σ_{i<h} c_i·B_i·A_i‖_F for each h in ``heads``, from one pair of QRs of all the factors.
 
     The R factor of a matrix's first columns is the leading block of the R factor of the whole
     (the first columns of a QR are a QR of those columns), so one factorisation serves every
     prefix of the terms.
     """
-    b = torch.cat([c * bt.to(torch.float64) for c, bt, _ in terms], dim=1)
-    a = torch.cat([at.to(torch.float64) for _, _, at in terms], dim=0)
+    b, a = _stacked(terms)
     r_b = torch.linalg.qr(b, mode="r").R  # min(m, R)×R, upper triangular; Q is never formed
     r_a = torch.linalg.qr(a.T, mode="r").R  # min(n, R)×R
     ends = [0, *(int(bt.shape[1]) for _, bt, _ in terms)]
     columns = [sum(ends[: h + 1]) for h in heads]
     return [float(torch.linalg.matrix_norm(r_b[:, :c] @ r_a[:, :c].T)) for c in columns]
+
+
+def _stacked(terms: Sequence[Term]) -> tuple[torch.Tensor, torch.Tensor]:
+    """[c_1·B_1, c_2·B_2, …] (m×R) and [A_1; A_2; …] (R×n) in float64: B·A = Σ_i c_i·B_i·A_i."""
+    b = torch.cat([c * bt.to(torch.float64) for c, bt, _ in terms], dim=1)
+    a = torch.cat([at.to(torch.float64) for _, _, at in terms], dim=0)
+    return b, a
 
 
 def relative_to(squared: float, reference_squared: float) -> float:
@@ -253,20 +261,18 @@ def relative_to(squared: float, reference_squared: float) -> float:
     return (squared / reference_squared) ** 0.5
 
 
-Term = tuple[float, torch.Tensor, torch.Tensor]  # (c, B, A): the low-rank matrix c·B·A
-
-
 def factored_relative_error(ideal: Mapping[str, Sequence[Term]], got: Mapping[str, Sequence[Term]]) -> float:
     """‖got − ideal‖_F / ‖ideal‖_F over all modules, each side a sum of low-rank terms c·B·A.
 
     One module at a time, through :func:`prefix_norms`, so memory is O((m + n)·R) for the
-    largest module, never m×n.
-    0 when the ideal is zero and got equals it, inf when only the ideal is zero.
+    largest module, never m×n. 0 when the ideal is zero and got equals it, inf when only the
+    ideal is zero.
     """
     num = den = 0.0
     for module, ideal_terms in ideal.items():
         got_terms = [(-c, b, a) for c, b, a in got[module]]
-        ideal_norm, difference = prefix_norms([*ideal_terms, *got_terms], [len(ideal_terms), len(ideal_terms) + len(got_terms)])
+        heads = [len(ideal_terms), len(ideal_terms) + len(got_terms)]
+        ideal_norm, difference = prefix_norms([*ideal_terms, *got_terms], heads)
         num += difference ** 2
         den += ideal_norm ** 2
     return relative_to(num, den)

@@ -39,9 +39,9 @@ from fedtune.strategies.aggregation import (
     Term,
     check_weighting,
     client_weights,
+    gram_norm,
     ideal_terms,
     lora_modules,
-    gram_norm,
     relative_to,
     weighted_average,
 )
