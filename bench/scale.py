@@ -260,7 +260,10 @@ def formula_row(row: dict) -> dict:
     """Bytes from the shapes alone, for rows whose inputs would not fit this machine."""
     shapes = llama_shapes(row["model"], row["targets"])
     ranks = ranks_for(row["ranks"])
-    up = [adapter_bytes(shapes, r, with_a=row["strategy"] != "ffa-lora") for r in ranks]
+    if row["strategy"] == "fed-sb":  # R (r×r) per layer
+        up = [4 * r * r * len(shapes) for r in ranks]
+    else:
+        up = [adapter_bytes(shapes, r, with_a=row["strategy"] != "ffa-lora") for r in ranks]
     return {**row, "seconds": None, "extra_bytes": None, "inputs_bytes": sum(up), "up_bytes": max(up),
             "down_bytes": None, "how": "formula"}
 
@@ -287,13 +290,13 @@ def mib(value) -> str:
 
 def print_table(results: dict) -> None:
     print(f"{'model':5} {'targets':7} {'ranks':5} {'strategy':10} {'agg s':>7} {'extra MiB':>10} "
-          f"{'÷ inputs':>8} {'up MiB':>8} {'down MiB':>9}  how")
+          f"{'÷ inputs':>8} {'up MiB':>8} {'down MiB':>9}  how (inputs: all clients' adapters)")
     for row in results["server"].values():
         ratio = "—" if row["extra_bytes"] is None else f"{row['extra_bytes'] / row['inputs_bytes']:.2f}"
         seconds = "—" if row["seconds"] is None else f"{row['seconds']:.2f}"
         print(f"{row['model']:5} {row['targets']:7} {row['ranks']:5} {row['strategy']:10} {seconds:>7} "
               f"{mib(row['extra_bytes']):>10} {ratio:>8} {mib(row['up_bytes']):>8} {mib(row['down_bytes']):>9}  "
-              f"{row['how']}")
+              f"{row['how']}" + (f" (inputs {gib(row['inputs_bytes'])} GiB, not run)" if row["how"] == "formula" else ""))
     print()
     print(f"FLoRA client, merged branch beside a 4-bit NF4 base ({results.get('nf4_bytes_per_weight', 0):.4f} "
           "bytes per quantized weight, measured), GiB (× the base)")
