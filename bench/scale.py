@@ -26,6 +26,7 @@ each row; a rerun skips the rows already there (``--fresh`` starts over).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -58,25 +59,29 @@ TARGETS = {"q/v": ("q_proj", "v_proj"), "all": ("q_proj", "k_proj", "v_proj", "o
 # --------------------------------------------------------------------------- shapes
 
 
-def llama_shapes(size: str, targets: str) -> dict[str, tuple[int, int]]:
-    """(out_features, in_features) of every adapted linear layer, read from a meta-device model."""
+@functools.cache
+def meta_llama(size: str):
+    """A Llama-2 model of ``size`` on the meta device: shapes only, no memory."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=32000, **LLAMA[size])
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    return {name: (module.out_features, module.in_features) for name, module in model.named_modules()
+        return LlamaForCausalLM(LlamaConfig(vocab_size=32000, **LLAMA[size]))
+
+
+def llama_shapes(size: str, targets: str) -> dict[str, tuple[int, int]]:
+    """(out_features, in_features) of every adapted linear layer."""
+    import torch
+
+    return {name: (module.out_features, module.in_features) for name, module in meta_llama(size).named_modules()
             if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in TARGETS[targets]}
 
 
 def base_parameters(size: str) -> tuple[int, int]:
     """(linear weights quantized to 4 bit, other weights kept in 16 bit) of the whole model."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    with torch.device("meta"):
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=32000, **LLAMA[size]))
+    model = meta_llama(size)
     linear = sum(m.weight.numel() for n, m in model.named_modules()
                  if isinstance(m, torch.nn.Linear) and n != "lm_head")
     return linear, sum(p.numel() for p in model.parameters()) - linear
@@ -141,17 +146,17 @@ def replies_to(strategy, server_round: int, clients: int):
         gen = torch.Generator().manual_seed(1000 * server_round + k)
         arrays = {key: torch.randn(shape, generator=gen) * 1e-2 for key, shape in expects.items()}
         updates.append(ClientUpdate(client_id=k, arrays=arrays, num_examples=100 + 10 * k,
-                                    metrics={"lora_sb_round": server_round, "lora_scaling": ALPHA / 16}))
+                                    metrics={"lora_sb_round": server_round}))
     return updates
 
 
-def fed_sb_round(strategy, ranks):
+def fed_sb_round(strategy, clients: int):
     """Fed-SB after its initialisation rounds (aggregated here, untimed): the round that averages R."""
     server_round = 1
     while not strategy.initialized:
-        strategy.aggregate(server_round, replies_to(strategy, server_round, len(ranks)))
+        strategy.aggregate(server_round, replies_to(strategy, server_round, clients))
         server_round += 1
-    return server_round, replies_to(strategy, server_round, len(ranks))
+    return server_round, replies_to(strategy, server_round, clients)
 
 
 def spec_for(shapes, rank):
@@ -192,7 +197,7 @@ def measure_row(row: dict) -> dict:
     strategy = resolve_strategy(row["strategy"])()
     strategy.initialize(spec_for(shapes, max(ranks)))
     if row["strategy"] == "fed-sb":
-        server_round, updates = fed_sb_round(strategy, ranks)
+        server_round, updates = fed_sb_round(strategy, len(ranks))
     else:
         server_round, updates = 1, synthetic_updates(shapes, ranks, row["strategy"])
     gc.collect()
