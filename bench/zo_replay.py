@@ -14,6 +14,7 @@ same bits in a second, independent run and with another thread count, and prints
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -40,6 +41,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--k", type=int, default=4096, help="seed pool size the history draws from")
     parser.add_argument("--lr", type=float, default=1e-6)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeat", type=int, default=3, help="time each replay this many times, report the median")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2],
                         help="torch thread counts to time both replays with (today's replay draws its "
                              "directions on torch.get_num_threads() threads)")
@@ -75,11 +77,15 @@ def _legacy_replay(params: Params, history: History, lr: float) -> None:
 
 
 def timed(replay_fn: Callable[[Params, History, float], None], start: Params, history: History,
-          lr: float) -> tuple[float, Params]:
-    params = {k: v.clone() for k, v in start.items()}
-    began = time.perf_counter()
-    replay_fn(params, history, lr)
-    return time.perf_counter() - began, params
+          lr: float, repeat: int = 1) -> tuple[float, Params]:
+    """Median seconds of ``repeat`` replays from ``start``, and the last replay's result."""
+    seconds = []
+    for _ in range(repeat):
+        params = {k: v.clone() for k, v in start.items()}
+        began = time.perf_counter()
+        replay_fn(params, history, lr)
+        seconds.append(time.perf_counter() - began)
+    return statistics.median(seconds), params
 
 
 def same_bits(a: Params, b: Params) -> bool:
@@ -92,11 +98,12 @@ def main() -> None:
     print(f"parameters {args.params:,} float32 in {args.tensors} tensors; history {args.steps:,} steps "
           f"over a pool of {args.k:,} ({len({s for s, _ in history}):,} distinct seeds)")
     print(f"{'threads':>8}{'old s':>10}{'new s':>10}{'old ms/step':>13}{'new ms/step':>13}{'speed-up':>10}")
+    replay({"warm_up": torch.zeros(4)}, history[:1], args.lr)  # numba compiles (or loads) its kernels once
     results: list[Params] = []
     for threads in args.threads:
         torch.set_num_threads(threads)
-        seconds_old, _ = timed(_legacy_replay, start, history, args.lr)
-        seconds_new, result = timed(replay, start, history, args.lr)
+        seconds_old, _ = timed(_legacy_replay, start, history, args.lr, args.repeat)
+        seconds_new, result = timed(replay, start, history, args.lr, args.repeat)
         results.append(result)
         print(f"{threads:>8}{seconds_old:>10.2f}{seconds_new:>10.2f}{seconds_old / args.steps * 1e3:>13.1f}"
               f"{seconds_new / args.steps * 1e3:>13.1f}{seconds_old / seconds_new:>9.2f}x")

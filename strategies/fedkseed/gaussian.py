@@ -1,4 +1,4 @@
-"""A bitwise-portable standard normal generator: a vectorised ziggurat over PCG64 raw words.
+"""A bitwise-portable standard normal generator: a chunked ziggurat over PCG64 raw words.
 
 FedKSeed's clients and server rebuild the same model by replaying ``(seed, scalar)`` pairs,
 so every party must draw *exactly* the same Gaussian values from a seed, whatever its
@@ -13,12 +13,12 @@ for generating random variables", JSS 2000), which samples N(0, 1) exactly by re
 * **Fast path, in chunks.** Value ``n`` of a tensor reads 32-bit word ``n`` of a PCG64 raw
   stream (the *word stream*, ``SeedSequence([*key, 0])``; word ``2m`` is the low half of
   output ``m``). Bits 0-7 pick the layer, bit 8 the sign, bits 9-31 the position in the
-  layer; the candidate is ``position * width[layer]``. About 99 % of the words fall inside
+  layer; the candidate is ``position * width[layer]``. About 98.5 % of the words fall inside
   their layer's inner rectangle and are accepted at once. Because value ``n`` depends on
   word ``n`` only, a tensor is cut into chunks of ``_CHUNK`` values that are filled
   independently (``PCG64.advance`` jumps to a chunk's start), in any order, on any number
   of threads, with the same result.
-* **Slow path, per tensor.** The ~1 % of words outside their inner rectangle are finished
+* **Slow path, per tensor.** The ~1.5 % of words outside their inner rectangle are finished
   afterwards, in position order, from a second PCG64 stream (the *retry stream*,
   ``SeedSequence([*key, 1])``), two 64-bit outputs per pending value per round: the wedge
   test (a uniform height in the layer under ``exp(-x**2 / 2)``), Marsaglia's (1964) tail
@@ -36,13 +36,17 @@ Why the values are the same bits everywhere
 * ``SeedSequence`` (integer hashing) and the PCG64 raw stream use integer arithmetic only,
   and NumPy keeps both stable across versions and platforms (NEP 19). NumPy's *distribution*
   code (``Generator.standard_normal``), which NEP 19 does not freeze, is not used.
-* From the words on, only exactly rounded IEEE-754 operations are used, each a separate
-  NumPy call (so no fused multiply-add can be chosen by a compiler): integer bit
-  operations, table look-ups, ``*``, ``+``, ``/``, ``sqrt``, ``rint``, ``frexp`` and ``ldexp``.
+* Both paths are loops compiled by numba. PCG64's step is recomputed there from its
+  128-bit state (``PCG64.advance`` places a chunk's start; tested equal to
+  ``random_raw``). No loop uses ``fastmath``, so LLVM contracts no ``*`` and ``+`` into a
+  fused multiply-add: from the words on, only exactly rounded IEEE-754 operations are
+  used: integer bit operations, table look-ups, ``*``, ``+``, ``/``, ``sqrt``, ``rint`` and
+  ``frexp``.
 * ``exp`` and ``log`` (for the tables, the wedge and the tail) are computed by
-  :func:`_exp` and :func:`_log` from those operations, not by the C maths library or NumPy's
-  SIMD kernels, which may differ in the last bit between machines. The tables are built
-  with them too, at import, so they are the same bits everywhere.
+  :func:`_exp` and :func:`_log` from those operations, not by the C maths library, which
+  may differ in the last bit between machines. The tables are built with them too, at
+  import. The wedge test asks the C library's ``exp`` first, only to skip :func:`_exp`
+  when the answer is clear by a margin thousands of ulps wide (:func:`_under_density`).
 * Threads only decide *when* a chunk is filled, never which words it reads.
 
 Any change to the values this module produces changes FedKSeed's directions: bump
@@ -58,7 +62,10 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numba
+import numba.extending
 import numpy as np
+from llvmlite import ir as llvm_ir
 
 _CHUNK = 1 << 16  # values per generation task; even, so a chunk starts on a whole 64-bit output
 _WORD_STREAM, _RETRY_STREAM = 0, 1
@@ -73,39 +80,42 @@ _LN2_HI = 6.93147180369123816490e-01  # ln 2 in two parts (fdlibm): k * _LN2_HI 
 _LN2_LO = 1.90821492927058770002e-10
 _EXP_TAYLOR = tuple(1.0 / math.factorial(k) for k in range(15))  # |r| <= ln2 / 2: truncation < 2**-60
 _ATANH_SERIES = tuple(1.0 / (2 * k + 1) for k in range(12))  # |s| <= 0.172: truncation < 2**-60
+_SQRT_HALF = math.sqrt(0.5)
+_POWERS_OF_TWO = np.array([2.0**k for k in range(-1022, 1024)])  # 2**k at index k + 1022, exact
 
 
-def _exp(t: np.ndarray | float) -> np.ndarray:
+@numba.njit(cache=True, nogil=True)
+def _exp(t: float) -> float:  # pragma: no cover (compiled)
     """``exp(t)`` in float64 for ``|t| < 700``, from exactly rounded operations only.
 
     ``t = k ln2 + r`` (Cody-Waite), a Taylor polynomial in ``r`` and an exact scaling by
     ``2**k``: accurate to a few ulps, and the same bits on every machine.
     """
-    t = np.asarray(t, dtype=np.float64)
     k = np.rint(t / _LN2_HI)
     r = (t - k * _LN2_HI) - k * _LN2_LO
-    polynomial = np.full_like(r, _EXP_TAYLOR[-1])
-    for coefficient in reversed(_EXP_TAYLOR[:-1]):
-        polynomial = polynomial * r + coefficient
-    return np.ldexp(polynomial, k.astype(np.int32))
+    polynomial = _EXP_TAYLOR[-1]
+    for i in range(len(_EXP_TAYLOR) - 2, -1, -1):
+        polynomial = polynomial * r + _EXP_TAYLOR[i]
+    return polynomial * _POWERS_OF_TWO[int(k) + 1022]  # exact: both factors and the result are normal
 
 
-def _log(u: np.ndarray | float) -> np.ndarray:
+@numba.njit(cache=True, nogil=True)
+def _log(u: float) -> float:  # pragma: no cover (compiled)
     """``log(u)`` in float64 for positive finite ``u``, from exactly rounded operations only.
 
     ``u = m 2**e`` with ``m`` in [sqrt(1/2), sqrt(2)), and ``log m = 2 atanh((m - 1) / (m + 1))``
     as a series: accurate to a few ulps, and the same bits on every machine.
     """
-    mantissa, exponent = np.frexp(np.asarray(u, dtype=np.float64))
-    low = mantissa < math.sqrt(0.5)
-    mantissa = np.where(low, mantissa * 2.0, mantissa)
-    exponent = (exponent - low).astype(np.float64)
+    mantissa, exponent = math.frexp(u)
+    if mantissa < _SQRT_HALF:
+        mantissa, exponent = mantissa * 2.0, exponent - 1
+    e = float(exponent)
     s = (mantissa - 1.0) / (mantissa + 1.0)
     s2 = s * s
-    series = np.full_like(s, _ATANH_SERIES[-1])
-    for coefficient in reversed(_ATANH_SERIES[:-1]):
-        series = series * s2 + coefficient
-    return exponent * _LN2_HI + (exponent * _LN2_LO + 2.0 * s * series)
+    series = _ATANH_SERIES[-1]
+    for i in range(len(_ATANH_SERIES) - 2, -1, -1):
+        series = series * s2 + _ATANH_SERIES[i]
+    return e * _LN2_HI + (e * _LN2_LO + 2.0 * s * series)
 
 
 def _ziggurat_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -121,15 +131,15 @@ def _ziggurat_tables() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     edge = np.empty(_LAYERS)
     edge[-1] = _R
     for i in range(_LAYERS - 2, 0, -1):  # each layer above has area _V
-        below = float(_exp(-0.5 * edge[i + 1] ** 2))
-        edge[i] = math.sqrt(-2.0 * float(_log(_V / edge[i + 1] + below)))
-    edge[0] = _V / float(_exp(-0.5 * _R * _R))
+        below = _exp(-0.5 * edge[i + 1] ** 2)
+        edge[i] = math.sqrt(-2.0 * _log(_V / edge[i + 1] + below))
+    edge[0] = _V / _exp(-0.5 * _R * _R)
     inner = np.concatenate([[_R, 0.0], edge[1:-1]])  # the inner rectangle of layer i ends at x_(i-1)
     keep = np.floor(inner / edge * _POSITION_SCALE).astype(np.uint32)
     width = (edge / _POSITION_SCALE).astype(np.float32)
     threshold = np.concatenate([keep, keep]) << np.uint32(9)
     signed_width = np.concatenate([width, -width])
-    height = np.concatenate([[1.0], _exp(-0.5 * edge[1:] * edge[1:])])
+    height = np.array([1.0, *(_exp(-0.5 * x * x) for x in edge[1:])])
     return threshold, signed_width, height
 
 
@@ -183,8 +193,8 @@ def fill_normal(targets: Sequence[NormalTarget], workers: int = 1) -> None:
 
     Notes
     -----
-    The fast path runs in parallel chunks; the slow path then finishes every target's
-    pending values, vectorised over all targets. See the module docstring.
+    The fast path runs in parallel chunks; the slow path then finishes each target's
+    pending values (targets in parallel). See the module docstring.
     """
     streams = [np.random.SeedSequence([*target.key, _WORD_STREAM]) for target in targets]
     jobs = [(t, start) for t, target in enumerate(targets) for start in range(0, target.out.size, _CHUNK)]
@@ -193,20 +203,19 @@ def fill_normal(targets: Sequence[NormalTarget], workers: int = 1) -> None:
         t, start = job
         return _fill_chunk(streams[t], targets[t], start)
 
-    parts = list(_executor(workers, os.getpid()).map(fill, jobs) if len(jobs) > 1 and workers > 1
-                 else map(fill, jobs))
-    positions: list[list[np.ndarray]] = [[np.empty(0, dtype=np.intp)] for _ in targets]
-    words: list[list[np.ndarray]] = [[np.empty(0, dtype=np.uint32)] for _ in targets]
-    for (t, _), (chunk_positions, chunk_words) in zip(jobs, parts):
-        positions[t].append(chunk_positions)
-        words[t].append(chunk_words)
-    finished = _finish([(np.random.SeedSequence([*target.key, _RETRY_STREAM]), np.concatenate(positions[t]),
-                         np.concatenate(words[t]).astype(np.uint32)) for t, target in enumerate(targets)])
-    for target, (positions, values) in zip(targets, finished):
-        if target.scale is None:
-            target.out[positions] = values
-        else:
-            target.out[positions] += values * target.scale
+    def finish(t: int) -> None:
+        mine = [part for (owner, _), part in zip(jobs, parts) if owner == t]
+        positions = np.concatenate([np.empty(0, dtype=np.intp), *(p for p, _ in mine)])
+        words = np.concatenate([np.empty(0, dtype=np.uint32), *(w for _, w in mine)])
+        target = targets[t]
+        retry = np.random.PCG64(np.random.SeedSequence([*target.key, _RETRY_STREAM])).state["state"]
+        _slow_path(words, positions, *_halves(retry["state"]), *_halves(retry["inc"]), _THRESHOLD, _WIDTH, _HEIGHT,
+                   target.out, target.scale if target.scale is not None else np.float32(0.0), target.scale is not None)
+
+    parallel = workers > 1 and len(jobs) > 1
+    pool = _executor(workers, os.getpid()) if parallel else None
+    parts = list(pool.map(fill, jobs) if pool else map(fill, jobs))
+    list(pool.map(finish, range(len(targets))) if pool else map(finish, range(len(targets))))
 
 
 def standard_normal(key: Sequence[int], size: int, workers: int = 1) -> np.ndarray:
@@ -250,99 +259,164 @@ def _fill_chunk(stream: np.random.SeedSequence, target: NormalTarget, start: int
     end = min(start + _CHUNK, target.out.size)
     bit_generator = np.random.PCG64(stream)
     bit_generator.advance(start // 2)
-    # Word 2n is the low half of output n on any platform ("<u8" costs nothing on little-endian).
-    chunk_words = bit_generator.random_raw((end - start + 1) // 2).astype("<u8", copy=False).view("<u4")
-    chunk_words = chunk_words[:end - start]
-    j = np.bitwise_and(chunk_words, 0x1FF, dtype=np.intp)
-    z = target.out[start:end] if target.scale is None else np.empty(end - start, dtype=np.float32)
-    np.multiply(chunk_words >> 9, _WIDTH.take(j, mode="wrap"), out=z, dtype=np.float32, casting="unsafe")
-    outside = np.flatnonzero(chunk_words >= _THRESHOLD.take(j, mode="wrap"))
-    if target.scale is not None:
-        np.multiply(z, target.scale, out=z)
-        z[outside] = -0.0  # w + (-0.0) is w bit for bit, for every w
-        np.add(target.out[start:end], z, out=target.out[start:end])
-    return start + outside, chunk_words[outside]
+    state = bit_generator.state["state"]
+    outside = np.empty(end - start, dtype=np.intp)
+    outside_words = np.empty(end - start, dtype=np.uint32)
+    fused = target.scale is not None
+    count = _fast_path(*_halves(state["state"]), *_halves(state["inc"]), _THRESHOLD, _WIDTH, target.out[start:end],
+                       target.scale if fused else np.float32(0.0), fused, outside, outside_words)
+    return start + outside[:count], outside_words[:count]
 
 
-def _finish(pending: Sequence[tuple[np.random.SeedSequence, np.ndarray, np.ndarray]]
-            ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The ziggurat's slow path, vectorised over every tensor's pending values.
+def _halves(value: int) -> tuple[np.uint64, np.uint64]:
+    """A 128-bit integer as its high and low 64-bit halves."""
+    return np.uint64(value >> 64), np.uint64(value & 0xFFFF_FFFF_FFFF_FFFF)
 
-    ``pending`` holds, per tensor, its retry stream and the positions (ascending) and words
-    the fast path left. Each round draws two 64-bit outputs per value still pending, from its
-    tensor's stream in position order, so a tensor's values do not depend on the others. A
-    value in a layer's wedge is accepted when a uniform height in that layer (first draw)
-    lies under the density; otherwise it starts over with a fresh word (second draw), taken
-    at once when inside its inner rectangle. A value in the base strip beyond ``R`` samples
-    the tail (Marsaglia 1964, both draws) until accepted. Returns, per tensor, the positions
-    and their values.
+
+# PCG64's 128-bit LCG multiplier (O'Neill's default, NumPy's PCG64), as two 64-bit halves.
+_PCG_MULTIPLIER_HI, _PCG_MULTIPLIER_LO = _halves(0x2360ED051FC65DA44385DF649FCCF645)
+
+
+@numba.extending.intrinsic
+def _multiply_high(typing_context, a, b):  # type: ignore[no-untyped-def]  # pragma: no cover (compiled)
+    """The high 64 bits of the 128-bit product of two uint64 (one LLVM ``i128`` multiply)."""
+    signature = numba.types.uint64(numba.types.uint64, numba.types.uint64)
+
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        wide = llvm_ir.IntType(128)
+        product = builder.mul(builder.zext(args[0], wide), builder.zext(args[1], wide))
+        return builder.trunc(builder.lshr(product, llvm_ir.Constant(wide, 64)), llvm_ir.IntType(64))
+
+    return signature, codegen
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def _fast_path(state_hi: np.uint64, state_lo: np.uint64, increment_hi: np.uint64, increment_lo: np.uint64,
+               threshold: np.ndarray, width: np.ndarray, out: np.ndarray, scale: np.float32, fused: bool,
+               outside: np.ndarray, outside_words: np.ndarray) -> int:  # pragma: no cover (compiled)
+    """Draw a chunk's words and write (or add, scaled) each candidate; list the rejects.
+
+    The words are PCG64's outputs from ``state`` (XSL-RR on the 128-bit LCG, exactly NumPy's
+    ``PCG64.random_raw``, tested), low half first. Compiled without ``fastmath``, so every
+    float32 ``*`` and ``+`` is a separately rounded IEEE operation (LLVM contracts them into
+    a fused multiply-add only under fast-math flags). Returns how many entries of
+    ``outside`` and ``outside_words`` it filled.
     """
-    sizes = [positions.size for _, positions, _ in pending]
-    owner = np.repeat(np.arange(len(pending)), sizes)
-    words = np.concatenate([w for _, _, w in pending]).astype(np.uint32)
-    result = np.empty(owner.size, dtype=np.float32)
-    todo = np.arange(owner.size)  # into the concatenation of every tensor's pending values
-    in_tail = (words & 0xFF) == 0
-    generators: dict[int, np.random.PCG64] = {}
-    while todo.size:
-        draws = _retry_draws(pending, generators, owner[todo])
-        x = _candidate(words)
-        accepted = np.empty(todo.size, dtype=bool)
-        wedge = np.flatnonzero(~in_tail)
-        accepted[wedge] = _under_density(words[wedge], x[wedge], draws[wedge, 0])
-        tail = np.flatnonzero(in_tail)
-        if tail.size:
-            x[tail], accepted[tail] = _tail(x[tail], draws[tail, 0], draws[tail, 1])
-        restart = wedge[~accepted[wedge]]
-        fresh = (draws[restart, 1] & np.uint64(0xFFFFFFFF)).astype(np.uint32)
-        words[restart] = fresh
-        x[restart] = _candidate(fresh)
-        accepted[restart] = fresh < _THRESHOLD[fresh & 0x1FF]
-        in_tail[restart] = (fresh & 0xFF) == 0  # used only when not accepted
-        result[todo[accepted]] = x[accepted]
-        left = np.flatnonzero(~accepted)
-        todo, words, in_tail = todo[left], words[left], in_tail[left]
-    bounds = np.cumsum([0, *sizes])
-    return [(positions, result[lo:hi]) for (_, positions, _), lo, hi in zip(pending, bounds[:-1], bounds[1:])]
+    count = 0
+    size = out.size
+    hi, lo = state_hi, state_lo
+    for output in range((size + 1) // 2):
+        hi, lo, raw = _pcg64_next(hi, lo, increment_hi, increment_lo)
+        for half in range(2):
+            n = 2 * output + half
+            if n >= size:
+                break
+            word = np.uint32(raw & np.uint64(0xFFFFFFFF)) if half == 0 else np.uint32(raw >> np.uint64(32))
+            j = word & 0x1FF
+            z = np.float32(word >> 9) * width[j]
+            step = z * scale
+            if word >= threshold[j]:  # _finish writes the value; w + (-0.0) is w bit for bit
+                outside[count] = n
+                outside_words[count] = word
+                count += 1
+                step = np.float32(-0.0)
+            if fused:
+                out[n] = out[n] + step
+            else:
+                out[n] = z
+    return count
 
 
-def _candidate(words: np.ndarray) -> np.ndarray:
-    """The fast path's value of each word (float32), before any acceptance test."""
-    return np.multiply(words >> 9, _WIDTH[words & 0x1FF], dtype=np.float32, casting="unsafe")
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def _slow_path(words: np.ndarray, positions: np.ndarray, state_hi: np.uint64, state_lo: np.uint64,
+               increment_hi: np.uint64, increment_lo: np.uint64, threshold: np.ndarray, width: np.ndarray,
+               height: np.ndarray, out: np.ndarray, scale: np.float32, fused: bool) -> None:  # pragma: no cover
+    """The ziggurat's slow path for one tensor's pending values, written (or added) into ``out``.
+
+    ``positions`` (ascending) and ``words`` are what the fast path left; the draws come from
+    the tensor's retry stream (PCG64 from ``state``). Each round takes two 64-bit outputs per
+    value still pending, in position order. A value in a layer's wedge is accepted when a
+    uniform height in that layer (first draw) lies under the density; otherwise it starts
+    over with the second draw's low word, taken at once when inside its inner rectangle. A
+    value in the base strip beyond ``R`` samples the tail (Marsaglia 1964, both draws) until
+    accepted.
+    """
+    words = words.copy()
+    todo = np.arange(words.size)
+    left = words.size
+    hi, lo = state_hi, state_lo
+    while left:
+        still = 0
+        for index in range(left):
+            i = todo[index]
+            hi, lo, first = _pcg64_next(hi, lo, increment_hi, increment_lo)
+            hi, lo, second = _pcg64_next(hi, lo, increment_hi, increment_lo)
+            word = words[i]
+            candidate = np.float32(word >> 9) * width[word & 0x1FF]
+            if (word & 0xFF) == 0:  # the base strip, beyond R: the tail
+                beyond = -_log(_uniform(first)) / _R
+                accepted = -2.0 * _log(_uniform(second)) > beyond * beyond
+                candidate = np.float32(math.copysign(float(np.float32(_R + beyond)), float(candidate)))
+            else:
+                layer = word & 0xFF
+                top, bottom = height[layer - 1], height[layer]
+                z = float(candidate)
+                accepted = _under_density(bottom + _uniform(first) * (top - bottom), -0.5 * z * z)
+                if not accepted:
+                    word = np.uint32(second & np.uint64(0xFFFFFFFF))
+                    words[i] = word
+                    candidate = np.float32(word >> 9) * width[word & 0x1FF]
+                    accepted = word < threshold[word & 0x1FF]
+            if accepted:
+                n = positions[i]
+                if fused:
+                    out[n] = out[n] + candidate * scale
+                else:
+                    out[n] = candidate
+            else:
+                todo[still] = i
+                still += 1
+        left = still
 
 
-def _uniform(draws: np.ndarray) -> np.ndarray:
-    """Uniform float64 in (0, 1] from 64-bit outputs (their 53 high bits)."""
-    return ((draws >> np.uint64(11)) + np.uint64(1)) * 2.0**-53
+@numba.njit(cache=True, nogil=True)
+def _under_density(height: float, t: float) -> bool:  # pragma: no cover (compiled)
+    """``height < _exp(t)``, deciding most cases from the C library's faster ``exp``.
+
+    The C library's ``exp`` is within an ulp or two of the truth on any machine, and so is
+    :func:`_exp`; outside a guard band of 1e-12 relative (thousands of ulps) around the C
+    value both give the same answer, and inside it :func:`_exp` decides. The result is
+    therefore :func:`_exp`'s, bit for bit, whatever the C library.
+    """
+    estimate = math.exp(t)
+    if height < estimate * (1.0 - 1e-12):
+        return True
+    if height > estimate * (1.0 + 1e-12):
+        return False
+    return height < _exp(t)
 
 
-def _under_density(words: np.ndarray, x: np.ndarray, draws: np.ndarray) -> np.ndarray:
-    """The wedge test: does a uniform height in the word's layer lie under ``exp(-x**2 / 2)``?"""
-    layer = (words & 0xFF).astype(np.intp)
-    top, bottom = _HEIGHT[layer - 1], _HEIGHT[layer]
-    x = x.astype(np.float64)
-    return bottom + _uniform(draws) * (top - bottom) < _exp(-0.5 * x * x)
+@numba.njit(cache=True, nogil=True)
+def _pcg64_next(hi: np.uint64, lo: np.uint64, increment_hi: np.uint64,
+                increment_lo: np.uint64) -> tuple[np.uint64, np.uint64, np.uint64]:  # pragma: no cover (compiled)
+    """One PCG64 step: the new 128-bit state (high, low) and its 64-bit output.
+
+    The 128-bit LCG ``state * multiplier + increment`` in 64-bit halves, then XSL-RR:
+    exactly NumPy's ``PCG64.random_raw`` (tested).
+    """
+    product_lo = lo * _PCG_MULTIPLIER_LO
+    new_lo = product_lo + increment_lo
+    carry = np.uint64(1) if new_lo < product_lo else np.uint64(0)
+    new_hi = (hi * _PCG_MULTIPLIER_LO + lo * _PCG_MULTIPLIER_HI + _multiply_high(lo, _PCG_MULTIPLIER_LO)
+              + increment_hi + carry)
+    mixed, rotation = new_hi ^ new_lo, new_hi >> np.uint64(58)
+    return new_hi, new_lo, (mixed >> rotation) | (mixed << ((np.uint64(64) - rotation) & np.uint64(63)))
 
 
-def _tail(x: np.ndarray, first: np.ndarray, second: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Marsaglia's tail: a candidate beyond ``R`` with the sign of ``x``, and whether it is accepted."""
-    beyond = -_log(_uniform(first)) / _R
-    accepted = -2.0 * _log(_uniform(second)) > beyond * beyond
-    return np.copysign((_R + beyond).astype(np.float32), x), accepted
-
-
-def _retry_draws(pending: Sequence[tuple[np.random.SeedSequence, np.ndarray, np.ndarray]],
-                 generators: dict[int, np.random.PCG64], owner: np.ndarray) -> np.ndarray:
-    """Two 64-bit outputs per pending value, each from its own tensor's retry stream."""
-    draws = [np.empty(0, dtype=np.uint64)]
-    for t, count in enumerate(np.bincount(owner, minlength=len(pending)).tolist()):  # owner is sorted
-        if count == 0:
-            continue
-        if t not in generators:
-            generators[t] = np.random.PCG64(pending[t][0])
-        draws.append(generators[t].random_raw(2 * count))
-    return np.concatenate(draws).reshape(-1, 2)
-
+@numba.njit(cache=True, nogil=True)
+def _uniform(draw: np.uint64) -> float:  # pragma: no cover (compiled)
+    """Uniform float64 in (0, 1] from a 64-bit output (its 53 high bits)."""
+    return float((draw >> np.uint64(11)) + np.uint64(1)) * 2.0**-53
 
 
 __all__ = ["NormalTarget", "fill_normal", "standard_normal"]
