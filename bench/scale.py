@@ -296,7 +296,8 @@ def mib(value) -> str:
 def print_table(results: dict) -> None:
     print(f"{'model':5} {'targets':7} {'ranks':5} {'strategy':10} {'agg s':>7} {'extra MiB':>10} "
           f"{'÷ inputs':>8} {'up MiB':>8} {'down MiB':>9}  how (inputs: all clients' adapters)")
-    for row in results["server"].values():
+    order = {key(row): i for i, row in enumerate(grid(True))}  # the grid's order, whatever order rows ran in
+    for row in sorted(results["server"].values(), key=lambda row: order.get(key(row), len(order))):
         ratio = "—" if row["extra_bytes"] is None else f"{row['extra_bytes'] / row['inputs_bytes']:.2f}"
         seconds = "—" if row["seconds"] is None else f"{row['seconds']:.2f}"
         print(f"{row['model']:5} {row['targets']:7} {row['ranks']:5} {row['strategy']:10} {seconds:>7} "

@@ -228,7 +228,11 @@ def gram_norm(terms: Sequence[Term]) -> float:
     do not cancel (clients' updates); use :func:`low_rank_norm` for a difference of nearly
     equal terms, where the Gram products would lose the result to cancellation.
     """
-    b, a = _stacked(terms)
+    return stacked_gram_norm(*stacked_terms(terms))
+
+
+def stacked_gram_norm(b: torch.Tensor, a: torch.Tensor) -> float:
+    """‖B·A‖_F = ⟨BᵀB, A·Aᵀ⟩^½ for stacked factors (:func:`stacked_terms`); see :func:`gram_norm`."""
     return max(float(((b.T @ b) * (a @ a.T)).sum()), 0.0) ** 0.5
 
 
@@ -239,7 +243,7 @@ def prefix_norms(terms: Sequence[Term], heads: Sequence[int]) -> list[float]:
     (the first columns of a QR are a QR of those columns), so one factorisation serves every
     prefix of the terms.
     """
-    b, a = _stacked(terms)
+    b, a = stacked_terms(terms)
     r_b = torch.linalg.qr(b, mode="r").R  # min(m, R)×R, upper triangular; Q is never formed
     r_a = torch.linalg.qr(a.T, mode="r").R  # min(n, R)×R
     ends = [0, *(int(bt.shape[1]) for _, bt, _ in terms)]
@@ -247,7 +251,7 @@ def prefix_norms(terms: Sequence[Term], heads: Sequence[int]) -> list[float]:
     return [float(torch.linalg.matrix_norm(r_b[:, :c] @ r_a[:, :c].T)) for c in columns]
 
 
-def _stacked(terms: Sequence[Term]) -> tuple[torch.Tensor, torch.Tensor]:
+def stacked_terms(terms: Sequence[Term]) -> tuple[torch.Tensor, torch.Tensor]:
     """[c_1·B_1, c_2·B_2, …] (m×R) and [A_1; A_2; …] (R×n) in float64: B·A = Σ_i c_i·B_i·A_i."""
     b = torch.cat([c * bt.to(torch.float64) for c, bt, _ in terms], dim=1)
     a = torch.cat([at.to(torch.float64) for _, _, at in terms], dim=0)

@@ -84,7 +84,7 @@ _SQRT_HALF = math.sqrt(0.5)
 _POWERS_OF_TWO = np.array([2.0**k for k in range(-1022, 1024)])  # 2**k at index k + 1022, exact
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def _exp(t: float) -> float:  # pragma: no cover (compiled)
     """``exp(t)`` in float64 for ``|t| < 700``, from exactly rounded operations only.
 
@@ -99,7 +99,7 @@ def _exp(t: float) -> float:  # pragma: no cover (compiled)
     return polynomial * _POWERS_OF_TWO[int(k) + 1022]  # exact: both factors and the result are normal
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def _log(u: float) -> float:  # pragma: no cover (compiled)
     """``log(u)`` in float64 for positive finite ``u``, from exactly rounded operations only.
 
@@ -290,7 +290,7 @@ def _multiply_high(typing_context, a, b):  # type: ignore[no-untyped-def]  # pra
     return signature, codegen
 
 
-@numba.njit(cache=True, nogil=True, boundscheck=False)
+@numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
 def _fast_path(state_hi: np.uint64, state_lo: np.uint64, increment_hi: np.uint64, increment_lo: np.uint64,
                threshold: np.ndarray, width: np.ndarray, out: np.ndarray, scale: np.float32, fused: bool,
                outside: np.ndarray, outside_words: np.ndarray) -> int:  # pragma: no cover (compiled)
@@ -327,7 +327,7 @@ def _fast_path(state_hi: np.uint64, state_lo: np.uint64, increment_hi: np.uint64
     return count
 
 
-@numba.njit(cache=True, nogil=True, boundscheck=False)
+@numba.njit(cache=True, nogil=True, boundscheck=False, error_model="numpy")
 def _slow_path(words: np.ndarray, positions: np.ndarray, state_hi: np.uint64, state_lo: np.uint64,
                increment_hi: np.uint64, increment_lo: np.uint64, threshold: np.ndarray, width: np.ndarray,
                height: np.ndarray, out: np.ndarray, scale: np.float32, fused: bool) -> None:  # pragma: no cover
@@ -379,7 +379,7 @@ def _slow_path(words: np.ndarray, positions: np.ndarray, state_hi: np.uint64, st
         left = still
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def _under_density(height: float, t: float) -> bool:  # pragma: no cover (compiled)
     """``height < _exp(t)``, deciding most cases from the C library's faster ``exp``.
 
@@ -396,7 +396,7 @@ def _under_density(height: float, t: float) -> bool:  # pragma: no cover (compil
     return height < _exp(t)
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def _pcg64_next(hi: np.uint64, lo: np.uint64, increment_hi: np.uint64,
                 increment_lo: np.uint64) -> tuple[np.uint64, np.uint64, np.uint64]:  # pragma: no cover (compiled)
     """One PCG64 step: the new 128-bit state (high, low) and its 64-bit output.
@@ -413,7 +413,7 @@ def _pcg64_next(hi: np.uint64, lo: np.uint64, increment_hi: np.uint64,
     return new_hi, new_lo, (mixed >> rotation) | (mixed << ((np.uint64(64) - rotation) & np.uint64(63)))
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def _uniform(draw: np.uint64) -> float:  # pragma: no cover (compiled)
     """Uniform float64 in (0, 1] from a 64-bit output (its 53 high bits)."""
     return float((draw >> np.uint64(11)) + np.uint64(1)) * 2.0**-53
