@@ -22,6 +22,7 @@ from fedtune import __version__, protocol
 from fedtune.codec import tensor_digest
 from fedtune.config import AdapterConfig, FedtuneConfig, ModelConfig, to_yaml
 from fedtune.data import load_splits, num_labels, partition_dataset, split_train_eval, tokenize
+from fedtune.devices import device_of
 from fedtune.errors import ConfigError
 from fedtune.models import AdapterHandle, claim_extensions, get_adapter
 from fedtune.quantization import bits_of, peak_rss_bytes, weight_bytes
@@ -31,9 +32,9 @@ from fedtune.strategy import select
 from fedtune.training import TrainResult, evaluate
 
 # Settings a SuperNode may give its own client in a real deployment, e.g.
-# flower-supernode --node-config "partition-id=0 num-partitions=4 model.quantization='4bit' adapter.rank=8"
+# flower-supernode --node-config "partition-id=0 num-partitions=4 model.quantization='4bit' model.device='cuda:1'"
 NODE_CONFIG_KEYS = ("model.quantization", "model.quant_type", "model.double_quant", "model.compute_dtype",
-                    "model.gradient_checkpointing", "adapter.rank")
+                    "model.gradient_checkpointing", "model.device", "adapter.rank")
 
 
 def client_settings(cfg: FedtuneConfig, partition_id: int,
@@ -154,10 +155,14 @@ class ClientRuntime:
                            metrics={protocol.EVAL_LOSS: result["loss"], protocol.EVAL_ACCURACY: result["accuracy"]})
 
     def resource_metrics(self, partition_id: int, handle: AdapterHandle) -> dict[str, float]:
-        """Bits per base weight, the base's memory and the process's peak memory so far."""
-        return {protocol.BASE_BITS: float(bits_of(self.settings(partition_id)[0])),
-                protocol.BASE_WEIGHT_BYTES: float(weight_bytes(handle.model)),
-                protocol.PEAK_RSS_BYTES: float(peak_rss_bytes())}
+        """Bits per base weight, the base's memory and the process's peak memory so far (and GPU's)."""
+        metrics = {protocol.BASE_BITS: float(bits_of(self.settings(partition_id)[0])),
+                   protocol.BASE_WEIGHT_BYTES: float(weight_bytes(handle.model)),
+                   protocol.PEAK_RSS_BYTES: float(peak_rss_bytes())}
+        device = device_of(handle.model)
+        if device.type == "cuda":
+            metrics[protocol.PEAK_GPU_BYTES] = float(torch.cuda.max_memory_allocated(device))
+        return metrics
 
     def training_metrics(self, partition_id: int, handle: AdapterHandle, result: TrainResult) -> dict[str, float]:
         """The metrics every gradient-trained reply carries: loss, steps, time, rank, resources."""

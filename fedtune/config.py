@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import json
 import os
+import re
 import shlex
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent / "default.yaml"
 
 TASKS = ("classification", "causal-lm")
 DTYPES = ("float32", "bfloat16", "float16")
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 PARTITION_METHODS = ("iid", "dirichlet", "pathological", "size-skew")
 DATA_FORMATS = ("auto", "json", "jsonl", "csv", "tsv", "disk")
 QUANTIZATIONS = ("none", "8bit", "4bit")
@@ -54,6 +56,11 @@ class ModelConfig:
     i uses entry ``i % len``), a SuperNode's ``--node-config "model.quantization='4bit'"``
     per node. The server evaluates and saves on a ``server_quantization`` base (unquantized
     by default).
+
+    ``device`` is where models train and evaluate, on clients and on the server:
+    ``auto`` (CUDA when this process sees a GPU, else the CPU), ``cpu``, ``cuda`` or
+    ``cuda:N``; a SuperNode may set its own (``--node-config "model.device='cuda:1'"``).
+    Aggregation always runs on the server's CPU.
     """
 
     name: str = "builtin:all-MiniLM-L6-v2"
@@ -68,6 +75,7 @@ class ModelConfig:
     server_quantization: str = "none"
     # Recompute activations in the backward pass: less memory, about one more forward pass of time.
     gradient_checkpointing: bool = False
+    device: str = "auto"
 
     def for_client(self, partition_id: int) -> ModelConfig:
         """The settings client ``partition_id`` loads its base with (its own quantization)."""
@@ -105,6 +113,8 @@ class ModelConfig:
             out.append(f"model.quant_type={self.quant_type!r} is not a 4-bit type; use one of {QUANT_TYPES}")
         if self.compute_dtype not in DTYPES:
             out.append(f"model.compute_dtype={self.compute_dtype!r} is not supported; use one of {DTYPES}")
+        if not DEVICE_PATTERN.fullmatch(self.device):
+            out.append(f"model.device={self.device!r} is not a device; use auto, cpu, cuda or cuda:N")
         return out
 
 
@@ -296,6 +306,12 @@ class FederationConfig:
     # CPUs reserved per simulated client; with all cores per client, one process
     # serves every virtual client in turn and keeps the base model loaded once.
     client_cpus: float = 2.0
+    # GPUs reserved per simulated client (0.5: two clients share a GPU). None: one GPU per
+    # client when the clients' model.device is CUDA, none otherwise.
+    client_gpus: float | None = None
+    # An existing Ray cluster to run the simulation on (e.g. "auto" or "10.0.0.5:6379", as
+    # `ray start --head` prints); None starts a private Ray instance on this machine.
+    ray_address: str | None = None
 
     def problems(self) -> list[str]:
         out = []
@@ -325,6 +341,10 @@ class FederationConfig:
             out.append(f"federation.max_message_bytes={self.max_message_bytes} must be positive")
         if self.client_cpus <= 0:
             out.append(f"federation.client_cpus={self.client_cpus} must be positive")
+        if self.client_gpus is not None and self.client_gpus < 0:
+            out.append(f"federation.client_gpus={self.client_gpus} must be >= 0 (a fraction shares a GPU), or null")
+        if self.ray_address is not None and not self.ray_address.strip():
+            out.append("federation.ray_address is empty; give a Ray address such as auto or HOST:6379, or null")
         return out
 
 

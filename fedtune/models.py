@@ -29,6 +29,7 @@ from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from fedtune.config import AdapterConfig, ModelConfig
 from fedtune import quantization
 from fedtune.cache import cache_dir
+from fedtune.devices import resolve_device
 from fedtune.errors import ModelLoadError
 
 BUILTIN_PREFIX = "builtin:"
@@ -142,7 +143,8 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
 def load_base_model(cfg: ModelConfig, num_labels: int | None, seed: int = 0) -> torch.nn.Module:
     """The pretrained model with a task head, frozen, in eval mode, ready for adapters.
 
-    Unquantized, the weights are in ``cfg.dtype``. With ``cfg.quantization`` the linear
+    The model is on ``cfg.device`` (:func:`fedtune.devices.resolve_device`). Unquantized,
+    the weights are in ``cfg.dtype``. With ``cfg.quantization`` the linear
     layers (all but the head) are bitsandbytes 8-bit or 4-bit layers, read from a
     pre-quantized copy in the cache (:func:`fedtune.quantization.load_quantized`), and the
     model is prepared for k-bit training as PEFT recommends. A fresh head is initialised
@@ -166,11 +168,14 @@ def load_base_model(cfg: ModelConfig, num_labels: int | None, seed: int = 0) -> 
             raise ModelLoadError(f"cannot load model.name={cfg.name!r} ({source}): {e}. Give a local folder, a "
                                  "builtin: model, or a hub id with network access") from e
 
+    device = resolve_device(cfg.device)
     if cfg.quantization == "none":
-        torch.manual_seed(seed)  # a fresh head is initialised here
+        torch.manual_seed(seed)  # a fresh head is initialised here, on the CPU: the same values on any device
         model = from_pretrained(path)
+        if device.type != "cpu":
+            model = model.to(device)
     else:
-        model = quantization.load_quantized(cfg, path, num_labels, seed, from_pretrained)
+        model = quantization.load_quantized(cfg, path, num_labels, seed, from_pretrained, device)
     if model.config.pad_token_id is None and getattr(model.config, "eos_token_id", None) is not None:
         eos = model.config.eos_token_id
         model.config.pad_token_id = eos[0] if isinstance(eos, list) else eos
@@ -206,8 +211,9 @@ class AdapterHandle:
         self.model.set_adapter(self.adapter_name)
 
     def tensors(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
-        """Detached copies of the named adapter tensors, in their wire dtype."""
-        return {k: self.params[k].detach().to(self.wire_dtypes.get(k, self.params[k].dtype), copy=True)
+        """Detached copies of the named adapter tensors, in their wire dtype, on the CPU."""
+        return {k: self.params[k].detach().to(device="cpu", dtype=self.wire_dtypes.get(k, self.params[k].dtype),
+                                              copy=True)
                 for k in names}
 
     def state(self) -> dict[str, torch.Tensor]:
@@ -321,11 +327,11 @@ _TUNED_BASES: set[int] = set()
 
 
 def _base_key(model_cfg: ModelConfig, num_labels: int | None, seed: int) -> tuple:
-    """What makes two bases different: model, task, dtype, head, seed and the quantization settings."""
+    """What makes two bases different: model, task, dtype, head, seed, device and the quantization settings."""
     quantized = () if model_cfg.quantization == "none" else (
         model_cfg.quant_type, model_cfg.double_quant, model_cfg.compute_dtype)
     return (model_cfg.name, model_cfg.task, model_cfg.dtype, num_labels, seed, model_cfg.quantization, *quantized,
-            model_cfg.gradient_checkpointing)
+            model_cfg.gradient_checkpointing, str(resolve_device(model_cfg.device)))
 
 
 def get_adapter(model_cfg: ModelConfig, adapter_cfg: AdapterConfig, num_labels: int | None, seed: int) -> AdapterHandle:

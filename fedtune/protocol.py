@@ -36,6 +36,7 @@ DP_NOISE_MULTIPLIER = "dp_noise_multiplier"
 BASE_BITS = "base_bits"  # bits per base weight: 4, 8, 16 or 32
 BASE_WEIGHT_BYTES = "base_weight_bytes"  # memory held by the client's base weights
 PEAK_RSS_BYTES = "peak_rss_bytes"  # peak resident memory of the client's process so far
+PEAK_GPU_BYTES = "peak_gpu_bytes"  # peak GPU memory torch allocated on the client's device so far (GPU clients)
 
 # node_config keys (simulation sets the first two)
 PARTITION_ID = "partition-id"

@@ -104,11 +104,13 @@ def checkpoint_folder(cfg: ModelConfig, path: str, num_labels: int | None, seed:
 
 
 def load_quantized(cfg: ModelConfig, path: str, num_labels: int | None, seed: int,
-                   from_pretrained: Callable[..., torch.nn.Module]) -> torch.nn.Module:
-    """The quantized model, read from its pre-quantized copy (written on first use).
+                   from_pretrained: Callable[..., torch.nn.Module],
+                   device: torch.device | None = None) -> torch.nn.Module:
+    """The quantized model on ``device`` (the CPU by default), read from its pre-quantized copy.
 
     ``from_pretrained(path, **kwargs)`` loads a model for ``cfg.task`` (with the head, dtype
-    and error handling of :func:`fedtune.models.load_base_model`).
+    and error handling of :func:`fedtune.models.load_base_model`). The copy is written on
+    first use, quantized on the CPU, so every device loads the same quantized weights.
     """
     folder = checkpoint_folder(cfg, path, num_labels, seed)
     if not (folder / "config.json").is_file():
@@ -116,7 +118,8 @@ def load_quantized(cfg: ModelConfig, path: str, num_labels: int | None, seed: in
         model = from_pretrained(path, quantization_config=bnb_config(cfg), device_map="cpu")
         _save_atomically(model, folder)
         del model  # releases the mapping of the full-precision file
-    model = from_pretrained(str(folder), device_map="cpu")
+    target = "cpu" if device is None or device.type == "cpu" else {"": str(device)}
+    model = from_pretrained(str(folder), device_map=target)
     if not is_quantized(model):
         raise ModelLoadError(f"the cached checkpoint {folder} is not quantized; delete it and retry")
     keep_trainable_layout(model)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedtune.config import FedtuneConfig, to_run_config
-from fedtune.errors import FedtuneError, RunInterrupted
+from fedtune.errors import ConfigError, FedtuneError, RunInterrupted
 
 if TYPE_CHECKING:
     from flwr.clientapp import ClientApp
@@ -55,6 +55,7 @@ def simulate(cfg: FedtuneConfig, verbose: bool = False,
 
     control = control or RunControl()
     preflight(cfg)
+    backend = backend_config(cfg, verbose)
     if control.stop.is_set():
         raise RunInterrupted("stopped before the run started")
     run_config = to_run_config(cfg)
@@ -64,16 +65,11 @@ def simulate(cfg: FedtuneConfig, verbose: bool = False,
                                  control=control)
     client_app = (client_app_factory or make_client_app)(run_config)
     quiet_flower(verbose)
-    cpus = os.cpu_count() or 1
-    backend_config = {
-        "client_resources": {"num_cpus": min(cfg.federation.client_cpus, cpus), "num_gpus": 0.0},
-        "init_args": {"num_cpus": cpus, "include_dashboard": False, "log_to_driver": verbose},
-    }
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*run_simulation.*deprecated.*")
             run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.federation.num_clients,
-                           backend_config=backend_config, verbose_logging=verbose)
+                           backend_config=backend, verbose_logging=verbose)
     except Exception:
         if not isinstance(outcome.get("result"), BaseException):
             raise  # the runtime itself failed, not the ServerApp
@@ -83,6 +79,43 @@ def simulate(cfg: FedtuneConfig, verbose: bool = False,
     if result is None:
         raise FedtuneError("the simulation ended without finishing the run; rerun with --verbose to see why")
     return Path(str(result))
+
+
+def backend_config(cfg: FedtuneConfig, verbose: bool = False) -> dict[str, Any]:
+    """Flower's Ray backend settings: each client's CPU and GPU share, and which Ray to use.
+
+    ``federation.client_gpus`` (default: one GPU per client when the clients' ``model.device``
+    resolves to CUDA here, none otherwise) becomes ``client_resources["num_gpus"]``; Ray then
+    runs as many clients at once as the shares fit and shows each only its GPU, so a client's
+    ``auto`` or ``cuda`` is its own share. ``federation.ray_address`` attaches to an existing
+    Ray cluster instead of starting a private instance sized to this machine.
+
+    Raises
+    ------
+    ConfigError
+        CUDA clients without a GPU share, or GPU shares for clients on the CPU.
+    """
+    from fedtune.devices import resolve_device
+
+    federation = cfg.federation
+    on_gpu = resolve_device(cfg.model.device).type == "cuda"  # as this machine sees it
+    gpus = federation.client_gpus if federation.client_gpus is not None else (1.0 if on_gpu else 0.0)
+    # With a cluster (ray_address), its machines may have GPUs this one lacks: the shares are the user's.
+    if federation.ray_address is None and on_gpu and gpus == 0:
+        raise ConfigError([f"model.device={cfg.model.device!r} puts clients on a GPU, but federation.client_gpus=0 "
+                           "gives them no GPU share; set federation.client_gpus (e.g. 0.5 for two clients per GPU) "
+                           "or model.device=cpu"])
+    if federation.ray_address is None and not on_gpu and gpus > 0:
+        raise ConfigError([f"federation.client_gpus={gpus} reserves GPU shares, but model.device={cfg.model.device!r} "
+                           "runs the clients on the CPU here; set federation.client_gpus=0 or model.device=auto"])
+    cpus = os.cpu_count() or 1
+    if federation.ray_address is not None:
+        # Ray refuses resource sizes when it joins a running cluster: the cluster has its own.
+        init_args: dict[str, Any] = {"address": federation.ray_address, "log_to_driver": verbose}
+    else:
+        init_args = {"num_cpus": cpus, "include_dashboard": False, "log_to_driver": verbose}
+    return {"client_resources": {"num_cpus": float(min(federation.client_cpus, cpus)), "num_gpus": float(gpus)},
+            "init_args": init_args}
 
 
 def quiet_flower(verbose: bool) -> None:

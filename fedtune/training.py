@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 
 from fedtune.config import TrainConfig
 from fedtune.data.tokenize import IGNORE_INDEX, collate
+from fedtune.devices import device_of, to_device
 from fedtune.models import AdapterHandle
 from fedtune.privacy import PrivacyLedger, dp_step, model_loss_fn, poisson_batch
 
@@ -55,13 +56,14 @@ def train_adapter(handle: AdapterHandle, train_ds: datasets.Dataset, cfg: TrainC
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     loader = _loader(train_ds, cfg.batch_size, handle.tokenizer.pad_token_id, shuffle=True, seed=seed)
     total_steps = steps_per_round(cfg, len(train_ds))
+    device = device_of(handle.model)
     handle.model.train()
     start = time.perf_counter()
     steps, micro, loss_sum, loss_count = 0, 0, 0.0, 0
     optimizer.zero_grad(set_to_none=True)
     while steps < total_steps:
         for batch in loader:
-            loss = handle.model(**batch).loss
+            loss = handle.model(**to_device(batch, device)).loss
             objective = loss + regularizer() if regularizer is not None else loss
             (objective / cfg.gradient_accumulation).backward()
             loss_sum += float(loss.detach())
@@ -87,7 +89,9 @@ def evaluate(handle: AdapterHandle, ds: datasets.Dataset, batch_size: int) -> di
     if len(ds) == 0:
         return {"loss": float("nan"), "accuracy": float("nan"), "num_examples": 0}
     loss_sum, weight, correct, total = 0.0, 0, 0, 0
+    device = device_of(handle.model)
     for batch in _loader(ds, batch_size, handle.tokenizer.pad_token_id, shuffle=False, seed=0):
+        batch = to_device(batch, device)
         out = handle.model(**batch)
         labels = batch["labels"]
         if handle.task == "classification":
@@ -122,12 +126,13 @@ def train_adapter_private(handle: AdapterHandle, train_ds: datasets.Dataset, cfg
     n = len(train_ds)
     steps = steps_per_round(cfg, n)
     rate = min(1.0, cfg.batch_size / n)
+    device = device_of(handle.model)
     handle.model.train()
     start = time.perf_counter()
     losses = []
     for _ in range(steps):
         rows = [train_ds[int(i)] for i in poisson_batch(n, rate, generator)]
-        batch = collate(rows, handle.tokenizer.pad_token_id) if rows else {}
+        batch = to_device(collate(rows, handle.tokenizer.pad_token_id), device) if rows else {}
         grads = dp_step(params, per_example_loss, batch, clip_norm, noise_multiplier, generator,
                         expected_batch_size=cfg.batch_size)
         for name, param in params.items():

@@ -287,3 +287,50 @@ def test_private_fed_sb_reports_the_epsilon_spent(tiny_bert: str, tmp_path: Path
     rows = read_rows(run_dir)
     spent = [r["dp_epsilon_max"] for r in rows[1:]]
     assert all(a <= b for a, b in zip(spent, spent[1:])) and 0 < spent[-1] <= 8.0
+
+
+@pytest.fixture
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory):
+    """A one-node Ray cluster on loopback, as `ray start --head` starts one; its address."""
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    import psutil
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")  # short: Ray's socket paths have a length limit
+    ray = Path(sys.executable).with_name("ray")
+    head = subprocess.Popen([str(ray), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+                             "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats",
+                             f"--temp-dir={temp_dir}", "--block"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while not list(Path(temp_dir).glob("session_*/logs/raylet.out")):
+            assert head.poll() is None and time.monotonic() < deadline, "ray start --head did not come up"
+            time.sleep(0.5)
+        time.sleep(2)
+        yield f"127.0.0.1:{port}", Path(temp_dir)
+    finally:
+        family = [psutil.Process(head.pid), *psutil.Process(head.pid).children(recursive=True)]
+        for process in family:
+            process.terminate()
+        _, alive = psutil.wait_procs(family, timeout=10)
+        for process in alive:
+            process.kill()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_a_simulation_attaches_to_an_existing_ray_cluster(ray_cluster, tiny_bert: str, tmp_path: Path) -> None:
+    address, temp_dir = ray_cluster
+    run_dir = simulate(load_config(None, tiny_overrides(tiny_bert, tmp_path / "run", rounds=1)
+                                   + [f"federation.ray_address={address}"]))
+    assert [row["round"] for row in read_rows(run_dir)] == [0, 1]
+    # The run's driver and its ClientApp workers logged into the cluster's session, not a private one.
+    assert list(temp_dir.glob("session_*/logs/python-core-driver-*.log"))

@@ -51,6 +51,7 @@ import torch
 from peft.utils.other import transpose
 from torch import nn
 
+from fedtune.devices import device_of, to_device
 from fedtune.strategies.fed_sb.keys import (
     CFG_INIT_ESTIMATOR,
     CFG_INIT_LEARNING_RATE,
@@ -189,6 +190,7 @@ def _gradient_sum(model: nn.Module, weights: Mapping[str, torch.Tensor],
     totals = {n: torch.zeros(w.shape, dtype=torch.float64) for n, w in weights.items()}
     saved = [p.requires_grad for p in params]
     was_training, seen = model.training, 0
+    device = device_of(model)
     model.eval()
     try:
         for p in params:
@@ -200,7 +202,7 @@ def _gradient_sum(model: nn.Module, weights: Mapping[str, torch.Tensor],
                 batch = _take(batch, max_examples - seen)
             for part in (_examples(batch) if clip_norm is not None else [batch]):
                 count = _batch_size(part)
-                loss = model(**part).loss
+                loss = model(**to_device(part, device)).loss
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
                 grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
                 factor = float(count)

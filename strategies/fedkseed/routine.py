@@ -7,6 +7,7 @@ import time
 import torch
 
 from fedtune import protocol
+from fedtune.devices import device_of, to_device
 from fedtune.models import AdapterHandle
 from fedtune.routine import ClientJob, ClientReply, ClientRoutine, register_routine
 from fedtune.strategy import select
@@ -68,9 +69,11 @@ class ZerothOrderRoutine(ClientRoutine):
         handle.model.eval()  # no dropout: both evaluations of a step must see the same function
         seed = cfg.train.seed * 1_000_003 + job.server_round * 10_007 + job.partition_id
 
+        device = device_of(handle.model)
+
         @torch.no_grad()
         def loss_on_batch(batch: dict) -> float:
-            return float(handle.model(**batch).loss)
+            return float(handle.model(**to_device(batch, device)).loss)
 
         start = time.perf_counter()
         result = zo_train(params, batches(train_ds, cfg.train.batch_size, handle.tokenizer.pad_token_id, seed),
