@@ -71,7 +71,7 @@ def _weighted_mean(pairs: list[tuple[float, float]]) -> float:
 
 
 def _client_resources(updates: Iterable[ClientUpdate]) -> list[dict[str, float]]:
-    """Per client: bits per base weight, LoRA rank, base memory, peak process memory, seconds per step.
+    """Per client: bits per base weight, LoRA rank, base memory, peak process (and GPU) memory, seconds per step.
 
     Sorted by bits then rank, so mixed federations read the same every round.
     """
@@ -82,6 +82,7 @@ def _client_resources(updates: Iterable[ClientUpdate]) -> list[dict[str, float]]
         rows.append({"base_bits": m.get(protocol.BASE_BITS), "lora_rank": m.get(protocol.LORA_RANK),
                      "base_weight_bytes": m.get(protocol.BASE_WEIGHT_BYTES),
                      "peak_rss_bytes": m.get(protocol.PEAK_RSS_BYTES),
+                     "peak_gpu_bytes": m.get(protocol.PEAK_GPU_BYTES),
                      "step_seconds": m[protocol.TRAIN_SECONDS] / steps if steps and protocol.TRAIN_SECONDS in m else None})
     return sorted(rows, key=lambda r: (r["base_bits"] or 0, r["lora_rank"] or 0))
 
