@@ -24,6 +24,8 @@ STRATEGIES = {
     "fedit": [],
     # Each client's personal B lives in its own state: the resumed run reads it from the client's disk.
     "fedsa-lora": ["strategy.name=fedsa-lora"],
+    # A fresh LoRA per round and client, seeded by (run, round, client): the resumed rounds draw the same.
+    "flora": ["strategy.name=flora"],
     "fedkseed": ["strategy.name=fedkseed", "strategy.options.tune=full", "strategy.options.k=64", "strategy.options.steps=6",
                  "strategy.options.lr=1e-3", "strategy.options.eps=1e-3", "adapter.dropout=0.0"],
 }

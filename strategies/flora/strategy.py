@@ -7,7 +7,8 @@ Each client k trains a fresh LoRA of its own rank r_k (scaling s_k = α / r_k). 
 stacks the factors, A = [p_1·s_1·A_1; …; p_K·s_K·A_K] (rows) and B = [B_1, …, B_K]
 (columns), so that B·A = Σ_k p_k·s_k·B_k·A_k exactly, with no cross terms. The stacked
 update is merged into the model and every client starts the next round from a fresh LoRA
-(A random, B zero) on the merged model.
+(A random, B zero) on the merged model; the client draws it
+(:func:`~fedtune.strategies.flora.routine.draw_fresh_lora`), new for every round and client.
 
 Merging: the merged updates are kept beside the base weights as a frozen low-rank branch
 (:mod:`fedtune.strategies.flora.residual`), never written into them, so nothing is lost on a
