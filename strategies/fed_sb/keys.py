@@ -19,9 +19,13 @@ CFG_INIT_SAMPLES = "init_samples"
 CFG_INIT_ESTIMATOR = "init_estimator"
 CFG_INIT_STAGE = "init_stage"  # one of INIT_STAGES
 CFG_INIT_LEARNING_RATE = "init_learning_rate"
+CFG_INIT_WARMUP_RATIO = "init_warmup_ratio"
+CFG_INIT_ROUNDS = "init_rounds"  # how many of the run's rounds the initialisation takes
 # MetricRecord keys a LoRA-SB client adds to its reply.
 METRIC_ROUND = "lora_sb_round"
 METRIC_SKETCH_FINGERPRINT = "lora_sb_sketch_fingerprint"
+# η of the initial step over the RMS of the adapted base weights: how far the first step moves them.
+METRIC_INIT_STEP_RELATIVE = "init_step_relative_rms"
 
 ESTIMATORS = ("adam", "sgd")
 INIT_STAGES = ("single", "range", "corange", "dense")

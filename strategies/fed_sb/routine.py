@@ -11,12 +11,41 @@ from fedtune.ledger import client_ledger, save_ledger
 from fedtune.models import AdapterHandle
 from fedtune.routine import ClientJob, ClientReply, ClientRoutine, GradientRoutine, register_routine
 from fedtune.strategies.fed_sb.init import init_reply
-from fedtune.strategies.fed_sb.keys import CFG_ROUND, LORA_SB_INIT_ROUTINE, LORA_SB_ROUTINE, METRIC_ROUND
-from fedtune.strategies.fed_sb.layer import adopt_frozen, prepare_handle
-from fedtune.training import TrainResult, batches
+from fedtune.strategies.fed_sb.keys import (
+    CFG_INIT_ESTIMATOR,
+    CFG_INIT_LEARNING_RATE,
+    CFG_INIT_ROUNDS,
+    CFG_INIT_WARMUP_RATIO,
+    CFG_ROUND,
+    LORA_SB_INIT_ROUTINE,
+    LORA_SB_ROUTINE,
+    METRIC_INIT_STEP_RELATIVE,
+    METRIC_ROUND,
+)
+from fedtune.strategies.fed_sb.layer import adopt_frozen, lora_layers, prepare_handle
+from fedtune.training import TrainResult, batches, steps_per_round
 
 # State value: the client's noisy initialisation estimate is accounted once, however many passes read it.
 INIT_ACCOUNTED = "fed_sb.dp_init_accounted"
+
+
+def official_init_learning_rate(learning_rate: float, warmup_ratio: float, training_steps: int) -> float:
+    """η of LoRA-SB's initial step as the reference code sets it: lr / (warmup_ratio · total steps).
+
+    The reference estimates the first update with the learning rate the warmup would reach
+    at its first step, ``eff_lr = lr / (warmup_ratio · total_training_steps)``.
+    """
+    return learning_rate / (warmup_ratio * max(training_steps, 1))
+
+
+def adapted_weight_rms(handle: AdapterHandle) -> float:
+    """RMS of the base weights under the adapter's LoRA layers (float64)."""
+    total, count = 0.0, 0
+    for layer in lora_layers(handle.model, handle.adapter_name).values():
+        weight = layer.get_base_layer().weight.detach()
+        total += float(weight.to(torch.float64).square().sum())
+        count += weight.numel()
+    return (total / max(count, 1)) ** 0.5
 
 
 @register_routine
@@ -67,10 +96,16 @@ class LoraSBInitRoutine(ClientRoutine):
                 values[INIT_ACCOUNTED] = True
                 save_ledger(ledger, values)
         start = time.perf_counter()
+        rate = float(job.options.get(CFG_INIT_LEARNING_RATE) or official_init_learning_rate(
+            cfg.train.learning_rate, float(job.options.get(CFG_INIT_WARMUP_RATIO, 0.06)),
+            max(1, cfg.federation.num_rounds - int(job.options.get(CFG_INIT_ROUNDS, 1)))
+            * steps_per_round(cfg.train, len(train_ds))))
         out, metrics = init_reply(handle.model, batches(train_ds, cfg.train.batch_size, handle.tokenizer.pad_token_id,
                                                         seed, shuffle=False),
-                                  job.options, job.arrays, learning_rate=cfg.train.learning_rate,
+                                  {**job.options, CFG_INIT_LEARNING_RATE: rate}, job.arrays, learning_rate=rate,
                                   adapter_name=handle.adapter_name, **privacy)
+        if job.options.get(CFG_INIT_ESTIMATOR, "adam") == "adam":  # −η·sign(G) moves every entry by η
+            metrics[METRIC_INIT_STEP_RELATIVE] = rate / adapted_weight_rms(handle)
         if ledger is not None:
             metrics[protocol.DP_EPSILON] = ledger.epsilon()
         return ClientReply(arrays=out, num_examples=len(train_ds),

@@ -58,15 +58,18 @@ from fedtune.strategies.fed_sb.keys import (
     CFG_INIT_ESTIMATOR,
     CFG_INIT_LEARNING_RATE,
     CFG_INIT_RANK,
+    CFG_INIT_ROUNDS,
     CFG_INIT_SAMPLES,
     CFG_INIT_SEED,
     CFG_INIT_STAGE,
+    CFG_INIT_WARMUP_RATIO,
     CFG_ROUND,
     DENSE_ESTIMATE,
     ESTIMATORS,
     LORA_R,
     LORA_SB_INIT_ROUTINE,
     LORA_SB_ROUTINE,
+    METRIC_INIT_STEP_RELATIVE,
     METRIC_ROUND,
     METRIC_SKETCH_FINGERPRINT,
     SKETCH_BASIS,
@@ -206,6 +209,26 @@ def r_average_error(frozen: Mapping[str, torch.Tensor], client_r: Sequence[Mappi
     return relative_to(num, den)
 
 
+# Above this, the initial step moves the adapted weights by more than 5 % of their RMS in one go.
+INIT_STEP_WARNING = 0.05
+
+
+def _init_step_scale(updates: Sequence[ClientUpdate]) -> dict[str, float]:
+    """The clients' initial step relative to their base weights' RMS (largest), with a warning when large.
+
+    The "adam" estimate −η·sign(G) moves every entry of W by η, so η / RMS(W) is the
+    relative size of the jump LoRA-SB's truncation of it starts from.
+    """
+    ratios = [u.metrics[METRIC_INIT_STEP_RELATIVE] for u in updates if METRIC_INIT_STEP_RELATIVE in u.metrics]
+    if not ratios:
+        return {}
+    largest = max(ratios)
+    if largest > INIT_STEP_WARNING:
+        log.warning("Fed-SB's initial step moves the adapted weights by %.1f%% of their RMS (η / RMS(W)); lower "
+                    "strategy.options.init_learning_rate or leave it unset for the official schedule", 100 * largest)
+    return {METRIC_INIT_STEP_RELATIVE: largest}
+
+
 @register_strategy
 class FedSB(Strategy):
     """Frozen shared B and A from a federated LoRA-SB initialisation; train and average R only.
@@ -227,7 +250,11 @@ class FedSB(Strategy):
     init_estimator : {"adam", "sgd"}
         −η·sign(G) (Adam's first step; the paper) or −η·G/N (SGD's; linear in the data).
     init_learning_rate : float, optional
-        η of the estimated first step; by default the client's ``train.learning_rate``.
+        η of the estimated first step. By default the official LoRA-SB schedule:
+        ``train.learning_rate / (init_warmup_ratio · T)`` with T the client's optimizer steps
+        over the run's training rounds (rounds after the initialisation × steps per round).
+    init_warmup_ratio : float
+        The warmup ratio of that schedule (0.06, the reference GLUE setting).
     resend_frozen : bool
         Send B and A with every instruction, not only to clients that have not had them
         (costs 4·r·(m+n) bytes per matrix per round; survives client restarts).
@@ -242,7 +269,7 @@ class FedSB(Strategy):
 
     def __init__(self, *, weighting: str = "examples", init_upload: str = "sketch", init_passes: int = 2,
                  init_samples: int = 64, init_estimator: str = "adam", init_learning_rate: float | None = None,
-                 resend_frozen: bool = False) -> None:
+                 init_warmup_ratio: float = 0.06, resend_frozen: bool = False) -> None:
         if init_upload not in ("sketch", "dense"):
             raise ValueError(f"init_upload={init_upload!r} must be 'sketch' or 'dense'")
         if not (isinstance(init_passes, int) and (init_passes == 1 or (init_passes >= 2 and init_passes % 2 == 0))):
@@ -253,14 +280,17 @@ class FedSB(Strategy):
         if not (isinstance(init_samples, int) and init_samples >= 1):
             raise ValueError(f"init_samples={init_samples!r} must be a positive integer, e.g. 64")
         if init_learning_rate is not None and not init_learning_rate > 0:
-            raise ValueError(f"init_learning_rate={init_learning_rate} must be positive, or null to use "
-                             "train.learning_rate")
+            raise ValueError(f"init_learning_rate={init_learning_rate} must be positive, or null for the official "
+                             "schedule, train.learning_rate / (init_warmup_ratio · training steps)")
+        if not 0 < init_warmup_ratio <= 1:
+            raise ValueError(f"init_warmup_ratio={init_warmup_ratio} must be in (0, 1], e.g. 0.06")
         self.weighting = check_weighting(weighting)
         self.init_upload = init_upload
         self.init_passes = init_passes
         self.init_samples = init_samples
         self.init_estimator = init_estimator
         self.init_learning_rate = init_learning_rate
+        self.init_warmup_ratio = init_warmup_ratio
         self.resend_frozen = resend_frozen
         self._frozen: Tensors = {}  # B and A after the initialisation
         self._trained: Tensors = {}  # R and the head
@@ -312,7 +342,8 @@ class FedSB(Strategy):
     def _init_instruction(self, server_round: int) -> ClientInstruction:
         config = {CFG_ROUND: server_round, CFG_INIT_STAGE: self._stage, CFG_INIT_SEED: self._init_seed,
                   CFG_INIT_RANK: self.spec.rank, CFG_INIT_SAMPLES: self.init_samples,
-                  CFG_INIT_ESTIMATOR: self.init_estimator}
+                  CFG_INIT_ESTIMATOR: self.init_estimator, CFG_INIT_WARMUP_RATIO: self.init_warmup_ratio,
+                  CFG_INIT_ROUNDS: self.init_rounds()}
         if self.init_learning_rate is not None:
             config[CFG_INIT_LEARNING_RATE] = self.init_learning_rate
         arrays = {module + SKETCH_BASIS: basis for module, basis in self._bases.items()}
@@ -365,7 +396,7 @@ class FedSB(Strategy):
         """Fold one init pass; set B, A and R_0 after the last one."""
         self._check_fingerprints(updates)
         weights, replies = self._weights(updates), [parse_init_reply(u.arrays) for u in updates]
-        stage, metrics = self._stage, {"init_clients": float(len(updates))}
+        stage, metrics = self._stage, {"init_clients": float(len(updates)), **_init_step_scale(updates)}
         if stage in ("single", "dense"):
             estimates = [{m: UpdateSketch(p["range"], p["corange"]) if stage == "single" else p["dense"]
                           for m, p in reply.items()} for reply in replies]
@@ -431,7 +462,8 @@ class FedSB(Strategy):
     def hyperparameters(self) -> dict[str, object]:
         return {"weighting": self.weighting, "init_upload": self.init_upload, "init_passes": self.init_passes,
                 "init_samples": self.init_samples, "init_estimator": self.init_estimator,
-                "init_learning_rate": self.init_learning_rate, "resend_frozen": self.resend_frozen}
+                "init_learning_rate": self.init_learning_rate, "init_warmup_ratio": self.init_warmup_ratio,
+                "resend_frozen": self.resend_frozen}
 
 
 __all__ = ["FedSB", "federated_init", "r_average_error", "weighted_sum"]

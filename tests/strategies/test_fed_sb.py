@@ -375,3 +375,26 @@ def test_single_pass_sketch_shapes_are_checked() -> None:
     sketch = UpdateSketch(torch.zeros(M, 5), torch.zeros(3, N))
     with pytest.raises(AggregationError, match="do not match rank"):
         federated_init([{MODULES[0]: sketch}], [1], RANK)
+
+
+def test_the_initial_step_follows_the_reference_schedule_by_default() -> None:
+    from fedtune.strategies.fed_sb.routine import official_init_learning_rate
+
+    # lr 1e-3, warmup 6 % of 500 steps: the rate the warmup reaches at its first step.
+    assert official_init_learning_rate(1e-3, 0.06, 500) == pytest.approx(1e-3 / 30)
+    assert official_init_learning_rate(1e-3, 0.06, 0) == pytest.approx(1e-3 / 0.06)  # at least one step
+
+
+def test_a_large_initial_step_is_reported_and_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    from fedtune.strategies.fed_sb.keys import METRIC_INIT_STEP_RELATIVE
+    from fedtune.strategies.fed_sb.strategy import _init_step_scale
+
+    def update(ratio: float) -> ClientUpdate:
+        return ClientUpdate(client_id=0, arrays={}, num_examples=1, metrics={METRIC_INIT_STEP_RELATIVE: ratio})
+
+    with caplog.at_level("WARNING"):
+        assert _init_step_scale([update(0.001), update(0.002)]) == {METRIC_INIT_STEP_RELATIVE: 0.002}
+        assert not caplog.records
+        assert _init_step_scale([update(0.2)]) == {METRIC_INIT_STEP_RELATIVE: 0.2}
+    assert "20.0% of their RMS" in caplog.text and "init_learning_rate" in caplog.text
+    assert _init_step_scale([]) == {}
