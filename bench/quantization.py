@@ -46,7 +46,8 @@ def overrides(args: argparse.Namespace, setting: str, work: Path) -> list[str]:
         "model.name=builtin:SmolLM2-135M-Instruct", "model.task=causal-lm", f"model.quantization={setting}",
         "adapter.rank=8", "adapter.alpha=16", "adapter.target_modules=[q_proj,v_proj]",
         f"data.source={work / 'train.json'}", f"data.test_source={work / 'test.json'}", "data.alpaca=true",
-        "data.eval_fraction=0", "data.max_length=96", "partition.method=iid",
+        # The figures in the README were measured with the Alpaca wrapper, before chat templates.
+        "data.prompt_format=alpaca", "data.eval_fraction=0", "data.max_length=96", "partition.method=iid",
         f"federation.num_clients={args.clients}", f"federation.num_rounds={args.rounds}",
         "federation.fraction_evaluate=0", "federation.client_cpus=2",
         f"train.local_steps={args.local_steps}", "train.batch_size=4", "train.learning_rate=1e-3",
@@ -70,7 +71,7 @@ def run(args: argparse.Namespace, setting: str, work: Path) -> dict:
     from safetensors.torch import load_file
 
     from fedtune.config import load_config
-    from fedtune.data import load_splits, tokenize
+    from fedtune.data import load_splits, resolve_prompt_format, tokenize
     from fedtune.models import get_adapter
     from fedtune.simulation import simulate
     from fedtune.training import evaluate
@@ -83,7 +84,8 @@ def run(args: argparse.Namespace, setting: str, work: Path) -> dict:
     _, test = load_splits(cfg.data, cfg.model.task)
     own = get_adapter(cfg.model.for_client(0), cfg.adapter, None, cfg.seed)
     own.load(load_file(str(run_dir / "adapter" / "adapter_model.safetensors")))
-    own_eval = evaluate(own, tokenize(test, own.tokenizer, cfg.model.task, cfg.data.max_length),
+    fmt = resolve_prompt_format(own.tokenizer, cfg.data.prompt_format, alpaca=cfg.data.alpaca)
+    own_eval = evaluate(own, tokenize(test, own.tokenizer, cfg.model.task, cfg.data.max_length, fmt),
                         cfg.train.eval_batch_size)
     return {
         "peak_rss": max(c["peak_rss_bytes"] for c in resources),

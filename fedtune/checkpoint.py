@@ -113,10 +113,18 @@ def load_checkpoint(run_dir: Path) -> Checkpoint | None:
     return Checkpoint(**payload)
 
 
+def _before_prompt_formats(then: dict[str, Any]) -> None:
+    """A checkpoint from before ``data.prompt_format`` ran what the format ``auto`` is without a chat template."""
+    if "data.prompt_format" not in then and "data.alpaca" in then:
+        then["data.prompt_format"] = ("auto" if then.get("model.task") != "causal-lm"
+                                      else "alpaca" if then["data.alpaca"] else "plain")
+
+
 def resume_problems(config_yaml: str, checkpoint: Checkpoint) -> list[str]:
     """Settings that differ from the checkpointed run's and would change what it computes."""
     now, then = (flatten(OmegaConf.to_container(OmegaConf.create(text)))
                  for text in (config_yaml, checkpoint.config_yaml))
+    _before_prompt_formats(then)
     return [f"{key}={now.get(key)!r} differs from the checkpointed run's {then.get(key)!r}; "
             f"resume with the original value or start a new run"
             for key in sorted(set(now) | set(then))

@@ -21,7 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 from fedtune import __version__, protocol
 from fedtune.codec import tensor_digest
 from fedtune.config import AdapterConfig, FedtuneConfig, ModelConfig, to_yaml
-from fedtune.data import load_splits, num_labels, partition_dataset, split_train_eval, tokenize
+from fedtune.data import load_splits, num_labels, partition_dataset, resolve_prompt_format, split_train_eval, tokenize
 from fedtune.devices import device_of
 from fedtune.errors import ConfigError
 from fedtune.models import AdapterHandle, claim_extensions, get_adapter
@@ -143,7 +143,9 @@ class ClientRuntime:
             handle, _ = self.adapter(partition_id)  # its tokenizer; loads no other client's base
             train, held_out = split_train_eval(self._partitions[partition_id], self.cfg.data.eval_fraction,
                                                self.cfg.data.seed + partition_id)
-            tok = lambda ds: tokenize(ds, handle.tokenizer, self.cfg.model.task, self.cfg.data.max_length)  # noqa: E731
+            data = self.cfg.data
+            fmt = resolve_prompt_format(handle.tokenizer, data.prompt_format, alpaca=data.alpaca)
+            tok = lambda ds: tokenize(ds, handle.tokenizer, self.cfg.model.task, data.max_length, fmt)  # noqa: E731
             self._tokenized[partition_id] = (tok(train), tok(held_out))
         return self._tokenized[partition_id]
 

@@ -39,6 +39,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 PARTITION_METHODS = ("iid", "dirichlet", "pathological", "size-skew")
 DATA_FORMATS = ("auto", "json", "jsonl", "csv", "tsv", "disk")
+PROMPT_FORMATS = ("auto", "chat", "alpaca", "plain")
 QUANTIZATIONS = ("none", "8bit", "4bit")
 QUANT_TYPES = ("nf4", "fp4")
 
@@ -168,6 +169,12 @@ class DataConfig:
     ``save_to_disk``. For classification, ``text_column``/``label_column`` are read; for
     ``causal-lm`` (instruction tuning), ``prompt_column``/``response_column`` are, and
     the loss covers the response tokens only.
+
+    ``prompt_format`` says how a causal-LM prompt is shown to the model (see
+    :mod:`fedtune.data.prompts`): ``chat`` (the tokenizer's chat template), ``alpaca``
+    (``### Instruction:``/``### Response:``), ``plain`` (the prompt as it is) or ``auto``:
+    ``chat`` when the tokenizer has a chat template, else ``alpaca`` with ``alpaca: true``
+    and ``plain`` without. A run records the format it resolved to. Classification ignores it.
     """
 
     source: str = "generated:topics"
@@ -180,6 +187,7 @@ class DataConfig:
     response_column: str = "response"
     # Alpaca-style records (instruction/input/output) become prompt/response when set.
     alpaca: bool = False
+    prompt_format: str = "auto"
     test_source: str | None = None
     # The test file's text column when it differs (SST-2: "sentence" in train, "content" in dev).
     test_text_column: str | None = None
@@ -193,6 +201,9 @@ class DataConfig:
         out = []
         if self.format not in DATA_FORMATS:
             out.append(f"data.format={self.format!r} is not known; use one of {DATA_FORMATS}")
+        if self.prompt_format not in PROMPT_FORMATS:
+            out.append(f"data.prompt_format={self.prompt_format!r} is not a prompt format; use one of "
+                       f"{PROMPT_FORMATS}")
         for key in ("source", "test_source"):
             value = getattr(self, key)
             if value and not value.startswith("generated:") and not resolve_data_path(value).exists():

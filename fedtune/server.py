@@ -26,8 +26,9 @@ from flwr.serverapp import Grid
 from fedtune.checkpoint import Checkpoint, checkpoint_to_resume, rng_state, save_checkpoint, set_rng_state
 from fedtune.codec import tensors_to_record
 from fedtune.config import FedtuneConfig, to_yaml
-from fedtune.errors import ConfigError, NothingAggregatedError, RunInterrupted
 from fedtune.data import load_splits, num_labels, tokenize
+from fedtune.data.prompts import with_resolved_prompt_format
+from fedtune.errors import ConfigError, NothingAggregatedError, RunInterrupted
 from fedtune.flower.strategy_adapter import FlowerStrategy
 from fedtune.models import AdapterHandle, clear_extensions, get_adapter
 from fedtune.runlog import ADAPTER_DIR, MODEL_DIR, RunLog, default_run_dir
@@ -68,6 +69,9 @@ def run_federation(grid: Grid, cfg: FedtuneConfig, control: RunControl | None = 
     checkpoint, for ``fedtune resume``.
     """
     control = control or RunControl()
+    # Resolved before anything compares or records the config: config.yaml and the checkpoint
+    # name the format the run used, never "auto".
+    cfg = with_resolved_prompt_format(cfg)
     run_dir = Path(cfg.output.dir) if cfg.output.dir else default_run_dir(cfg)
     checkpoint = checkpoint_to_resume(cfg, run_dir)
     strategy = build_strategy(cfg.strategy.name, cfg.strategy.options)
@@ -76,7 +80,8 @@ def run_federation(grid: Grid, cfg: FedtuneConfig, control: RunControl | None = 
     # The server's own base: unquantized unless model.server_quantization says otherwise.
     handle = get_adapter(cfg.model.for_server(), cfg.adapter, labels, cfg.seed)
     clear_extensions(handle.model)  # the model may be cached from an earlier run in this process
-    test_tok = tokenize(test, handle.tokenizer, cfg.model.task, cfg.data.max_length) if test is not None else None
+    test_tok = (tokenize(test, handle.tokenizer, cfg.model.task, cfg.data.max_length, cfg.data.prompt_format)
+                if test is not None else None)
     embedding_lora = sorted(k for k in handle.initial if ".lora_embedding_" in k)
     if embedding_lora and strategy.linear_lora_only:
         raise ConfigError([f"adapter.target_modules={cfg.adapter.target_modules} puts LoRA on an embedding "

@@ -134,11 +134,13 @@ def preflight(cfg: FedtuneConfig) -> None:
     from fedtune.checkpoint import checkpoint_to_resume
     from fedtune.data import load_splits
     from fedtune.data.partition import partition_dataset
+    from fedtune.data.prompts import with_resolved_prompt_format
     from fedtune.errors import ModelLoadError
     from fedtune.models import resolve_model_path
 
     if cfg.output.resume:  # output.dir is then set (a config check)
-        checkpoint_to_resume(cfg, Path(cfg.output.dir))
+        # The checkpoint records the resolved prompt format, so compare against that.
+        checkpoint_to_resume(with_resolved_prompt_format(cfg), Path(cfg.output.dir))
     path = resolve_model_path(cfg.model.name)
     try:
         AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)

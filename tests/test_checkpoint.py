@@ -111,6 +111,21 @@ def test_resume_refuses_a_changed_setting_and_names_it(tmp_path: Path) -> None:
     assert "train.learning_rate=0.5" in text and "adapter.rank=2" in text
 
 
+def test_a_checkpoint_from_before_prompt_formats_resumes_with_the_format_it_ran(tmp_path: Path) -> None:
+    """Old checkpoints hold no data.prompt_format: they ran alpaca (data.alpaca) or plain prompts."""
+    lm = [f"output.dir={tmp_path}", "output.resume=true", "model.task=causal-lm", "data.alpaca=true"]
+    for extra, prompt_format in (([], "auto"), (lm, "alpaca")):
+        cfg = load_config(None, [f"output.dir={tmp_path}", "output.resume=true", *extra,
+                                 f"data.prompt_format={prompt_format}"])
+        old = to_yaml(cfg).replace(f"  prompt_format: {prompt_format}\n", "")
+        assert "prompt_format" not in old
+        save_checkpoint(tmp_path, checkpoint(1, cfg_yaml=old))
+        assert checkpoint_to_resume(cfg, tmp_path).round == 1
+    chat = load_config(None, [*lm, "data.prompt_format=chat"])
+    with pytest.raises(ConfigError, match="data.prompt_format='chat' differs from the checkpointed run's 'alpaca'"):
+        checkpoint_to_resume(chat, tmp_path)
+
+
 def test_resume_refuses_private_runs(tmp_path: Path) -> None:
     private = ["privacy.enabled=true", "privacy.noise_multiplier=1.0", "strategy.name=fedit"]
     cfg = load_config(None, [f"output.dir={tmp_path}", "output.resume=true", *private])

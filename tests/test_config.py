@@ -125,6 +125,19 @@ def test_every_problem_is_reported_in_one_config_error() -> None:
         assert p in text
 
 
+def test_a_bad_prompt_format_is_reported_with_the_other_problems() -> None:
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(overrides=["data.prompt_format=chatml", "adapter.rank=0"])
+    problems = problems_of(excinfo)
+    assert len(problems) == 2, problems
+    bad = the_problem_about(problems, "data.prompt_format=")
+    assert "'chatml'" in bad
+    for choice in ("auto", "chat", "alpaca", "plain"):
+        assert repr(choice) in bad
+    assert load_config(overrides=["data.prompt_format=plain"]).data.prompt_format == "plain"
+    assert FedtuneConfig().data.prompt_format == "auto"
+
+
 def test_unknown_key_problem_names_the_value() -> None:
     with pytest.raises(ConfigError) as excinfo:
         load_config(overrides=["federation.num_round=3"])

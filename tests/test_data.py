@@ -117,10 +117,10 @@ def test_alpaca_records_become_prompt_and_response(tmp_path: Path) -> None:
     ]))
     train, test = load_splits(DataConfig(source=str(path), alpaca=True), "causal-lm")
     assert test is None
-    assert train.column_names == ["prompt", "response"]
-    assert train[0] == {"prompt": "### Instruction:\nAdd the numbers.\n\n### Input:\n1 2\n\n### Response:\n",
-                        "response": "3"}
-    assert train[1] == {"prompt": "### Instruction:\nSay hello.\n\n### Response:\n", "response": "hello"}
+    # Raw text: the prompt format (fedtune.data.prompts) wraps it when it is tokenized.
+    assert sorted(train.column_names) == ["input", "prompt", "response"]
+    assert train[0] == {"prompt": "Add the numbers.\n\n1 2", "input": "1 2", "response": "3"}
+    assert train[1] == {"prompt": "Say hello.", "input": "", "response": "hello"}
 
 
 def test_alpaca_without_its_columns_is_a_data_error(tmp_path: Path) -> None:

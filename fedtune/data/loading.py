@@ -1,7 +1,9 @@
 """Read a data set from a local file (or generate one) into a ``datasets.Dataset``.
 
 The result has the columns the rest of fedtune expects: ``text`` and ``label`` (an int)
-for classification, ``prompt`` and ``response`` for causal-LM instruction tuning.
+for classification, ``prompt`` and ``response`` for causal-LM instruction tuning (Alpaca
+records also keep their ``input``). Prompts stay raw text here; the prompt format
+(:mod:`fedtune.data.prompts`) is applied when they are tokenized.
 """
 
 from __future__ import annotations
@@ -16,9 +18,8 @@ import pandas as pd
 
 from fedtune.config import DataConfig
 from fedtune.data.generated import GENERATED_TASKS, GENERATED_TEST_SIZE, GENERATED_TRAIN_SIZE
+from fedtune.data.prompts import join_alpaca
 from fedtune.errors import DataError
-
-ALPACA_TEMPLATE = "### Instruction:\n{instruction}\n{input_block}\n### Response:\n"
 
 
 def _format_of(path: Path, declared: str) -> str:
@@ -93,11 +94,11 @@ def read_table(source: str, cfg: DataConfig) -> datasets.Dataset:
 
 
 def _alpaca_to_prompt_response(ds: datasets.Dataset) -> datasets.Dataset:
+    """``prompt`` = instruction (+ blank line + input), ``input`` kept so ``alpaca`` renders it exactly."""
     def convert(row: dict) -> dict:
         extra = str(row.get("input") or "").strip()
-        prompt = ALPACA_TEMPLATE.format(instruction=str(row["instruction"]).strip(),
-                                        input_block=f"\n### Input:\n{extra}\n" if extra else "")
-        return {"prompt": prompt, "response": str(row["output"]).strip()}
+        return {"prompt": join_alpaca(str(row["instruction"]).strip(), extra), "input": extra,
+                "response": str(row["output"]).strip()}
 
     missing = {"instruction", "output"} - set(ds.column_names)
     if missing:

@@ -7,23 +7,47 @@ from typing import Any
 import datasets
 import torch
 
+from fedtune.data.prompts import render_prompt, response_suffix
+
 IGNORE_INDEX = -100
 
 
-def tokenize(ds: datasets.Dataset, tokenizer: Any, task: str, max_length: int) -> datasets.Dataset:
-    """Add ``input_ids`` and ``labels`` columns; for causal LMs the prompt's labels are ignored."""
+def tokenize(ds: datasets.Dataset, tokenizer: Any, task: str, max_length: int,
+             prompt_format: str = "plain") -> datasets.Dataset:
+    """Add ``input_ids`` and ``labels`` columns; for causal LMs the prompt's labels are ignored.
+
+    Parameters
+    ----------
+    ds : datasets.Dataset
+        ``text``/``label`` rows (classification) or ``prompt``/``response`` rows, with
+        ``input`` for Alpaca records (causal LM).
+    tokenizer : transformers tokenizer
+    task : str
+        ``classification`` or ``causal-lm``.
+    max_length : int
+        Longest sequence; a long causal-LM prompt loses its start first.
+    prompt_format : str, default "plain"
+        ``chat``, ``alpaca`` or ``plain`` (resolved, see :mod:`fedtune.data.prompts`):
+        the prompt is rendered by :func:`~fedtune.data.prompts.render_prompt`, and the
+        labels are the response followed by :func:`~fedtune.data.prompts.response_suffix`.
+    """
     if task == "classification":
         def encode(batch: dict) -> dict:
             enc = tokenizer(batch["text"], truncation=True, max_length=max_length)
             return {"input_ids": enc["input_ids"], "labels": batch["label"]}
     else:
-        eos = tokenizer.eos_token or ""
+        end = response_suffix(tokenizer, prompt_format)
+        # A rendered chat prompt already holds the template's special tokens (BOS included).
+        special = prompt_format != "chat"
+        has_input = "input" in ds.column_names
 
         def encode(batch: dict) -> dict:
             ids, labels = [], []
-            for prompt, response in zip(batch["prompt"], batch["response"]):
-                p = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-                r = tokenizer(response + eos, add_special_tokens=False)["input_ids"]
+            inputs = batch["input"] if has_input else [None] * len(batch["prompt"])
+            for prompt, alpaca_input, response in zip(batch["prompt"], inputs, batch["response"]):
+                text = render_prompt(tokenizer, prompt, prompt_format, alpaca_input=alpaca_input)
+                p = tokenizer(text, add_special_tokens=special)["input_ids"]
+                r = tokenizer(response + end, add_special_tokens=False)["input_ids"]
                 # Keep the response: truncate the prompt from the left first.
                 room = max(max_length - len(r), max_length // 2)
                 p = p[-room:] if room > 0 else []
