@@ -28,9 +28,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from fedtune.config import load_config  # noqa: E402
-from fedtune.runlog import ADAPTER_DIR, METRICS_FILE  # noqa: E402
-from fedtune.simulation import simulate  # noqa: E402
+from fedtune.config import load_config
+from fedtune.runlog import ADAPTER_DIR, METRICS_FILE
+from fedtune.simulation import simulate
 
 DATA = ROOT.parent / "shared" / "data" / "instructions" / "instruction-data.json"
 

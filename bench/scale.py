@@ -120,6 +120,7 @@ def adapter_bytes(shapes: dict[str, tuple[int, int]], rank: int, with_a: bool = 
 
 def synthetic_updates(shapes, ranks, strategy_name):
     import torch
+
     from fedtune.strategy import ClientUpdate
 
     updates = []
@@ -138,6 +139,7 @@ def synthetic_updates(shapes, ranks, strategy_name):
 def replies_to(strategy, server_round: int, clients: int):
     """Random replies of the shapes each client is told to send (Fed-SB's sketches and R), echoing the round."""
     import torch
+
     from fedtune.strategy import ClientUpdate
 
     updates = []
@@ -161,6 +163,7 @@ def fed_sb_round(strategy, clients: int):
 
 def spec_for(shapes, rank):
     import torch
+
     from fedtune.strategy import AdapterSpec
 
     gen = torch.Generator().manual_seed(1234)
@@ -187,11 +190,12 @@ def measure_row(row: dict) -> dict:
 
     import torch
     from fedtune.strategies import import_all
+
     from fedtune.strategy import resolve_strategy
 
     torch.set_num_threads(1)
     import_all()
-    import torch._dynamo  # noqa: F401  (what a process's first torch.optim optimizer imports, ~1.5 s once: not a round's cost)
+    import torch._dynamo
     shapes = llama_shapes(row["model"], row["targets"])
     ranks = ranks_for(row["ranks"])
     strategy = resolve_strategy(row["strategy"])()

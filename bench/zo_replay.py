@@ -25,8 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from fedtune.strategies.fedkseed import zeroth_order  # noqa: E402
-from fedtune.strategies.fedkseed.zeroth_order import replay, seed_pool  # noqa: E402
+from fedtune.strategies.fedkseed import zeroth_order
+from fedtune.strategies.fedkseed.zeroth_order import replay, seed_pool
 
 Params = dict[str, torch.Tensor]
 History = list[tuple[int, float]]

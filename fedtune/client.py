@@ -47,7 +47,7 @@ def client_settings(cfg: FedtuneConfig, partition_id: int,
     node key or value raises :class:`ConfigError` naming it.
     """
     model = cfg.model.for_client(partition_id)
-    adapter = dataclasses.replace(cfg.adapter, rank=cfg.adapter.rank_for(partition_id), client_ranks=None)
+    adapter = cfg.adapter
     given = {k: v for k, v in (node_config or {}).items() if k.startswith(("model.", "adapter."))}
     problems = [f"node_config {k}={v!r} cannot be set per node; per-node keys are {list(NODE_CONFIG_KEYS)}"
                 for k, v in given.items() if k not in NODE_CONFIG_KEYS]
@@ -59,8 +59,10 @@ def client_settings(cfg: FedtuneConfig, partition_id: int,
     try:
         if sections["model"]:
             model = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(model), sections["model"]))
-        if sections["adapter"]:
-            adapter = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(adapter), sections["adapter"]))
+        if sections["adapter"]:  # the node's rank is this client's: it replaces adapter.client_ranks
+            node_adapter = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(adapter), sections["adapter"]))
+            adapter = dataclasses.replace(adapter, client_ranks=[node_adapter.rank])
+        adapter = adapter.for_client(partition_id)
     except OmegaConfBaseException as e:
         problems.append(f"node_config {given}: {str(e).splitlines()[0]}")
     else:
@@ -145,7 +147,7 @@ class ClientRuntime:
                                                self.cfg.data.seed + partition_id)
             data = self.cfg.data
             fmt = resolve_prompt_format(handle.tokenizer, data.prompt_format, alpaca=data.alpaca)
-            tok = lambda ds: tokenize(ds, handle.tokenizer, self.cfg.model.task, data.max_length, fmt)  # noqa: E731
+            tok = lambda ds: tokenize(ds, handle.tokenizer, self.cfg.model.task, data.max_length, fmt)
             self._tokenized[partition_id] = (tok(train), tok(held_out))
         return self._tokenized[partition_id]
 

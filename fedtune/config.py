@@ -129,12 +129,21 @@ class AdapterConfig:
     # None lets PEFT pick its default target modules for the architecture.
     target_modules: list[str] | None = field(default_factory=lambda: ["query", "value"])
     # Heterogeneous ranks: client i trains rank client_ranks[i % len(client_ranks)] with
-    # scaling alpha / rank (only strategies that accept mixed ranks, e.g. flora).
+    # scaling alpha / its rank (only strategies that accept mixed ranks, e.g. flora).
     client_ranks: list[int] | None = None
+    # Scale alpha with each client's rank, α_i = alpha · r_i / rank, so every client's scaling
+    # is alpha / rank (FLoRA's official heterogeneous setting, α_i = 2·r_i); false: one alpha.
+    alpha_per_rank: bool = False
 
     def rank_for(self, partition_id: int) -> int:
         """The LoRA rank client ``partition_id`` trains."""
         return self.client_ranks[partition_id % len(self.client_ranks)] if self.client_ranks else self.rank
+
+    def for_client(self, partition_id: int) -> AdapterConfig:
+        """The adapter client ``partition_id`` trains: its rank, and its alpha under ``alpha_per_rank``."""
+        rank = self.rank_for(partition_id)
+        alpha = self.alpha * rank / self.rank if self.alpha_per_rank else self.alpha
+        return dataclasses.replace(self, rank=rank, alpha=alpha, client_ranks=None, alpha_per_rank=False)
 
     def problems(self) -> list[str]:
         out = []

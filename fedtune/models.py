@@ -26,9 +26,9 @@ from typing import Any, Protocol
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 
-from fedtune.config import AdapterConfig, ModelConfig
 from fedtune import quantization
 from fedtune.cache import cache_dir
+from fedtune.config import AdapterConfig, ModelConfig
 from fedtune.devices import resolve_device
 from fedtune.errors import ModelLoadError
 

@@ -37,8 +37,8 @@ from typing import Any
 
 import torch
 
-from fedtune.config import ModelConfig
 from fedtune.cache import cache_dir
+from fedtune.config import ModelConfig
 from fedtune.errors import ModelLoadError
 
 # Task heads: kept in full precision, trained and exchanged like any adapter tensor (PEFT's

@@ -13,7 +13,6 @@ from fedtune import protocol
 from fedtune.errors import AggregationError
 from fedtune.strategy import ClientUpdate
 
-
 WEIGHTINGS = ("examples", "uniform")
 
 

@@ -19,24 +19,14 @@ X = B̄ + ΔB (m×r), ⟨ΔW, X·Ā⟩ = ⟨ΔW·Āᵀ, X⟩ where ΔW·Āᵀ = 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 import dataclasses
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numba
 import numpy as np
 import torch
-
-from fedtune.strategy import (
-    AdapterSpec,
-    ClientInstruction,
-    ClientUpdate,
-    Strategy,
-    Tensors,
-    register_strategy,
-    shapes_of,
-)
 from fedtune.strategies.aggregation import (
     LORA_A,
     LORA_B,
@@ -49,6 +39,16 @@ from fedtune.strategies.aggregation import (
     stacked_gram_norm,
     stacked_terms,
     weighted_average,
+)
+
+from fedtune.strategy import (
+    AdapterSpec,
+    ClientInstruction,
+    ClientUpdate,
+    Strategy,
+    Tensors,
+    register_strategy,
+    shapes_of,
 )
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fedtune.strategies import FedIT, FLoRA, LoRAFAIR
+from fedtune.strategies.fedkseed.strategy import FedKSeed
 
 from fedtune.checkpoint import (
     CHECKPOINT_FILE,
@@ -22,8 +24,6 @@ from fedtune.checkpoint import (
 from fedtune.config import load_config, to_yaml
 from fedtune.errors import ConfigError
 from fedtune.flower.strategy_adapter import update_norm
-from fedtune.strategies import FedIT, FLoRA, LoRAFAIR
-from fedtune.strategies.fedkseed.strategy import FedKSeed
 from tests.strategies.test_exact_strategies import spec, updates
 
 

@@ -334,3 +334,22 @@ def test_run_config_missing_config_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as excinfo:
         config_from_run_config({"config-file": str(tmp_path / "absent.yaml")})
     assert "absent.yaml" in problems_of(excinfo)[0]
+
+
+def test_alpha_per_rank_keeps_every_clients_scaling_at_alpha_over_rank() -> None:
+    from fedtune.config import AdapterConfig
+
+    per_rank = AdapterConfig(rank=8, alpha=16.0, client_ranks=[4, 8, 16], alpha_per_rank=True)
+    clients = [per_rank.for_client(i) for i in range(3)]
+    assert [(c.rank, c.alpha) for c in clients] == [(4, 8.0), (8, 16.0), (16, 32.0)]  # α_i = 2·r_i
+    assert {c.alpha / c.rank for c in clients} == {2.0}
+    one_alpha = AdapterConfig(rank=8, alpha=16.0, client_ranks=[4, 16])
+    assert [(c.rank, c.alpha) for c in (one_alpha.for_client(0), one_alpha.for_client(1))] == [(4, 16.0), (16, 16.0)]
+
+
+def test_a_nodes_rank_gets_its_alpha_under_alpha_per_rank() -> None:
+    from fedtune.client import client_settings
+
+    cfg = load_config(None, ["adapter.rank=8", "adapter.alpha=16", "adapter.alpha_per_rank=true"])
+    _, adapter = client_settings(cfg, 0, {"adapter.rank": 4})
+    assert (adapter.rank, adapter.alpha, adapter.client_ranks) == (4, 8.0, None)

@@ -48,10 +48,6 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from peft.utils.other import transpose
-from torch import nn
-
-from fedtune.devices import device_of, to_device
 from fedtune.strategies.fed_sb.keys import (
     CFG_INIT_ESTIMATOR,
     CFG_INIT_LEARNING_RATE,
@@ -70,6 +66,11 @@ from fedtune.strategies.fed_sb.keys import (
     SKETCH_RANGE,
 )
 from fedtune.strategies.fed_sb.layer import lora_layers
+from peft.utils.other import transpose
+from torch import nn
+
+from fedtune.devices import device_of, to_device
+
 
 class LoraSBFactors(NamedTuple):
     """The LoRA-SB factors of one adapted matrix: s·B·R·A with B m×r, R r×r, A r×n."""

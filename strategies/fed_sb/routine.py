@@ -5,11 +5,6 @@ from __future__ import annotations
 import time
 
 import torch
-
-from fedtune import protocol
-from fedtune.ledger import client_ledger, save_ledger
-from fedtune.models import AdapterHandle
-from fedtune.routine import ClientJob, ClientReply, ClientRoutine, GradientRoutine, register_routine
 from fedtune.strategies.fed_sb.init import init_reply
 from fedtune.strategies.fed_sb.keys import (
     CFG_INIT_ESTIMATOR,
@@ -23,6 +18,11 @@ from fedtune.strategies.fed_sb.keys import (
     METRIC_ROUND,
 )
 from fedtune.strategies.fed_sb.layer import adopt_frozen, lora_layers, prepare_handle
+
+from fedtune import protocol
+from fedtune.ledger import client_ledger, save_ledger
+from fedtune.models import AdapterHandle
+from fedtune.routine import ClientJob, ClientReply, ClientRoutine, GradientRoutine, register_routine
 from fedtune.training import TrainResult, batches, steps_per_round
 
 # State value: the client's noisy initialisation estimate is accounted once, however many passes read it.

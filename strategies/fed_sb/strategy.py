@@ -38,10 +38,16 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-
-from fedtune import protocol
-from fedtune.codec import tensor_digest
-from fedtune.errors import AggregationError
+from fedtune.strategies.aggregation import (
+    LORA_A,
+    LORA_B,
+    check_weighting,
+    client_weights,
+    lora_modules,
+    normalized_weights,
+    relative_to,
+    weighted_average,
+)
 from fedtune.strategies.fed_sb.init import (
     LoraSBFactors,
     UpdateSketch,
@@ -77,6 +83,10 @@ from fedtune.strategies.fed_sb.keys import (
     SKETCH_RANGE,
 )
 from fedtune.strategies.fed_sb.layer import fold_r_into_a
+
+from fedtune import protocol
+from fedtune.codec import tensor_digest
+from fedtune.errors import AggregationError
 from fedtune.strategy import (
     AdapterSpec,
     ClientInstruction,
@@ -86,16 +96,6 @@ from fedtune.strategy import (
     register_strategy,
     select,
     shapes_of,
-)
-from fedtune.strategies.aggregation import (
-    check_weighting,
-    client_weights,
-    LORA_A,
-    LORA_B,
-    lora_modules,
-    normalized_weights,
-    relative_to,
-    weighted_average,
 )
 
 log = logging.getLogger(__name__)

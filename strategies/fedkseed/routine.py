@@ -5,12 +5,6 @@ from __future__ import annotations
 import time
 
 import torch
-
-from fedtune import protocol
-from fedtune.devices import device_of, to_device
-from fedtune.models import AdapterHandle
-from fedtune.routine import ClientJob, ClientReply, ClientRoutine, register_routine
-from fedtune.strategy import select
 from fedtune.strategies.fedkseed.wire import (
     ZEROTH_ORDER_ROUTINE,
     RoundPlan,
@@ -19,6 +13,12 @@ from fedtune.strategies.fedkseed.wire import (
     encode_steps,
 )
 from fedtune.strategies.fedkseed.zeroth_order import TUNE_FULL, seed_pool, tunable_tensors, zo_train
+
+from fedtune import protocol
+from fedtune.devices import device_of, to_device
+from fedtune.models import AdapterHandle
+from fedtune.routine import ClientJob, ClientReply, ClientRoutine, register_routine
+from fedtune.strategy import select
 from fedtune.training import batches
 
 

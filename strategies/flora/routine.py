@@ -7,11 +7,11 @@ import math
 
 import numpy as np
 import torch
+from fedtune.strategies.aggregation import LORA_A, LORA_B
+from fedtune.strategies.flora.residual import residual_of, split_residual
 
 from fedtune.models import AdapterHandle
 from fedtune.routine import ClientJob, GradientRoutine, register_routine
-from fedtune.strategies.aggregation import LORA_A, LORA_B
-from fedtune.strategies.flora.residual import residual_of, split_residual
 
 FLORA_ROUTINE = "flora"
 _FRESH_LORA_DOMAIN = 0xF10A  # keeps these seeds apart from the run's other seeded draws

@@ -28,10 +28,25 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-
-from fedtune.models import AdapterHandle
+from fedtune.strategies.aggregation import (
+    LORA_A,
+    LORA_B,
+    Stack,
+    Term,
+    average_non_lora,
+    check_weighting,
+    client_scalings,
+    client_weights,
+    ideal_terms,
+    is_lora_key,
+    low_rank_norm,
+    relative_to,
+    stack_factors,
+)
 from fedtune.strategies.flora.residual import residual_key, residual_of
 from fedtune.strategies.flora.routine import FLORA_ROUTINE
+
+from fedtune.models import AdapterHandle
 from fedtune.strategy import (
     AdapterSpec,
     ClientInstruction,
@@ -43,21 +58,7 @@ from fedtune.strategy import (
     select,
     shapes_of,
 )
-from fedtune.strategies.aggregation import (
-    check_weighting,
-    client_scalings,
-    client_weights,
-    LORA_A,
-    LORA_B,
-    average_non_lora,
-    Stack,
-    Term,
-    ideal_terms,
-    low_rank_norm,
-    relative_to,
-    is_lora_key,
-    stack_factors,
-)
+
 
 def stack_error(ideal: dict[str, list[Term]], stack: Stack) -> float:
     """‖B_stack·A_stack − Σ_k c_k·B_k·A_k‖ / ‖Σ_k c_k·B_k·A_k‖ over all modules, from the factors.

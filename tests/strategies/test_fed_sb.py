@@ -11,11 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import LoraConfig, TaskType, get_peft_model
-from transformers import AutoModelForSequenceClassification
-
-from fedtune.codec import record_to_tensors, tensor_digest, tensors_to_record
-from fedtune.errors import AggregationError, ConfigError
+from fedtune.strategies.aggregation import weighted_average
 from fedtune.strategies.fed_sb.init import (
     UpdateSketch,
     client_sketch,
@@ -25,11 +21,14 @@ from fedtune.strategies.fed_sb.init import (
     sketch_update,
 )
 from fedtune.strategies.fed_sb.keys import LORA_SB_INIT_ROUTINE, LORA_SB_ROUTINE
-from fedtune.strategies.fed_sb.layer import attach_r, lora_layers
-from fedtune.strategy import AdapterSpec, ClientUpdate, build_strategy, resolve_strategy
-from fedtune.strategies.aggregation import weighted_average
-from fedtune.strategies.fed_sb.layer import fold_r_into_a
+from fedtune.strategies.fed_sb.layer import attach_r, fold_r_into_a, lora_layers
 from fedtune.strategies.fed_sb.strategy import FedSB, federated_init, r_average_error
+from peft import LoraConfig, TaskType, get_peft_model
+from transformers import AutoModelForSequenceClassification
+
+from fedtune.codec import record_to_tensors, tensor_digest, tensors_to_record
+from fedtune.errors import AggregationError, ConfigError
+from fedtune.strategy import AdapterSpec, ClientUpdate, build_strategy, resolve_strategy
 from tests.strategies.dense_reference import dense_updates, ideal_updates, relative_error
 
 M, N, RANK, ALPHA = 14, 11, 3, 6.0

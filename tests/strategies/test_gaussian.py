@@ -7,7 +7,6 @@ import math
 
 import numpy as np
 import pytest
-
 from fedtune.strategies.fedkseed import gaussian
 from fedtune.strategies.fedkseed.gaussian import NormalTarget, fill_normal, standard_normal
 
