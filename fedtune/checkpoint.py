@@ -35,9 +35,12 @@ CHECKPOINT_FILE = "checkpoint.pt"
 FORMAT_VERSION = 1
 # Settings a resumed run may change: how long it runs and how it treats slow or bad
 # clients, not what it computes.
+# Where it runs (device, GPU shares, Ray cluster) and what is scored besides the loss (eval.*)
+# do not change the model it computes either.
 RESUMABLE_KEYS = ("federation.num_rounds", "federation.round_timeout", "federation.client_cpus",
                   "federation.min_available_clients", "federation.min_replies", "federation.max_update_norm",
-                  "federation.max_message_bytes", "output.")
+                  "federation.max_message_bytes", "output.", "model.device", "federation.client_gpus",
+                  "federation.ray_address", "eval.")
 
 
 @dataclass
@@ -125,6 +128,9 @@ def resume_problems(config_yaml: str, checkpoint: Checkpoint) -> list[str]:
     now, then = (flatten(OmegaConf.to_container(OmegaConf.create(text)))
                  for text in (config_yaml, checkpoint.config_yaml))
     _before_prompt_formats(then)
+    defaults = flatten(OmegaConf.to_container(OmegaConf.structured(FedtuneConfig())))
+    for key in set(now) - set(then):  # a setting added since the checkpoint was written ran as its default
+        then[key] = defaults.get(key)
     return [f"{key}={now.get(key)!r} differs from the checkpointed run's {then.get(key)!r}; "
             f"resume with the original value or start a new run"
             for key in sorted(set(now) | set(then))

@@ -24,6 +24,8 @@ from fedtune.config import AdapterConfig, FedtuneConfig, ModelConfig, to_yaml
 from fedtune.data import load_splits, num_labels, partition_dataset, resolve_prompt_format, split_train_eval, tokenize
 from fedtune.devices import device_of
 from fedtune.errors import ConfigError
+from fedtune.generation import evaluate_generation_on
+from fedtune.metrics import is_generative
 from fedtune.models import AdapterHandle, claim_extensions, get_adapter
 from fedtune.quantization import bits_of, peak_rss_bytes, weight_bytes
 from fedtune.registry import import_by_path
@@ -90,6 +92,7 @@ class ClientRuntime:
         self.run_id = run_id
         self.node_config = dict(node_config or {})
         self._tokenized: dict[int, tuple[datasets.Dataset, datasets.Dataset]] = {}
+        self._held_out: dict[int, datasets.Dataset] = {}  # raw eval splits, for generation
         self._routines: dict[str, ClientRoutine] = {}
 
     @cached_property
@@ -149,14 +152,24 @@ class ClientRuntime:
             fmt = resolve_prompt_format(handle.tokenizer, data.prompt_format, alpaca=data.alpaca)
             tok = lambda ds: tokenize(ds, handle.tokenizer, self.cfg.model.task, data.max_length, fmt)
             self._tokenized[partition_id] = (tok(train), tok(held_out))
+            self._held_out[partition_id] = held_out
         return self._tokenized[partition_id]
 
     def evaluate_local(self, partition_id: int, handle: AdapterHandle) -> ClientReply:
-        """Loss and accuracy of ``handle``'s model on this client's local eval split."""
+        """Loss and accuracy of ``handle``'s model on this client's local eval split.
+
+        With a generative ``eval.metric`` and ``eval.clients``, also the metric's score on
+        the split's generations (:data:`~fedtune.protocol.EVAL_GENERATIVE`) and how many
+        examples it covers.
+        """
         _, eval_ds = self.splits(partition_id)
         result = evaluate(handle, eval_ds, self.cfg.train.eval_batch_size)
-        return ClientReply(arrays={}, num_examples=int(result["num_examples"]),
-                           metrics={protocol.EVAL_LOSS: result["loss"], protocol.EVAL_ACCURACY: result["accuracy"]})
+        metrics = {protocol.EVAL_LOSS: result["loss"], protocol.EVAL_ACCURACY: result["accuracy"]}
+        if self.cfg.eval.clients and is_generative(self.cfg.eval.metric) and len(self._held_out[partition_id]):
+            generated = evaluate_generation_on(handle, self._held_out[partition_id], self.cfg.eval, self.cfg.data)
+            metrics |= {protocol.EVAL_GENERATIVE: generated.score,
+                        protocol.EVAL_GENERATIVE_EXAMPLES: float(generated.num_examples)}
+        return ClientReply(arrays={}, num_examples=int(result["num_examples"]), metrics=metrics)
 
     def resource_metrics(self, partition_id: int, handle: AdapterHandle) -> dict[str, float]:
         """Bits per base weight, the base's memory and the process's peak memory so far (and GPU's)."""

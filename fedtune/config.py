@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fedtune.errors import ConfigError
+from fedtune.metrics import DEFAULT_METRIC, is_generative, metric_problems
 from fedtune.registry import strategy_name_problem
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -403,6 +404,40 @@ class PrivacyConfig:
 
 
 @dataclass
+class EvalConfig:
+    """How the global model is scored, besides the loss (:mod:`fedtune.metrics`).
+
+    ``metric`` ``next_token_accuracy`` (the default) reports ``eval_accuracy`` only:
+    next-token accuracy on the response tokens of a causal LM, label accuracy for
+    classification. Any other metric (``exact_match``, ``choice_accuracy``, a registered
+    name or ``package.module:Class``) greedily generates up to ``max_new_tokens`` tokens for
+    each held-out prompt of a causal LM and logs ``eval_<metric>`` too: on the central test
+    set (its first ``max_examples``), and with ``clients`` also on each client's eval split.
+    """
+
+    metric: str = DEFAULT_METRIC
+    # Keyword arguments for the metric's constructor, e.g. {choices: [A, B, C, D]}.
+    options: dict[str, Any] = field(default_factory=dict)
+    max_new_tokens: int = 128
+    # Prompts generated for at once (the KV cache grows with it).
+    batch_size: int = 16
+    # Score only the first this many examples by generation (generation is slow); null: all.
+    max_examples: int | None = None
+    # Also generate on each client's local eval split (costly: every client, every round).
+    clients: bool = False
+
+    def problems(self) -> list[str]:
+        out = metric_problems(self.metric, self.options) if self.metric else [
+            "eval.metric is empty; use next_token_accuracy, exact_match or choice_accuracy"]
+        for key in ("max_new_tokens", "batch_size"):
+            if getattr(self, key) < 1:
+                out.append(f"eval.{key}={getattr(self, key)} must be at least 1")
+        if self.max_examples is not None and self.max_examples < 1:
+            out.append(f"eval.max_examples={self.max_examples} must be positive or null (every example)")
+        return out
+
+
+@dataclass
 class OutputConfig:
     """Where the run directory goes, what is shown while running, and whether to resume."""
 
@@ -421,7 +456,7 @@ class OutputConfig:
 
 @dataclass
 class FedtuneConfig:
-    """A whole run: model, adapter, data, partitioning, training, strategy, federation, privacy, output."""
+    """A whole run: model, adapter, data, partitioning, training, strategy, federation, privacy, eval, output."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
@@ -431,6 +466,7 @@ class FedtuneConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     seed: int = 0
 
@@ -440,6 +476,10 @@ class FedtuneConfig:
             section = getattr(self, f.name)
             if dataclasses.is_dataclass(section):
                 out += section.problems()
+        if is_generative(self.eval.metric) and self.model.task == "classification":
+            out.append(f"eval.metric={self.eval.metric!r} scores generated text, which model.task='classification' "
+                       "does not produce (it reports label accuracy as eval_accuracy); leave eval.metric at "
+                       "next_token_accuracy, or use model.task=causal-lm")
         return out
 
 
@@ -639,6 +679,7 @@ def to_yaml(cfg: FedtuneConfig) -> str:
 __all__ = [
     "AdapterConfig",
     "DataConfig",
+    "EvalConfig",
     "FederationConfig",
     "FedtuneConfig",
     "ModelConfig",

@@ -29,6 +29,9 @@ TRAIN_SECONDS = "train_seconds"
 MODEL_LOAD_SECONDS = "model_load_seconds"
 EVAL_LOSS = "eval_loss"
 EVAL_ACCURACY = "eval_accuracy"
+# A generative eval.metric's score on the client's eval split (eval.clients), and its examples.
+EVAL_GENERATIVE = "eval_generative"
+EVAL_GENERATIVE_EXAMPLES = "eval_generative_examples"
 LORA_RANK = "lora_rank"
 LORA_SCALING = "lora_scaling"  # alpha / rank of the client's adapter
 DP_EPSILON = "dp_epsilon"  # ε spent so far by the client (privacy.enabled)

@@ -1,4 +1,4 @@
-"""Named plug-ins (strategies, client routines): a checked registry plus import by path.
+"""Named plug-ins (strategies, client routines, eval metrics): a checked registry plus import by path.
 
 A built-in registers under its ``name`` with a class decorator when its module is
 imported; anything else is named by where it lives, ``package.module:Class`` or
@@ -13,6 +13,7 @@ import importlib
 import importlib.util
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -41,10 +42,15 @@ class Registry(Generic[T]):
         The public registering function, for messages (``"register_strategy"``).
     example : str
         An example path to a user's class, for messages.
+    load_built_ins : callable or None
+        Imports the modules that register the built-ins; by default :func:`import_built_ins`
+        (every built-in method).
     """
 
-    def __init__(self, kind: str, base: type, key: str, *, decorator: str, example: str) -> None:
+    def __init__(self, kind: str, base: type, key: str, *, decorator: str, example: str,
+                 load_built_ins: Callable[[], None] | None = None) -> None:
         self.kind, self.base, self.key, self.decorator, self.example = kind, base, key, decorator, example
+        self._load_built_ins = load_built_ins if load_built_ins is not None else import_built_ins
         self._entries: dict[str, T] = {}
 
     def register(self, cls: T) -> T:
@@ -61,7 +67,7 @@ class Registry(Generic[T]):
 
     def registered(self) -> dict[str, T]:
         """Every registered entry by name, built-ins included."""
-        import_built_ins()
+        self._load_built_ins()
         return dict(sorted(self._entries.items()))
 
     def resolve(self, name: str) -> T:

@@ -5,7 +5,8 @@ initial adapter), hands the initial tensors to the strategy, runs Flower's round
 through :class:`~fedtune.flower.strategy_adapter.FlowerStrategy`, evaluates the global adapter
 on the central test set (when there is one) after every round and before the first,
 checkpoints after every round (``output.resume`` continues from there), and writes the
-run directory.
+run directory. With a generative ``eval.metric`` the central evaluation also generates
+answers for the test prompts and logs ``eval_<metric>``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from fedtune.data import load_splits, num_labels, tokenize
 from fedtune.data.prompts import with_resolved_prompt_format
 from fedtune.errors import ConfigError, NothingAggregatedError, RunInterrupted
 from fedtune.flower.strategy_adapter import FlowerStrategy
+from fedtune.generation import evaluate_generation_on
+from fedtune.metrics import generative_key
 from fedtune.models import AdapterHandle, clear_extensions, get_adapter
 from fedtune.runlog import ADAPTER_DIR, MODEL_DIR, RunLog, default_run_dir
 from fedtune.strategy import AdapterSpec, Strategy, build_strategy
@@ -82,6 +85,12 @@ def run_federation(grid: Grid, cfg: FedtuneConfig, control: RunControl | None = 
     clear_extensions(handle.model)  # the model may be cached from an earlier run in this process
     test_tok = (tokenize(test, handle.tokenizer, cfg.model.task, cfg.data.max_length, cfg.data.prompt_format)
                 if test is not None else None)
+    # eval_<metric> when eval.metric is generative: the raw prompt/response columns of
+    # `test` (kept beside test_tok) feed generation.
+    metric_column = generative_key(cfg.eval.metric, cfg.eval.options)
+    if metric_column and test is None and not cfg.eval.clients:
+        log.warning("eval.metric=%r is never computed: there is no central test set (data.test_source) and "
+                    "eval.clients=false; set one of them", cfg.eval.metric)
     embedding_lora = sorted(k for k in handle.initial if ".lora_embedding_" in k)
     if embedding_lora and strategy.linear_lora_only:
         raise ConfigError([f"adapter.target_modules={cfg.adapter.target_modules} puts LoRA on an embedding "
@@ -97,7 +106,8 @@ def run_federation(grid: Grid, cfg: FedtuneConfig, control: RunControl | None = 
                                         alpha=cfg.adapter.alpha, seed=cfg.seed,
                                         base=handle.base_initial() if strategy.tunes_base_model else {}))
 
-    run_log = RunLog(cfg, run_dir, rows=checkpoint.metrics if checkpoint else None)
+    run_log = RunLog(cfg, run_dir, rows=checkpoint.metrics if checkpoint else None,
+                     columns=[metric_column] if metric_column else [])
     control.run_dir, control.completed_round = run_log.run_dir, done
     run_key = checkpoint.run_key if checkpoint and checkpoint.run_key else uuid.uuid4().hex
     glue = FlowerStrategy(strategy, cfg, on_metrics=run_log.add, completed_rounds=done, stop=control.stop,
@@ -113,11 +123,17 @@ def run_federation(grid: Grid, cfg: FedtuneConfig, control: RunControl | None = 
             strategy.load_global(handle)
             result = evaluate(handle, test_tok, cfg.train.eval_batch_size)
             run_log.add(eval_loss=result["loss"], eval_accuracy=result["accuracy"])
+            if metric_column is not None:
+                generated = evaluate_generation_on(handle, test, cfg.eval, cfg.data)
+                run_log.add(**{generated.key: generated.score, "eval_generation_seconds": generated.seconds})
+                run_log.add_generations(server_round, generated.predictions, generated.references)
         else:
             if server_round == 0:
                 glue.federated_evaluate(0, arrays)
             run_log.add(eval_loss=run_log.pending("client_eval_loss"),
                         eval_accuracy=run_log.pending("client_eval_accuracy"))
+            if metric_column is not None and cfg.eval.clients:
+                run_log.add(**{metric_column: run_log.pending(f"client_{metric_column}")})
         row = run_log.end_round(server_round)
         if server_round > 0:
             save_checkpoint(run_log.run_dir, Checkpoint(

