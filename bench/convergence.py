@@ -98,7 +98,8 @@ class Setting:
     def overrides(self, dataset: str) -> list[str]:
         """Config overrides that put a data set's YAML on this schedule."""
         out = [f"federation.num_rounds={self.rounds}", f"federation.num_clients={self.clients}",
-               "federation.fraction_train=1.0", "federation.fraction_evaluate=0", "federation.client_cpus=2", "train.threads=1",
+               "federation.fraction_train=1.0", "federation.fraction_evaluate=0", "federation.client_cpus=2",
+               "train.threads=1",
                f"train.local_steps={self.local_steps}", f"train.batch_size={self.batch_size}",
                f"train.learning_rate={self.learning_rate}", f"data.max_examples={self.max_examples}",
                f"data.max_length={self.max_length}", "data.eval_fraction=0",
@@ -159,7 +160,7 @@ def tokenized_pool_and_test(cfg, handle):
     from fedtune.data import load_splits, tokenize
 
     pool, test = load_splits(cfg.data, cfg.model.task)
-    tok = lambda ds: tokenize(ds, handle.tokenizer, cfg.model.task, cfg.data.max_length,  # noqa: E731
+    tok = lambda ds: tokenize(ds, handle.tokenizer, cfg.model.task, cfg.data.max_length,
                               cfg.data.prompt_format)
     return pool, tok(pool), tok(test)
 
@@ -205,7 +206,7 @@ def run_plain(dataset: str, setting: Setting, tmp: Path) -> dict:
     torch.set_num_threads(cfg.train.threads)
     pool, test = load_splits(cfg.data, cfg.model.task)
     model, tokenizer = plain_model(cfg, num_labels(pool))
-    tok = lambda ds: tokenize(ds, tokenizer, cfg.model.task, cfg.data.max_length,  # noqa: E731
+    tok = lambda ds: tokenize(ds, tokenizer, cfg.model.task, cfg.data.max_length,
                               cfg.data.prompt_format)
     parts = [tok(p) for p in partition_dataset(pool, cfg.partition, cfg.federation.num_clients)]
     test = tok(test)
