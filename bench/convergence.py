@@ -368,12 +368,14 @@ def plot(dataset: str, rows: dict[str, dict], path: Path) -> None:
         print(f"no PNG for {dataset}: matplotlib is not installed (optional: pip install matplotlib)")
         return
     fig, (by_round, by_bytes) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for label, row in rows.items():
-        curve = row["curve"]
-        by_round.plot([p["round"] for p in curve], [p["accuracy"] for p in curve], marker=".", label=label)
-        if label != "centralized":
-            by_bytes.plot([max(p["bytes"], 1) for p in curve], [p["accuracy"] for p in curve], marker=".",
-                          label=label)
+    for i, (label, row) in enumerate(rows.items()):
+        curve, color = row["curve"], f"C{i}"
+        by_round.plot([p["round"] for p in curve], [p["accuracy"] for p in curve], marker=".", label=label,
+                      color=color)
+        if label != "centralized":  # round 0 has sent nothing, which a log axis cannot show
+            sent = [p for p in curve if p["bytes"] > 0]
+            by_bytes.plot([p["bytes"] for p in sent], [p["accuracy"] for p in sent], marker=".", label=label,
+                          color=color)
     by_round.set(xlabel="round", ylabel="central test accuracy", title=f"{dataset}: accuracy by round")
     by_bytes.set(xlabel="cumulative bytes (up + down)", xscale="log", title=f"{dataset}: accuracy by bytes")
     by_round.legend(fontsize=8)
