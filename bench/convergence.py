@@ -33,8 +33,8 @@ Default sizes: AG News uses 2,000 training and 500 test examples, SST-2 2,000 an
 
 A simulation runs all its rounds in one ``simulate`` call, so the plateau is not a stopping
 rule: every row runs to the round cap (``--rounds``) and the plateau round is computed from the
-curve afterwards, as the first round after which no round within the next three gains 0.5
-point of accuracy over the best so far (none when the cap comes first).
+curve afterwards, as the first trained round after which no round within the next three gains
+0.5 point of accuracy over the best trained round so far (none when the cap comes first).
 
 The table gives, per row, the final and best accuracy, the plateau round, the rounds and
 cumulative bytes (up + down, all clients) to reach 90 % and 95 % of centralized LoRA's best
@@ -308,9 +308,14 @@ def plain_accuracy(model, ds, pad_id: int) -> float:
 
 # ---------------------------------------------------------------- summaries
 def plateau_round(accuracies: list[float]) -> int | None:
-    """First round after which none of the next ``PLATEAU_WINDOW`` rounds gains ``PLATEAU_GAIN`` over the best."""
-    for r in range(len(accuracies) - PLATEAU_WINDOW):
-        best = max(accuracies[: r + 1])
+    """First trained round after which none of the next ``PLATEAU_WINDOW`` gains ``PLATEAU_GAIN`` over the best.
+
+    ``accuracies[r]`` is round r's, round 0 the untrained model's. Round 0 takes no part: on
+    SST-2 the untrained head's majority guess beats the first rounds, which would read as a
+    plateau before any training.
+    """
+    for r in range(1, len(accuracies) - PLATEAU_WINDOW):
+        best = max(accuracies[1: r + 1])
         if max(accuracies[r + 1: r + 1 + PLATEAU_WINDOW]) < best + PLATEAU_GAIN:
             return r
     return None
