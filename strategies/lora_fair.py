@@ -95,9 +95,6 @@ class IdealProjection:
         a_root = torch.linalg.qr(a_avg.T, mode="r").R
         norm = stacked_gram_norm(b_stack, a_stack)
         fedit_squared = norm ** 2 - 2.0 * float((projected * b_avg).sum()) + float(b_avg.mm(a_root.T).square().sum())
-        # Column-major m×r (r×m in memory): BLAS multiplies it by r×r matrices twice as fast,
-        # and the optimiser's iterates, created like B̄, follow.
-        projected, b_avg = projected.T.contiguous().T, b_avg.T.contiguous().T
         return cls(projected, a_root, norm, b_avg, max(fedit_squared, 0.0) ** 0.5)
 
     def objective(self, delta: torch.Tensor, lam: float) -> tuple[float, torch.Tensor]:
@@ -106,16 +103,16 @@ class IdealProjection:
         With X = B̄ + ΔB, g = ‖X·R_aᵀ‖ and c = ⟨ΔW·Āᵀ, X⟩: ∂/∂X (c / (‖ΔW‖·g)) =
         ΔW·Āᵀ / (‖ΔW‖·g) − c·X·ĀĀᵀ / (‖ΔW‖·g³), and g² = ⟨X·ĀĀᵀ, X⟩: one m×r×r product per
         step. The same value and gradient as autograd on :meth:`cosine_distance` (denominator
-        clamped at 1e-300, ‖ΔB‖ smoothed by 1e-300 at 0) at a third of its cost, which the
-        server pays for every step of every module.
+        clamped at 1e-300, ‖ΔB‖ smoothed by 1e-300 at 0); :func:`residual_correction` computes
+        the same formula in compiled passes.
         """
         x = self.b_avg + delta
-        x_gram = (self.gram @ x.T).T  # X·ĀĀᵀ (ĀĀᵀ is symmetric), in X's column-major layout
-        got_squared = _frobenius_inner(x_gram, x)  # ‖X·Ā‖² = ⟨X·ĀĀᵀ, X⟩
+        x_gram = x @ self.gram
+        got_squared = float(torch.vdot(x_gram.view(-1), x.view(-1)))  # ‖X·Ā‖² = ⟨X·ĀĀᵀ, X⟩
         got_norm = got_squared ** 0.5
-        inner = _frobenius_inner(self.projected, x)
+        inner = float(torch.vdot(self.projected.view(-1), x.view(-1)))
         scale = self.norm * got_norm
-        delta_norm = (_frobenius_inner(delta, delta) + 1e-300) ** 0.5
+        delta_norm = (float(torch.vdot(delta.view(-1), delta.view(-1))) + 1e-300) ** 0.5
         if scale > 1e-300:
             grad = x_gram.mul_(inner / (scale * got_squared)).sub_(self.projected, alpha=1.0 / scale)
         else:  # the clamped denominator is constant there
@@ -140,13 +137,6 @@ class IdealProjection:
         inner = float(((self.projected - self.b_avg @ self.gram) * delta).sum())
         squared = self.fedit_distance ** 2 - 2.0 * inner + float(torch.linalg.matrix_norm(delta @ self.a_root.T)) ** 2
         return max(squared, 0.0) ** 0.5
-
-
-def _frobenius_inner(a: torch.Tensor, b: torch.Tensor) -> float:
-    """⟨a, b⟩_F of two matrices, without a copy when both are column-major."""
-    if not a.is_contiguous() and a.T.is_contiguous() and b.T.is_contiguous():
-        a, b = a.T, b.T
-    return float(torch.vdot(a.reshape(-1), b.reshape(-1)))
 
 
 def residual_correction(target: IdealProjection, *, lam: float, steps: int, lr: float) -> torch.Tensor:
@@ -180,8 +170,8 @@ def residual_correction(target: IdealProjection, *, lam: float, steps: int, lr: 
     Tensor
         ΔB (m × r), float64.
     """
-    # r×m row-major arrays (the transposes of m×r): elementwise work is layout-blind, and
-    # (ΔB·ĀĀᵀ)ᵀ = ĀĀᵀ·ΔBᵀ is the product BLAS runs fastest.
+    # r×m row-major arrays (the transposes of m×r, copied once): elementwise work is
+    # layout-blind, and (ΔB·ĀĀᵀ)ᵀ = ĀĀᵀ·ΔBᵀ is the product BLAS runs fastest.
     b_avg, projected = (t.T.contiguous() for t in (target.b_avg, target.projected))
     b_gram = target.gram @ b_avg  # (B̄·ĀĀᵀ)ᵀ, fixed
     delta, delta_gram = torch.zeros_like(b_avg), torch.zeros_like(b_avg)
