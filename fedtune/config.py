@@ -38,6 +38,8 @@ DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent / "default.yaml"
 TASKS = ("classification", "causal-lm")
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+# fedtune.privacy.ACCOUNTANTS (not imported here: it loads torch and dp_accounting); a test keeps them equal.
+PRIVACY_ACCOUNTANTS = ("pld", "rdp")
 PARTITION_METHODS = ("iid", "dirichlet", "pathological", "size-skew")
 DATA_FORMATS = ("auto", "json", "jsonl", "csv", "tsv", "disk")
 PROMPT_FORMATS = ("auto", "chat", "alpaca", "plain")
@@ -376,7 +378,9 @@ class PrivacyConfig:
     Every example's gradient is clipped to ``clip_norm`` and Gaussian noise of standard
     deviation ``noise_multiplier · clip_norm`` is added to each Poisson-sampled batch's sum.
     Give ``noise_multiplier`` or ``target_epsilon`` (then σ is chosen so that the whole run,
-    every round's local steps, spends at most that ε at ``delta``).
+    every round's local steps, spends at most that ε at ``delta``). ``accountant`` turns
+    steps into ε (:mod:`fedtune.privacy`): ``pld`` (privacy loss distributions, tight) or
+    ``rdp`` (Rényi DP, Opacus' default analysis; a larger ε for the same noise).
     """
 
     enabled: bool = False
@@ -384,9 +388,13 @@ class PrivacyConfig:
     noise_multiplier: float | None = None
     target_epsilon: float | None = None
     delta: float = 1e-5
+    accountant: str = "pld"
 
     def problems(self) -> list[str]:
         out = []
+        if self.accountant not in PRIVACY_ACCOUNTANTS:
+            out.append(f"privacy.accountant={self.accountant!r} must be one of {', '.join(PRIVACY_ACCOUNTANTS)} "
+                       "(pld: privacy loss distributions, the tighter; rdp: Renyi DP as in Opacus)")
         if not self.enabled:
             return out
         if self.clip_norm <= 0:

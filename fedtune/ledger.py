@@ -26,9 +26,9 @@ def save_ledger(ledger: PrivacyLedger, values: MutableMapping[str, Any]) -> None
     values[LEDGER_STEPS] = [int(n) for _, _, n in ledger.history]
 
 
-def load_ledger(values: Mapping[str, Any], delta: float) -> PrivacyLedger:
-    """The ledger :func:`save_ledger` wrote."""
-    ledger = PrivacyLedger(float(values[LEDGER_SIGMA]), float(values[LEDGER_RATE]), delta)
+def load_ledger(values: Mapping[str, Any], delta: float, accountant: str) -> PrivacyLedger:
+    """The ledger :func:`save_ledger` wrote (the accountant and δ come from the run's config)."""
+    ledger = PrivacyLedger(float(values[LEDGER_SIGMA]), float(values[LEDGER_RATE]), delta, accountant)
     for sigma, rate, steps in zip(values[LEDGER_SIGMAS], values[LEDGER_RATES], values[LEDGER_STEPS]):
         ledger.step(int(steps), noise_multiplier=float(sigma), sample_rate=float(rate))
     return ledger
@@ -43,12 +43,13 @@ def client_ledger(cfg: FedtuneConfig, values: Mapping[str, Any], num_examples: i
     calibration includes them.
     """
     if LEDGER_SIGMAS in values:
-        return load_ledger(values, cfg.privacy.delta)
+        return load_ledger(values, cfg.privacy.delta, cfg.privacy.accountant)
     p = cfg.privacy
     rate = min(1.0, cfg.train.batch_size / num_examples)
     sigma = p.noise_multiplier
     if sigma is None:
         # Every round's local steps, at most (rounds that train nothing spend less).
         steps = cfg.federation.num_rounds * steps_per_round(cfg.train, num_examples)
-        sigma = noise_multiplier_for(p.target_epsilon, p.delta, rate, steps, full_batch_steps=full_batch_steps)
-    return PrivacyLedger(sigma, rate, p.delta)
+        sigma = noise_multiplier_for(p.target_epsilon, p.delta, rate, steps, full_batch_steps=full_batch_steps,
+                                     accountant=p.accountant)
+    return PrivacyLedger(sigma, rate, p.delta, p.accountant)

@@ -165,6 +165,16 @@ def test_value_range_problems_name_key_and_value() -> None:
     assert "'classification'" in the_problem_about(problems, "model.task='regression'")
 
 
+def test_privacy_accountant_defaults_to_pld_and_names_the_choices() -> None:
+    assert FedtuneConfig().privacy.accountant == "pld"
+    assert load_config(overrides=["privacy.enabled=true", "privacy.target_epsilon=8",
+                                  "privacy.accountant=rdp"]).privacy.accountant == "rdp"
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(overrides=["privacy.enabled=true", "privacy.target_epsilon=8", "privacy.accountant=moments"])
+    problem = the_problem_about(problems_of(excinfo), "privacy.accountant='moments'")
+    assert "pld, rdp" in problem
+
+
 def test_unknown_strategy_option_is_named_with_the_accepted_ones() -> None:
     with pytest.raises(ConfigError) as excinfo:
         load_config(overrides=["strategy.options={weighting: uniform, mu: 0.1}"])
