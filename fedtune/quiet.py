@@ -13,6 +13,10 @@ import warnings
 # bitsandbytes (imported by peft) looks for an optional `kernels` package for 4-bit speed on
 # CPUs with AVX512-BF16, and logs this when it is absent: it still runs without it.
 _BNB_KERNELS_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+# dp_accounting's RDP accountant (privacy.accountant=rdp) logs each Rényi order whose series
+# does not converge in 1,000 terms (small σ with a large q, orders near 1) and leaves it out:
+# ε from the other orders is still a valid bound. A σ search can log it dozens of times.
+_RDP_ORDER_NOTICE = "_compute_log_a_frac failed to converge"
 
 
 class _DropMessage(logging.Filter):
@@ -35,6 +39,9 @@ def quiet_notices() -> None:
     bnb = logging.getLogger("bitsandbytes.backends.cpu.ops")  # before bitsandbytes is imported
     if not any(isinstance(f, _DropMessage) for f in bnb.filters):
         bnb.addFilter(_DropMessage(_BNB_KERNELS_NOTICE))
+    absl = logging.getLogger("absl")  # dp_accounting logs through absl's logger
+    if not any(isinstance(f, _DropMessage) for f in absl.filters):
+        absl.addFilter(_DropMessage(_RDP_ORDER_NOTICE))
     warnings.filterwarnings("ignore", message=".*gemm_4bit_forward.*")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
