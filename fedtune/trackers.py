@@ -43,6 +43,7 @@ log = logging.getLogger("fedtune.trackers")
 
 TENSORBOARD_DIR = "tensorboard"
 MLFLOW_DIR = "mlflow"  # the default MLflow store: mlflow/mlflow.db and mlflow/artifacts/
+SQLITE = "sqlite:///"
 # name -> (module that must be importable, the extra that installs it)
 TRACKERS = {"tensorboard": ("tensorboard", "tensorboard"), "mlflow": ("mlflow", "mlflow")}
 
@@ -276,13 +277,18 @@ def open_trackers(cfg: FedtuneConfig, run_dir: Path, rows: Sequence[Mapping[str,
 
 
 def _open_mlflow(cfg: FedtuneConfig, run_dir: Path) -> MlflowTracker:
+    uri = cfg.output.mlflow_uri
+    if not uri:
+        store = (run_dir / MLFLOW_DIR).resolve()
+        store.mkdir(parents=True, exist_ok=True)
+        uri = f"{SQLITE}{store / 'mlflow.db'}"
+    # MLflow would put a new experiment's artifacts in ./mlruns of whatever the current directory
+    # is; on a SQLite store they go beside the database (a tracking server chooses its own).
+    artifacts = None
+    if uri.startswith(SQLITE):
+        artifacts = (Path(uri.removeprefix(SQLITE)).resolve().parent / "artifacts").as_uri()
     tags = {"fedtune.run_dir": str(run_dir.resolve()), "fedtune.strategy": cfg.strategy.name}
-    if cfg.output.mlflow_uri:
-        return MlflowTracker(cfg.output.mlflow_uri, cfg.output.mlflow_experiment, run_dir.name, tags=tags)
-    store = (run_dir / MLFLOW_DIR).resolve()
-    store.mkdir(parents=True, exist_ok=True)
-    return MlflowTracker(f"sqlite:///{store / 'mlflow.db'}", cfg.output.mlflow_experiment, run_dir.name,
-                         artifact_location=(store / "artifacts").as_uri(), tags=tags)
+    return MlflowTracker(uri, cfg.output.mlflow_experiment, run_dir.name, artifact_location=artifacts, tags=tags)
 
 
 def _settings_of(name: str) -> str:

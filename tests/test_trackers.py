@@ -188,6 +188,8 @@ def test_mlflow_resumed_run_is_complete_and_a_failed_one_is_marked(tmp_path: Pat
     assert history(client, runs["resumed"], "eval_accuracy") == expected("eval_accuracy")
     assert client.list_artifacts(runs["failed"].info.run_id) == []
     assert not (tmp_path / "resumed" / MLFLOW_DIR).exists()  # an explicit URI: nothing in the run directory
+    # A new experiment on a SQLite store keeps its artifacts beside the database, not in ./mlruns.
+    assert client.get_experiment_by_name("sweep").artifact_location == (tmp_path / "artifacts").as_uri()
 
 
 def test_both_trackers_at_once(tmp_path: Path) -> None:
