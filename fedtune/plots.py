@@ -109,6 +109,7 @@ def run_figures(rows: Sequence[dict[str, Any]], title: str) -> dict[str, Figure]
     _rounds_axis(per_round)
     _finish(per_round, f"{title}: training bytes per round", drew)
     if drew:
+        per_round.set_ylim(bottom=0)  # from zero: small differences between rounds do not look like jumps
         up, down = 0, 0
         cumulative = []
         for row in rows:

@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -171,6 +172,9 @@ class MlflowTracker:
 
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # not "Creating initial MLflow database tables"
         logging.getLogger("alembic").setLevel(logging.WARNING)
+        # MLflow's SQL store uses an SQLAlchemy loader that SQLAlchemy 2.1 deprecates: MLflow's to change.
+        warnings.filterwarnings("ignore", message="The ``noload`` loader strategy is deprecated",
+                                category=DeprecationWarning)
         self.client = MlflowClient(tracking_uri=tracking_uri)
         found = self.client.get_experiment_by_name(experiment)
         experiment_id = (found.experiment_id if found is not None
