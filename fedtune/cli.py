@@ -1,4 +1,4 @@
-"""The ``fedtune`` command line: ``fedtune simulate``, ``fedtune resume``, ``fedtune strategies``."""
+"""The ``fedtune`` command line: ``simulate``, ``resume``, ``strategies``, ``plot``, ``compare``."""
 
 from __future__ import annotations
 
@@ -65,6 +65,32 @@ def cmd_strategies(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    from fedtune.compare import read_runs
+    from fedtune.plots import plot_comparison, plot_run
+
+    read_runs(args.run_dirs)  # every directory without metrics.jsonl is named before anything is drawn
+    for run_dir in args.run_dirs:
+        for path in plot_run(run_dir):
+            print(f"wrote {path}")
+    if len(args.run_dirs) > 1:
+        print(f"wrote {plot_comparison(args.run_dirs, args.out)}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    import json
+
+    from fedtune.compare import format_table, summarize_runs
+
+    summaries = summarize_runs(args.run_dirs)
+    if args.json:
+        print(json.dumps([s.as_dict() for s in summaries], indent=1))
+    else:
+        print(format_table(summaries))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedtune", description="Federated fine-tuning of language models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -88,6 +114,22 @@ def build_parser() -> argparse.ArgumentParser:
     strat = sub.add_parser("strategies", help="list the built-in aggregation strategies",
                            description="List the registered strategies, one line each.")
     strat.set_defaults(func=cmd_strategies)
+    plot = sub.add_parser(
+        "plot", help="draw PNG figures of runs, and one comparing them",
+        description="Write accuracy_loss.png and traffic.png into each RUN_DIR (from its metrics.jsonl; a "
+                    "failed run's completed rounds too) and, for two or more runs, compare_accuracy.png "
+                    "(accuracy by round and by cumulative bytes) into --out.")
+    plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    plot.add_argument("--out", default=".", metavar="DIR",
+                      help="where compare_accuracy.png goes (default: the current directory)")
+    plot.set_defaults(func=cmd_plot)
+    compare = sub.add_parser(
+        "compare", help="print a table comparing runs",
+        description="One line per RUN_DIR from its metrics.jsonl: strategy, final and best central accuracy "
+                    "(with its round), rounds, training bytes (up + down) and the summed round time.")
+    compare.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    compare.add_argument("--json", action="store_true", help="print exact numbers as JSON instead of the table")
+    compare.set_defaults(func=cmd_compare)
     return parser
 
 

@@ -30,6 +30,7 @@ from omegaconf.errors import OmegaConfBaseException
 from fedtune.errors import ConfigError
 from fedtune.metrics import DEFAULT_METRIC, is_generative, metric_problems
 from fedtune.registry import strategy_name_problem
+from fedtune.trackers import missing_library_problems, tracker_name_problems
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # Package data: an installed fedtune reads its embedded default from here too.
@@ -447,7 +448,14 @@ class EvalConfig:
 
 @dataclass
 class OutputConfig:
-    """Where the run directory goes, what is shown while running, and whether to resume."""
+    """Where the run directory goes, what is shown while running, whether to resume, and what else records the run.
+
+    ``plots`` writes PNG figures of ``metrics.jsonl`` into the run directory when the run
+    finishes (:mod:`fedtune.plots`). ``trackers`` sends the hyperparameters, every round's
+    metrics and the final adapter to ``tensorboard`` and/or ``mlflow`` (:mod:`fedtune.trackers`;
+    each needs its extra, ``pip install 'fedtune[mlflow]'``). MLflow logs to ``mlflow_uri``,
+    by default a SQLite store inside the run directory (``mlflow/mlflow.db``).
+    """
 
     # None: runs/<strategy>-<timestamp>
     dir: str | None = None
@@ -455,11 +463,19 @@ class OutputConfig:
     progress: bool = True
     # Continue the run in ``dir`` from its last checkpoint (the last complete round).
     resume: bool = False
+    plots: bool = True
+    trackers: list[str] = field(default_factory=list)
+    # None: sqlite:///<run dir>/mlflow/mlflow.db, artifacts beside it.
+    mlflow_uri: str | None = None
+    mlflow_experiment: str = "fedtune"
 
     def problems(self) -> list[str]:
+        out = tracker_name_problems(self.trackers)
         if self.resume and not self.dir:
-            return ["output.resume=true needs output.dir, the run directory to continue"]
-        return []
+            out.append("output.resume=true needs output.dir, the run directory to continue")
+        if not self.mlflow_experiment.strip():
+            out.append("output.mlflow_experiment is empty; name an MLflow experiment, e.g. fedtune")
+        return out
 
 
 @dataclass
@@ -535,9 +551,10 @@ def build_config(data: Mapping[str, Any], *, check_strategy: bool = True) -> Fed
     """Validate a nested mapping against the schema and return the typed config.
 
     Every problem (unknown keys, wrong types, bad values) is collected and raised together
-    as one :class:`ConfigError`. With ``check_strategy``, an unknown strategy name is among
-    them; the strategy itself (its options, the settings it cannot run with) is built and
-    checked once the rest is valid, since that imports it and torch with it.
+    as one :class:`ConfigError`. With ``check_strategy`` (the server's and the CLI's checks), an
+    unknown strategy name and a tracker whose library is not installed are among them; the
+    strategy itself (its options, the settings it cannot run with) is built and checked once
+    the rest is valid, since that imports it and torch with it.
     """
     plain = OmegaConf.to_container(OmegaConf.create(dict(data)), resolve=True)
     assert isinstance(plain, dict)
@@ -553,6 +570,8 @@ def build_config(data: Mapping[str, Any], *, check_strategy: bool = True) -> Fed
         raise ConfigError(problems + [str(e)]) from e
     assert isinstance(cfg, FedtuneConfig)
     problems += cfg.problems()
+    if check_strategy:  # the server's side, which logs to the trackers (clients need not have them)
+        problems += missing_library_problems(cfg.output.trackers)
     if check_strategy and problems and not any(p.startswith("strategy.") for p in problems):
         problems += [p for p in [strategy_name_problem(cfg.strategy.name)] if p]
     elif check_strategy and not problems:

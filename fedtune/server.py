@@ -34,8 +34,10 @@ from fedtune.flower.strategy_adapter import FlowerStrategy
 from fedtune.generation import evaluate_generation_on
 from fedtune.metrics import generative_key
 from fedtune.models import AdapterHandle, clear_extensions, get_adapter
+from fedtune.plots import plot_run
 from fedtune.runlog import ADAPTER_DIR, MODEL_DIR, RunLog, default_run_dir
 from fedtune.strategy import AdapterSpec, Strategy, build_strategy
+from fedtune.trackers import open_trackers
 from fedtune.training import evaluate
 
 log = logging.getLogger("fedtune.server")
@@ -109,6 +111,7 @@ def run_federation(grid: Grid, cfg: FedtuneConfig, control: RunControl | None = 
     run_log = RunLog(cfg, run_dir, rows=checkpoint.metrics if checkpoint else None,
                      columns=[metric_column] if metric_column else [])
     control.run_dir, control.completed_round = run_log.run_dir, done
+    trackers = open_trackers(cfg, run_log.run_dir, run_log.rows)  # output.trackers; the earlier rounds logged
     run_key = checkpoint.run_key if checkpoint and checkpoint.run_key else uuid.uuid4().hex
     glue = FlowerStrategy(strategy, cfg, on_metrics=run_log.add, completed_rounds=done, stop=control.stop,
                           run_key=run_key)
@@ -135,6 +138,7 @@ def run_federation(grid: Grid, cfg: FedtuneConfig, control: RunControl | None = 
             if metric_column is not None and cfg.eval.clients:
                 run_log.add(**{metric_column: run_log.pending(f"client_{metric_column}")})
         row = run_log.end_round(server_round)
+        trackers.log_metrics(server_round, row)
         if server_round > 0:
             save_checkpoint(run_log.run_dir, Checkpoint(
                 round=server_round, config_yaml=config_yaml, strategy_state=strategy.state_dict(),
@@ -148,17 +152,33 @@ def run_federation(grid: Grid, cfg: FedtuneConfig, control: RunControl | None = 
         glue.start(grid, tensors_to_record(strategy.global_adapter()),
                    num_rounds=max(cfg.federation.num_rounds - done, 0),
                    timeout=cfg.federation.round_timeout, evaluate_fn=end_of_round)
+        check_progress(run_log.rows, cfg)
+    except BaseException:
+        trackers.close(success=False)
+        raise
     finally:
         run_log.close()
         if glue.rejected:
             (run_log.run_dir / "rejected.jsonl").write_text("".join(json.dumps(r) + "\n" for r in glue.rejected))
-    check_progress(run_log.rows, cfg)
     if cfg.output.save_adapter and strategy.tunes_base_model:
         save_whole_model(handle, strategy, run_log.run_dir / MODEL_DIR)
     elif cfg.output.save_adapter:
         save_global(cfg, labels, handle, strategy, run_log.run_dir / ADAPTER_DIR)
+    trackers.log_artifact(run_log.run_dir / (MODEL_DIR if strategy.tunes_base_model else ADAPTER_DIR))
+    trackers.close(success=True)
+    if cfg.output.plots:
+        write_plots(run_log.run_dir)
     log.info("run finished: %s", run_log.run_dir)
     return run_log.run_dir
+
+
+def write_plots(run_dir: Path) -> None:
+    """The run's PNG figures (:mod:`fedtune.plots`); a failure is a warning, since the run's results are saved."""
+    try:
+        plot_run(run_dir)
+    except Exception as e:  # noqa: BLE001 - the adapter and metrics.jsonl are written; only the figures are missing
+        log.warning("could not write the plots of %s (%s: %s); metrics.jsonl is complete, retry with "
+                    "`fedtune plot %s`", run_dir, type(e).__name__, e, run_dir)
 
 
 def check_progress(rows: list[dict[str, Any]], cfg: FedtuneConfig) -> None:

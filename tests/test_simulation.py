@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from fedtune.config import load_config
+from fedtune.plots import ACCURACY_LOSS_PNG, TRAFFIC_PNG
 from fedtune.runlog import ADAPTER_DIR, CONFIG_FILE, METRICS_FILE, MODEL_DIR
 from fedtune.simulation import simulate
 
@@ -30,15 +32,23 @@ def read_rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
 
 
+# The shared run also logs to TensorBoard when its extra is installed (CI installs it): the
+# server's tracker hooks, checked in test_the_run_logged_every_round_to_tensorboard.
+HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
+
+
 @pytest.fixture(scope="module")
 def fedit_run(tiny_bert: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("fedit-run")
-    return simulate(load_config(None, tiny_overrides(tiny_bert, out)))
+    trackers = ["output.trackers=[tensorboard]"] if HAS_TENSORBOARD else []
+    return simulate(load_config(None, tiny_overrides(tiny_bert, out) + trackers))
 
 
-def test_run_directory_has_config_metrics_and_adapter(fedit_run: Path) -> None:
+def test_run_directory_has_config_metrics_adapter_and_plots(fedit_run: Path) -> None:
     assert (fedit_run / CONFIG_FILE).is_file()
     assert (fedit_run / ADAPTER_DIR / "adapter_model.safetensors").is_file()
+    for name in (ACCURACY_LOSS_PNG, TRAFFIC_PNG):  # output.plots is on by default
+        assert (fedit_run / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = read_rows(fedit_run)
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert rows[0]["eval_accuracy"] is not None  # round 0: the untuned base model
@@ -47,6 +57,22 @@ def test_run_directory_has_config_metrics_and_adapter(fedit_run: Path) -> None:
         assert row["strategy"] == "fedit"
         assert row["clients_aggregated"] == 3 and row["clients_rejected"] == 0
         assert row["bytes_up"] > 0 and row["bytes_down"] > 0
+
+
+@pytest.mark.skipif(not HAS_TENSORBOARD, reason="needs the tensorboard extra: pip install 'fedtune[tensorboard]'")
+def test_the_run_logged_every_round_to_tensorboard(fedit_run: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from fedtune.trackers import TENSORBOARD_DIR
+
+    events = EventAccumulator(str(fedit_run / TENSORBOARD_DIR))
+    events.Reload()
+    rows = read_rows(fedit_run)
+    # TensorBoard stores scalars as float32.
+    assert [(e.step, e.value) for e in events.Scalars("eval_accuracy")] == [
+        (r["round"], pytest.approx(r["eval_accuracy"], rel=1e-6)) for r in rows]
+    assert [e.step for e in events.Scalars("bytes_up")] == [r["round"] for r in rows if r.get("bytes_up") is not None]
+    assert events.Tensors("adapter/text_summary")  # the finished run recorded its adapter
 
 
 def test_bytes_up_match_the_adapter_size(fedit_run: Path) -> None:
