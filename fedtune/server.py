@@ -33,10 +33,12 @@ from fedtune.data.labels import name_labels, write_labels
 from fedtune.data.provenance import write_test_set
 from fedtune.data.prompts import with_resolved_prompt_format
 from fedtune.errors import ConfigError, NothingAggregatedError, RunInterrupted
+from fedtune.flower.federation_size import is_simulation
 from fedtune.flower.strategy_adapter import FlowerStrategy
 from fedtune.generation import evaluate_generation_on
 from fedtune.metrics import generative_key
 from fedtune.models import AdapterHandle, clear_extensions, get_adapter
+from fedtune.progress import PROGRESS_DIR, RoundProgress
 from fedtune.runlog import ADAPTER_DIR, MODEL_DIR, RunLog, default_run_dir
 from fedtune.strategy import AdapterSpec, Strategy, build_strategy
 from fedtune.training import evaluate
@@ -119,8 +121,15 @@ def run_federation(grid: Grid, cfg: FedtuneConfig, control: RunControl | None = 
     if test is not None and splits.test_selection is not None:
         write_test_set(run_log.run_dir, splits.test_selection, test)
     run_key = checkpoint.run_key if checkpoint and checkpoint.run_key else uuid.uuid4().hex
+    progress = None
+    if cfg.output.progress:
+        # Step files only where clients share this disk (a simulation).
+        progress = RoundProgress(cfg.federation.num_rounds, run_log.console, bar=run_log.bar,
+                                 step_dir=run_log.run_dir / PROGRESS_DIR if is_simulation(grid) else None)
+        if hasattr(grid, "on_poll"):  # a StoppableGrid: counts replies as they arrive
+            grid.on_poll = progress.replies
     glue = FlowerStrategy(strategy, cfg, on_metrics=run_log.add, completed_rounds=done, stop=control.stop,
-                          run_key=run_key)
+                          run_key=run_key, progress=progress)
     glue.rejected = list(checkpoint.rejected) if checkpoint else []
     config_yaml = to_yaml(cfg)
 
@@ -130,7 +139,8 @@ def run_federation(grid: Grid, cfg: FedtuneConfig, control: RunControl | None = 
         server_round = flower_round + done
         if test_tok is not None:
             strategy.load_global(handle)
-            result = evaluate(handle, test_tok, cfg.train.eval_batch_size)
+            result = evaluate(handle, test_tok, cfg.train.eval_batch_size,
+                              on_batch=progress.evaluation if progress is not None else None)
             run_log.add(eval_loss=result["loss"], eval_accuracy=result["accuracy"])
             if metric_column is not None:
                 generated = evaluate_generation_on(handle, test, cfg.eval, cfg.data)
@@ -158,6 +168,10 @@ def run_federation(grid: Grid, cfg: FedtuneConfig, control: RunControl | None = 
                    num_rounds=max(cfg.federation.num_rounds - done, 0),
                    timeout=cfg.federation.round_timeout, evaluate_fn=end_of_round)
     finally:
+        if progress is not None:
+            progress.close()
+            if hasattr(grid, "on_poll"):
+                grid.on_poll = None
         run_log.close()
         if glue.rejected:
             (run_log.run_dir / "rejected.jsonl").write_text("".join(json.dumps(r) + "\n" for r in glue.rejected))
