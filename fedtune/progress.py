@@ -201,6 +201,7 @@ class RoundProgress:
         self.batches = (0, 0)
         self._phase_start = self._last_line = self.clock()
         self._last_read = -math.inf
+        self._restart_bars()
         self._show()
 
     def replies(self, arrived: int, sent: int) -> None:
@@ -217,6 +218,7 @@ class RoundProgress:
         if self.phase != "central evaluation":
             self.phase, self._phase_start, self._last_line = "central evaluation", self.clock(), self.clock()
             self._files = []
+            self._restart_bars()
         self.batches = (done, total)
         self._show()
 
@@ -231,6 +233,12 @@ class RoundProgress:
                 parts.append(f"local steps {self.steps[0]}/{self.steps[1]}")
         parts.append(_clock_text(self.clock() - self._phase_start))
         return ", ".join(parts)
+
+    def _restart_bars(self) -> None:
+        """Zero the bars and their clocks: each phase shows its own elapsed time."""
+        if self.bar is not None:
+            for task in self._tasks.values():
+                self.bar.reset(task, total=None, visible=False)
 
     def _show(self) -> None:
         if self.bar is not None:
