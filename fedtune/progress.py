@@ -166,7 +166,8 @@ class RoundProgress:
         self.console = console
         self.step_dir = Path(step_dir).resolve() if step_dir is not None else None
         if self.step_dir is not None:
-            self.step_dir.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(self.step_dir, ignore_errors=True)  # a killed run's files, before a resume
+            self.step_dir.mkdir(parents=True)
         self.plain_every = plain_every
         self.clock = clock
         self.live = bar is not None and bool(getattr(console, "is_terminal", False))
