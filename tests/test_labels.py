@@ -171,3 +171,16 @@ def test_whole_model_export_names_the_labels(reviews: tuple[Path, Path], tmp_pat
     # Merging B @ A into the base weights rounds differently from adding the LoRA path.
     torch.testing.assert_close(_logits(model, handle.tokenizer, texts), _logits(handle.model, handle.tokenizer, texts),
                                rtol=1e-4, atol=1e-5)
+
+
+def test_a_causal_lm_test_set_is_recorded_without_labels(tmp_path: Path) -> None:
+    rows = [{"prompt": "2+2?", "response": "4"}, {"prompt": "capital of France?", "response": "Paris"}]
+    for name in ("train.jsonl", "test.jsonl"):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    splits = load_data(DataConfig(source=str(tmp_path / "train.jsonl"), test_source=str(tmp_path / "test.jsonl")),
+                       "causal-lm")
+    record = write_test_set(tmp_path, splits.test_selection, splits.test)
+    assert record["columns"] == ["prompt", "response"] and record["num_examples"] == 2
+    assert record["selection"]["how"] == "all 2 examples, in source order"
+    lines = "".join(json.dumps(r, sort_keys=True, separators=(",", ":")) + "\n" for r in rows)
+    assert record["sha256"] == hashlib.sha256(lines.encode()).hexdigest()
