@@ -30,8 +30,8 @@ from fedtune.codec import tensors_to_record
 from fedtune.config import FedtuneConfig, to_yaml
 from fedtune.data import label_names, load_data, num_labels, tokenize
 from fedtune.data.labels import name_labels, write_labels
-from fedtune.data.provenance import write_test_set
 from fedtune.data.prompts import with_resolved_prompt_format
+from fedtune.data.provenance import write_test_set
 from fedtune.errors import ConfigError, NothingAggregatedError, RunInterrupted
 from fedtune.flower.federation_size import is_simulation
 from fedtune.flower.strategy_adapter import FlowerStrategy
