@@ -12,6 +12,9 @@ DEFAULT_ROUTINE = "gradient"
 # The run's id, the same across resumes: clients keep their own state under it (fedtune.client_state).
 RUN_KEY = "fedtune.run-key"
 TRAINABLE = "fedtune.trainable"  # newline-separated regular expressions
+# Where the client counts its local training steps for the server's progress display
+# (simulation only: a file on the shared disk; fedtune.progress).
+STEP_FILE = "fedtune.step-file"
 STRATEGY_NAME = "fedtune.strategy"
 # False when the strategy cannot train on a quantized base: a quantized client refuses the round.
 QUANTIZED_BASE_OK = "fedtune.quantized-base-ok"

@@ -82,9 +82,9 @@ class RunLog:
         self.console = Console(stderr=False, highlight=False)
         self._progress: Progress | None = None
         if cfg.output.progress:
-            self._progress = Progress(TextColumn("[bold]federated rounds"), BarColumn(), MofNCompleteColumn(),
+            self._progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                                       TimeElapsedColumn(), console=self.console, transient=True)
-            self._task = self._progress.add_task("rounds", total=self.num_rounds,
+            self._task = self._progress.add_task("federated rounds", total=self.num_rounds,
                                                 completed=self.rows[-1]["round"] if self.rows else 0)
             self._progress.start()
             self.console = self._progress.console
@@ -96,6 +96,11 @@ class RunLog:
             self._print_row(row)
         if self.rows:
             self.console.print(f"resumed after round {self.rows[-1]['round']}")
+
+    @property
+    def bar(self) -> Progress | None:
+        """The live bars (``output.progress``), for more tasks under the rounds' (:mod:`fedtune.progress`)."""
+        return self._progress
 
     def _keep_generations(self, last_round: int) -> None:
         """Drop generations of rounds after ``last_round`` (a resumed run redoes them)."""

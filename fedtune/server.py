@@ -17,6 +17,7 @@ import json
 import logging
 import threading
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,14 +28,18 @@ from flwr.serverapp import Grid
 from fedtune.checkpoint import Checkpoint, checkpoint_to_resume, rng_state, save_checkpoint, set_rng_state
 from fedtune.codec import tensors_to_record
 from fedtune.config import FedtuneConfig, to_yaml
-from fedtune.data import load_splits, num_labels, tokenize
+from fedtune.data import label_names, load_data, num_labels, tokenize
+from fedtune.data.labels import name_labels, write_labels
 from fedtune.data.prompts import with_resolved_prompt_format
+from fedtune.data.provenance import write_test_set
 from fedtune.errors import ConfigError, NothingAggregatedError, RunInterrupted
+from fedtune.flower.federation_size import is_simulation
 from fedtune.flower.strategy_adapter import FlowerStrategy
 from fedtune.generation import evaluate_generation_on
 from fedtune.metrics import generative_key
 from fedtune.models import AdapterHandle, clear_extensions, get_adapter
 from fedtune.plots import plot_run
+from fedtune.progress import PROGRESS_DIR, RoundProgress
 from fedtune.runlog import ADAPTER_DIR, MODEL_DIR, RunLog, default_run_dir
 from fedtune.strategy import AdapterSpec, Strategy, build_strategy
 from fedtune.trackers import open_trackers
@@ -80,8 +85,10 @@ def run_federation(grid: Grid, cfg: FedtuneConfig, control: RunControl | None = 
     run_dir = Path(cfg.output.dir) if cfg.output.dir else default_run_dir(cfg)
     checkpoint = checkpoint_to_resume(cfg, run_dir)
     strategy = build_strategy(cfg.strategy.name, cfg.strategy.options)
-    pool, test = load_splits(cfg.data, cfg.model.task)
+    splits = load_data(cfg.data, cfg.model.task)
+    pool, test = splits.pool, splits.test
     labels = num_labels(pool) if cfg.model.task == "classification" else None
+    names = label_names(pool) if labels is not None else None
     # The server's own base: unquantized unless model.server_quantization says otherwise.
     handle = get_adapter(cfg.model.for_server(), cfg.adapter, labels, cfg.seed)
     clear_extensions(handle.model)  # the model may be cached from an earlier run in this process
@@ -111,10 +118,21 @@ def run_federation(grid: Grid, cfg: FedtuneConfig, control: RunControl | None = 
     run_log = RunLog(cfg, run_dir, rows=checkpoint.metrics if checkpoint else None,
                      columns=[metric_column] if metric_column else [])
     control.run_dir, control.completed_round = run_log.run_dir, done
+    if names is not None:
+        write_labels(run_log.run_dir, names)
+    if test is not None and splits.test_selection is not None:
+        write_test_set(run_log.run_dir, splits.test_selection, test)
     trackers = open_trackers(cfg, run_log.run_dir, run_log.rows)  # output.trackers; the earlier rounds logged
     run_key = checkpoint.run_key if checkpoint and checkpoint.run_key else uuid.uuid4().hex
+    progress = None
+    if cfg.output.progress:
+        # Step files only where clients share this disk (a simulation).
+        progress = RoundProgress(cfg.federation.num_rounds, run_log.console, bar=run_log.bar,
+                                 step_dir=run_log.run_dir / PROGRESS_DIR if is_simulation(grid) else None)
+        if hasattr(grid, "on_poll"):  # a StoppableGrid: counts replies as they arrive
+            grid.on_poll = progress.replies
     glue = FlowerStrategy(strategy, cfg, on_metrics=run_log.add, completed_rounds=done, stop=control.stop,
-                          run_key=run_key)
+                          run_key=run_key, progress=progress)
     glue.rejected = list(checkpoint.rejected) if checkpoint else []
     config_yaml = to_yaml(cfg)
 
@@ -124,7 +142,8 @@ def run_federation(grid: Grid, cfg: FedtuneConfig, control: RunControl | None = 
         server_round = flower_round + done
         if test_tok is not None:
             strategy.load_global(handle)
-            result = evaluate(handle, test_tok, cfg.train.eval_batch_size)
+            result = evaluate(handle, test_tok, cfg.train.eval_batch_size,
+                              on_batch=progress.evaluation if progress is not None else None)
             run_log.add(eval_loss=result["loss"], eval_accuracy=result["accuracy"])
             if metric_column is not None:
                 generated = evaluate_generation_on(handle, test, cfg.eval, cfg.data)
@@ -157,13 +176,21 @@ def run_federation(grid: Grid, cfg: FedtuneConfig, control: RunControl | None = 
         trackers.close(success=False)
         raise
     finally:
+        if progress is not None:
+            progress.close()
+            if hasattr(grid, "on_poll"):
+                grid.on_poll = None
         run_log.close()
         if glue.rejected:
             (run_log.run_dir / "rejected.jsonl").write_text("".join(json.dumps(r) + "\n" for r in glue.rejected))
-    if cfg.output.save_adapter and strategy.tunes_base_model:
-        save_whole_model(handle, strategy, run_log.run_dir / MODEL_DIR)
-    elif cfg.output.save_adapter:
-        save_global(cfg, labels, handle, strategy, run_log.run_dir / ADAPTER_DIR)
+    try:
+        if cfg.output.save_adapter and strategy.tunes_base_model:
+            save_whole_model(handle, strategy, run_log.run_dir / MODEL_DIR, names)
+        elif cfg.output.save_adapter:
+            save_global(cfg, labels, handle, strategy, run_log.run_dir / ADAPTER_DIR, names)
+    except BaseException:
+        trackers.close(success=False)
+        raise
     trackers.log_artifact(run_log.run_dir / (MODEL_DIR if strategy.tunes_base_model else ADAPTER_DIR))
     trackers.close(success=True)
     if cfg.output.plots:
@@ -199,28 +226,54 @@ def check_progress(rows: list[dict[str, Any]], cfg: FedtuneConfig) -> None:
         f"and resume with more rounds")
 
 
-def save_whole_model(handle: AdapterHandle, strategy: Strategy, directory: Path) -> None:
+def save_whole_model(handle: AdapterHandle, strategy: Strategy, directory: Path,
+                     names: Sequence[str] | None = None) -> None:
     """Write the global model of a full-parameter strategy as a plain transformers model folder.
 
     ``AutoModelFor...from_pretrained(directory)`` reads it; the adapter (whatever it holds)
-    is merged in and the task head is the tuned one.
+    is merged in and the task head is the tuned one. With ``names`` (a classifier's class
+    names by index) its config's ``id2label`` / ``label2id`` name the classes.
     """
     strategy.load_global(handle)
     merged = copy.deepcopy(handle.model).merge_and_unload()
+    if names is not None:
+        name_labels(merged.config, names)
     merged.save_pretrained(str(directory))
     handle.tokenizer.save_pretrained(str(directory))
 
 
 def save_global(cfg: FedtuneConfig, labels: int | None, handle: AdapterHandle, strategy: Strategy,
-                directory: Path) -> None:
-    """Write the global model as a PEFT adapter (``PeftModel.from_pretrained`` reads it)."""
+                directory: Path, names: Sequence[str] | None = None) -> None:
+    """Write the global model as a PEFT adapter (``PeftModel.from_pretrained`` reads it).
+
+    With ``names`` (a classifier's class names by index) the folder also holds the base
+    model's ``config.json`` with ``id2label`` / ``label2id`` set (see :func:`save_base_config`).
+    """
     exported = strategy.export_adapter()
     if exported is None:
         handle.load(strategy.global_adapter())
         handle.save(directory)
+        save_base_config(handle, directory, names)
         return
     adapter_cfg = dataclasses.replace(cfg.adapter, rank=exported.rank, alpha=exported.alpha, client_ranks=None)
     export_handle = get_adapter(cfg.model.for_server(), adapter_cfg, labels, cfg.seed)
     clear_extensions(export_handle.model)  # the exported adapter carries the whole update
     export_handle.load(exported.tensors)
     export_handle.save(directory)
+    save_base_config(export_handle, directory, names)
+
+
+def save_base_config(handle: AdapterHandle, directory: Path, names: Sequence[str] | None) -> None:
+    """Write the base model's config, with the class names, beside an exported classification adapter.
+
+    ``AutoConfig.from_pretrained(directory)`` then gives a config to build the base with
+    (``AutoModelForSequenceClassification.from_pretrained(base, config=...)``) whose
+    ``id2label`` names the adapter's outputs. A quantization setting is left out: how to
+    load the base is the reader's choice. Nothing is written without ``names``.
+    """
+    if names is None:
+        return
+    config = copy.deepcopy(handle.model.get_base_model().config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    name_labels(config, names).save_pretrained(str(directory))

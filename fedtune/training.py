@@ -16,6 +16,7 @@ from fedtune.data.tokenize import IGNORE_INDEX, collate
 from fedtune.devices import device_of, to_device
 from fedtune.models import AdapterHandle
 from fedtune.privacy import PrivacyLedger, dp_step, model_loss_fn, poisson_batch
+from fedtune.progress import local_steps
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ def train_adapter(handle: AdapterHandle, train_ds: datasets.Dataset, cfg: TrainC
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     loader = _loader(train_ds, cfg.batch_size, handle.tokenizer.pad_token_id, shuffle=True, seed=seed)
     total_steps = steps_per_round(cfg, len(train_ds))
+    report = local_steps(total_steps)
     device = device_of(handle.model)
     handle.model.train()
     start = time.perf_counter()
@@ -75,6 +77,7 @@ def train_adapter(handle: AdapterHandle, train_ds: datasets.Dataset, cfg: TrainC
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 steps += 1
+                report.advance()
                 if steps >= total_steps:
                     break
     handle.model.eval()
@@ -83,14 +86,19 @@ def train_adapter(handle: AdapterHandle, train_ds: datasets.Dataset, cfg: TrainC
 
 
 @torch.no_grad()
-def evaluate(handle: AdapterHandle, ds: datasets.Dataset, batch_size: int) -> dict[str, float]:
-    """Mean loss and accuracy (label accuracy, or next-token accuracy on response tokens)."""
+def evaluate(handle: AdapterHandle, ds: datasets.Dataset, batch_size: int,
+             on_batch: Callable[[int, int], None] | None = None) -> dict[str, float]:
+    """Mean loss and accuracy (label accuracy, or next-token accuracy on response tokens).
+
+    ``on_batch(done, total)`` is called after every batch (a progress display).
+    """
     handle.model.eval()
     if len(ds) == 0:
         return {"loss": float("nan"), "accuracy": float("nan"), "num_examples": 0}
     loss_sum, weight, correct, total = 0.0, 0, 0, 0
     device = device_of(handle.model)
-    for batch in _loader(ds, batch_size, handle.tokenizer.pad_token_id, shuffle=False, seed=0):
+    num_batches = math.ceil(len(ds) / batch_size)
+    for done, batch in enumerate(_loader(ds, batch_size, handle.tokenizer.pad_token_id, shuffle=False, seed=0), 1):
         batch = to_device(batch, device)
         out = handle.model(**batch)
         labels = batch["labels"]
@@ -105,6 +113,8 @@ def evaluate(handle: AdapterHandle, ds: datasets.Dataset, batch_size: int) -> di
         loss_sum += float(out.loss) * n
         weight += n
         total += n
+        if on_batch is not None:
+            on_batch(done, num_batches)
     return {"loss": loss_sum / max(weight, 1), "accuracy": correct / max(total, 1), "num_examples": len(ds)}
 
 
@@ -125,6 +135,7 @@ def train_adapter_private(handle: AdapterHandle, train_ds: datasets.Dataset, cfg
     per_example_loss = model_loss_fn(handle.model)
     n = len(train_ds)
     steps = steps_per_round(cfg, n)
+    report = local_steps(steps)
     rate = min(1.0, cfg.batch_size / n)
     device = device_of(handle.model)
     handle.model.train()
@@ -140,6 +151,7 @@ def train_adapter_private(handle: AdapterHandle, train_ds: datasets.Dataset, cfg
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         ledger.step(1, noise_multiplier=noise_multiplier, sample_rate=rate)
+        report.advance()
         if rows:
             with torch.no_grad():
                 losses.append(float(handle.model(**batch).loss))

@@ -109,6 +109,22 @@ def test_saved_adapter_loads_and_reproduces_the_last_evaluation(fedit_run: Path,
     assert result["loss"] == pytest.approx(last["eval_loss"], rel=1e-5)
 
 
+def test_run_directory_names_the_labels_and_the_central_test_set(fedit_run: Path) -> None:
+    from transformers import AutoConfig
+
+    from fedtune.data import load_splits
+    from fedtune.data.labels import read_labels
+    from fedtune.data.provenance import TEST_SET_FILE, examples_sha256
+
+    names = ["world", "sports", "business", "science"]
+    assert read_labels(fedit_run) == names
+    assert AutoConfig.from_pretrained(fedit_run / ADAPTER_DIR).id2label == dict(enumerate(names))
+    record = json.loads((fedit_run / TEST_SET_FILE).read_text())
+    _, test = load_splits(load_config(fedit_run / CONFIG_FILE).data, "classification")
+    assert record["source"] == "generated:topics" and record["num_examples"] == 60
+    assert record["sha256"] == examples_sha256(test)
+
+
 def test_custom_strategy_from_a_file_outside_the_package(tiny_bert: str, tmp_path: Path) -> None:
     name = f"{EXAMPLES / 'median_lora.py'}:MedianLoRA"
     run_dir = simulate(load_config(None, tiny_overrides(tiny_bert, tmp_path, rounds=1)

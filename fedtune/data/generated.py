@@ -77,6 +77,7 @@ def generate_topics(num_examples: int, seed: int, distractor_rate: float = 0.5) 
 
 
 GENERATED_TASKS = {"topics": generate_topics}
+GENERATED_LABELS = {"topics": LABELS}  # the name of each label index
 # Sizes of the generated splits; the test split uses a different seed, so no sentence
 # generator state is shared with training.
 GENERATED_TRAIN_SIZE = 2400

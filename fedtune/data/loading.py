@@ -11,13 +11,14 @@ from __future__ import annotations
 import csv
 import dataclasses
 import inspect
+from dataclasses import dataclass
 from pathlib import Path
 
 import datasets
 import pandas as pd
 
 from fedtune.config import DataConfig
-from fedtune.data.generated import GENERATED_TASKS, GENERATED_TEST_SIZE, GENERATED_TRAIN_SIZE
+from fedtune.data.generated import GENERATED_LABELS, GENERATED_TASKS, GENERATED_TEST_SIZE, GENERATED_TRAIN_SIZE
 from fedtune.data.prompts import join_alpaca
 from fedtune.errors import DataError
 
@@ -75,22 +76,28 @@ def _check_not_empty(path: Path, source: str, fmt: str) -> None:
 
 def read_table(source: str, cfg: DataConfig) -> datasets.Dataset:
     """Read ``source`` (a file or a saved ``datasets`` folder) as a Dataset, columns untouched."""
+    return _read_source(source, cfg)[0]
+
+
+def _read_source(source: str, cfg: DataConfig) -> tuple[datasets.Dataset, str, str | None]:
+    """The table, its format, and the split taken from a saved ``DatasetDict`` (else None)."""
     path = Path(source)
     if not path.exists():
         raise DataError(f"data file {source!r} does not exist")
     fmt = _format_of(path, cfg.format)
     if fmt == "disk":
         loaded = datasets.load_from_disk(str(path))
+        split = None
         if isinstance(loaded, datasets.DatasetDict):
             split = "train" if "train" in loaded else next(iter(loaded))
             loaded = loaded[split]
-        return loaded
+        return loaded, fmt, split
     _check_not_empty(path, source, fmt)
     try:
         frame = _read_frame(path, fmt, cfg.column_names)
     except (ValueError, pd.errors.ParserError) as e:
         raise DataError(f"cannot read {source!r} as {fmt}: {e}") from e
-    return datasets.Dataset.from_pandas(frame, preserve_index=False)
+    return datasets.Dataset.from_pandas(frame, preserve_index=False), fmt, None
 
 
 def _alpaca_to_prompt_response(ds: datasets.Dataset) -> datasets.Dataset:
@@ -126,45 +133,120 @@ def standardize(ds: datasets.Dataset, cfg: DataConfig, task: str, source: str) -
 
 
 def encode_labels(train: datasets.Dataset, test: datasets.Dataset | None) -> tuple[datasets.Dataset, datasets.Dataset | None, list[str]]:
-    """Map labels to 0..n-1 (ints keep their order, strings sort), the same for both splits."""
+    """Map labels to 0..n-1 (ints keep their order, strings sort), the same for both splits.
+
+    Returns both splits and the label names by index: a string label is its own name, an
+    int label of a ``ClassLabel`` column is named by that feature (``0`` -> ``negative``),
+    any other int by its digits.
+    """
     values = set(train["label"]) | (set(test["label"]) if test is not None else set())
     names = sorted(values, key=lambda v: (isinstance(v, str), v))
     index = {v: i for i, v in enumerate(names)}
     is_identity = all(isinstance(v, int) and index[v] == v for v in names)
+    feature = train.features["label"]
+    known = feature.names if isinstance(feature, datasets.ClassLabel) else []
+    label_names = [known[v] if isinstance(v, int) and 0 <= v < len(known) else str(v) for v in names]
+    if len(set(label_names)) != len(label_names):
+        raise DataError(f"labels {names} give the same name twice ({label_names}); use one type of label "
+                        "(all strings or all integers) in data.label_column")
 
     def relabel(ds: datasets.Dataset) -> datasets.Dataset:
         ds = ds if is_identity else ds.map(lambda r: {"label": index[r["label"]]})
-        return ds.cast_column("label", datasets.ClassLabel(names=[str(n) for n in names]))
+        return ds.cast_column("label", datasets.ClassLabel(names=label_names))
 
-    return relabel(train), (relabel(test) if test is not None else None), [str(n) for n in names]
+    return relabel(train), (relabel(test) if test is not None else None), label_names
+
+
+@dataclass(frozen=True)
+class CentralTestSet:
+    """How the central test set was taken from its source (see :mod:`fedtune.data.provenance`).
+
+    Attributes
+    ----------
+    source : str
+        ``data.test_source`` (a file or a saved ``datasets`` folder), or ``generated:<task>``.
+    format : str
+        The format it was read as (``tsv``, ``disk``, ...; ``generated``).
+    split : str or None
+        The split taken from a saved ``DatasetDict``.
+    rows_in_source : int
+        Examples the source holds.
+    shuffle_seed : int or None
+        Set when ``data.max_test_examples`` cut the source: the examples are the first
+        ``max_test_examples`` after ``Dataset.shuffle(seed=shuffle_seed)``; None: every row,
+        in source order.
+    max_test_examples : int or None
+        ``data.max_test_examples``.
+    generator_seed : int or None
+        The seed a generated test set was made with.
+    """
+
+    source: str
+    format: str
+    split: str | None
+    rows_in_source: int
+    shuffle_seed: int | None
+    max_test_examples: int | None
+    generator_seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Splits:
+    """What :func:`load_data` returns: the training pool, the central test set and how it was taken."""
+
+    pool: datasets.Dataset
+    test: datasets.Dataset | None
+    test_selection: CentralTestSet | None
 
 
 def load_splits(cfg: DataConfig, task: str) -> tuple[datasets.Dataset, datasets.Dataset | None]:
     """The training pool (to be partitioned) and the server's central test set, if any."""
+    splits = load_data(cfg, task)
+    return splits.pool, splits.test
+
+
+def load_data(cfg: DataConfig, task: str) -> Splits:
+    """:func:`load_splits`, and how the central test set was selected from its source."""
+    selection = None
     if cfg.source.startswith("generated:"):
         task_name = cfg.source.split(":", 1)[1]
         if task_name not in GENERATED_TASKS or task != "classification":
             raise DataError(f"data.source={cfg.source!r}: generated tasks are "
                             f"{['generated:' + t for t in GENERATED_TASKS]} (classification only)")
         make = GENERATED_TASKS[task_name]
-        train = datasets.Dataset.from_dict(make(GENERATED_TRAIN_SIZE, seed=cfg.seed))
-        test = datasets.Dataset.from_dict(make(GENERATED_TEST_SIZE, seed=cfg.seed + 10_000))
+        features = datasets.Features({"text": datasets.Value("string"),
+                                      "label": datasets.ClassLabel(names=list(GENERATED_LABELS[task_name]))})
+        train = datasets.Dataset.from_dict(make(GENERATED_TRAIN_SIZE, seed=cfg.seed), features=features)
+        test = datasets.Dataset.from_dict(make(GENERATED_TEST_SIZE, seed=cfg.seed + 10_000), features=features)
+        selection = CentralTestSet(source=cfg.source, format="generated", split=None, rows_in_source=len(test),
+                                  shuffle_seed=None, max_test_examples=cfg.max_test_examples,
+                                  generator_seed=cfg.seed + 10_000)
     else:
         train = standardize(read_table(cfg.source, cfg), cfg, task, cfg.source)
-        test_cfg = dataclasses.replace(cfg, text_column=cfg.test_text_column or cfg.text_column)
-        test = (standardize(read_table(cfg.test_source, cfg), test_cfg, task, cfg.test_source)
-                if cfg.test_source else None)
+        test = None
+        if cfg.test_source:
+            test_cfg = dataclasses.replace(cfg, text_column=cfg.test_text_column or cfg.text_column)
+            raw, fmt, split = _read_source(cfg.test_source, cfg)
+            test = standardize(raw, test_cfg, task, cfg.test_source)
+            selection = CentralTestSet(source=cfg.test_source, format=fmt, split=split, rows_in_source=len(test),
+                                      shuffle_seed=None, max_test_examples=cfg.max_test_examples)
     if cfg.max_examples is not None and len(train) > cfg.max_examples:
         train = train.shuffle(seed=cfg.seed).select(range(cfg.max_examples))
     if test is not None and cfg.max_test_examples is not None and len(test) > cfg.max_test_examples:
         test = test.shuffle(seed=cfg.seed).select(range(cfg.max_test_examples))
+        selection = dataclasses.replace(selection, shuffle_seed=cfg.seed)
     if task == "classification":
         train, test, _ = encode_labels(train, test)
     if len(train) == 0:
         raise DataError(f"data.source={cfg.source!r} holds no examples; add rows to it, or point data.source "
                         "at another file")
-    return train, test
+    return Splits(pool=train, test=test, test_selection=selection)
 
 
 def num_labels(train: datasets.Dataset) -> int:
     return train.features["label"].num_classes
+
+
+def label_names(train: datasets.Dataset) -> list[str]:
+    """The class names by index (``names[i]`` is what label ``i`` means) of an encoded split."""
+    return list(train.features["label"].names)

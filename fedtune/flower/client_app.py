@@ -14,6 +14,7 @@ from fedtune.client import runtime_for
 from fedtune.codec import record_to_tensors, tensors_to_record, wire_bytes
 from fedtune.config import FedtuneConfig, config_from_run_config
 from fedtune.flower.federation_size import with_federation_size
+from fedtune.progress import reporting_steps
 from fedtune.routine import ClientReply, ClientState
 
 # Where a client's own state lives in Flower's context.state (it follows the client across processes).
@@ -106,15 +107,16 @@ def make_client_app(fixed_run_config: Mapping[str, Any] | None = None) -> Client
         config: ConfigRecord = msg.content[protocol.CONFIG]
         partition_id = _partition_id(context, cfg)
         state = load_state(context, config, partition_id)
-        reply = runtime_for(cfg, context.run_id, context.node_config).train(
-            partition_id=partition_id,
-            server_round=int(config[protocol.SERVER_ROUND]),
-            arrays=_arrays(msg),
-            trainable=str(config[protocol.TRAINABLE]).splitlines(),
-            routine=str(config[protocol.ROUTINE]),
-            config=dict(config),
-            state=state,
-        )
+        with reporting_steps(str(config.get(protocol.STEP_FILE, ""))):
+            reply = runtime_for(cfg, context.run_id, context.node_config).train(
+                partition_id=partition_id,
+                server_round=int(config[protocol.SERVER_ROUND]),
+                arrays=_arrays(msg),
+                trainable=str(config[protocol.TRAINABLE]).splitlines(),
+                routine=str(config[protocol.ROUTINE]),
+                config=dict(config),
+                state=state,
+            )
         store_state(context, config, partition_id, state)
         return _reply(msg, reply, cfg, partition_id)
 

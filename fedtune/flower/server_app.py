@@ -22,12 +22,15 @@ class StoppableGrid(Grid):
     """A Grid whose ``send_and_receive`` gives up as soon as ``stop`` is set (Ctrl-C).
 
     Everything else is the wrapped grid's: messages, node ids and replies are the same.
+    While it waits for replies it calls ``on_poll(arrived, sent)`` after every poll, when
+    set (the server's progress display sets it: :mod:`fedtune.progress`).
     """
 
     def __init__(self, inner: Grid, stop: threading.Event, poll_interval: float = 0.1) -> None:
         self.inner = inner
         self.stop = stop
         self.poll_interval = poll_interval
+        self.on_poll: Callable[[int, int], None] | None = None
 
     def set_run(self, run: Any) -> None:
         self.inner.set_run(run)
@@ -55,6 +58,7 @@ class StoppableGrid(Grid):
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         """Push ``messages`` and collect their replies until all arrived, ``timeout`` passed, or a stop."""
         waiting = set(self.push_messages(messages))
+        sent = len(waiting)
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
         while waiting:
@@ -63,10 +67,16 @@ class StoppableGrid(Grid):
             arrived = list(self.pull_messages(waiting))
             replies.extend(arrived)
             waiting.difference_update(m.metadata.reply_to_message_id for m in arrived)
+            if self.on_poll is not None:
+                self.on_poll(sent - len(waiting), sent)
             if not waiting or (deadline is not None and time.monotonic() >= deadline):
                 break
             self.stop.wait(self.poll_interval)
         return replies
+
+
+# How often a grid that only counts replies polls for them (Flower's deployment grid: 3 s).
+PROGRESS_POLL_SECONDS = 1.0
 
 
 def server_config(grid: Grid, run_config: Mapping[str, Any]) -> FedtuneConfig:
@@ -108,6 +118,9 @@ def make_server_app(fixed_run_config: Mapping[str, Any] | None = None,
             cfg = server_config(grid, {**dict(context.run_config), **dict(fixed_run_config or {})})
             if control is not None:
                 grid = StoppableGrid(grid, control.stop)
+            elif cfg.output.progress:
+                # Only to count replies as they arrive; polls as often as Flower's own grid.
+                grid = StoppableGrid(grid, threading.Event(), poll_interval=PROGRESS_POLL_SECONDS)
             run_dir = run_federation(grid, cfg, control)
         except BaseException as e:
             error = e

@@ -29,6 +29,7 @@ from fedtune.codec import record_to_tensors, tensors_to_record, wire_bytes
 from fedtune.config import FedtuneConfig
 from fedtune.errors import AggregationError, ClientAppError, InvalidUpdateError, RunInterrupted
 from fedtune.metrics import generative_key
+from fedtune.progress import RoundProgress
 from fedtune.strategy import ClientInstruction, ClientUpdate, Strategy, check_update
 
 log = logging.getLogger("fedtune.server")
@@ -106,11 +107,15 @@ class FlowerStrategy(FlwrStrategy):
         Set to stop the run (Ctrl-C): replies that arrive afterwards are not aggregated.
     run_key : str
         The run's id, sent with every instruction (clients keep their own state under it).
+    progress : RoundProgress, optional
+        Told when a round's training or evaluation starts; names the clients' step files.
     """
 
     def __init__(self, strategy: Strategy, cfg: FedtuneConfig, on_metrics: Callable[..., None],
-                 completed_rounds: int = 0, stop: threading.Event | None = None, run_key: str = "") -> None:
+                 completed_rounds: int = 0, stop: threading.Event | None = None, run_key: str = "",
+                 progress: RoundProgress | None = None) -> None:
         self.run_key = run_key
+        self.progress = progress
         self.strategy = strategy
         self.cfg = cfg
         self.on_metrics = on_metrics
@@ -139,7 +144,7 @@ class FlowerStrategy(FlwrStrategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         server_round += self.completed_rounds
-        messages, down = [], []
+        messages, down, step_files = [], [], []
         self._expects = {}
         self._sent = []
         for node_id in self._sample(grid, self.cfg.federation.fraction_train, server_round, 0):
@@ -151,10 +156,17 @@ class FlowerStrategy(FlwrStrategy):
             content[protocol.CONFIG].update(config)  # what every training message carries
             content[protocol.CONFIG][protocol.QUANTIZED_BASE_OK] = bool(self.strategy.supports_quantized_base)
             down.append(wire_bytes(content))
+            # Added after measuring: a local side channel (simulation), not part of the method's traffic.
+            step_file = self.progress.step_file(server_round, node_id) if self.progress is not None else None
+            if step_file is not None:
+                content[protocol.CONFIG][protocol.STEP_FILE] = step_file
+                step_files.append(step_file)
             messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id))
             self._sent.append((messages[-1], node_id))
         self.on_metrics(bytes_down=sum(down), bytes_down_per_client=sum(down) / max(len(down), 1),
                         clients_sampled=len(messages))
+        if self.progress is not None:
+            self.progress.start(server_round, "training", len(messages), step_files)
         return messages
 
     def _destinations(self) -> dict[str, int]:
@@ -276,6 +288,8 @@ class FlowerStrategy(FlwrStrategy):
             down += wire_bytes(content)
             messages.append(Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=node_id))
         self.on_metrics(eval_bytes_down=down)
+        if self.progress is not None and messages:
+            self.progress.start(server_round, "client evaluation", len(messages))
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:

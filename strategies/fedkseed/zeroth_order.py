@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedtune.progress import local_steps
 from fedtune.strategies.fedkseed.gaussian import NormalTarget, fill_normal
 
 Params = Mapping[str, torch.Tensor]
@@ -297,9 +298,11 @@ def zo_train(params: Params, batches: Iterable[Any], loss_on_batch: Callable[[An
     history: list[Step] = []
     losses: list[float] = []
     batch_stream = _endless(batches)
+    report = local_steps(steps)  # the server's progress display (a no-op outside a ClientApp)
     for seed in seeds:
         batch = next(batch_stream)
         scalar, loss = _zo_step(params, functools.partial(loss_on_batch, batch), seed, eps, lr)
+        report.advance()
         if scalar is not None:
             history.append((seed, scalar))
             losses.append(loss)
