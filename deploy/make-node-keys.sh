@@ -3,7 +3,7 @@
 #
 # One key pair per SuperNode: OUT_DIR/NAME (private, stays on that organisation's host) and
 # OUT_DIR/NAME.pub (public, handed to the SuperLink operator for deploy/register-nodes.sh).
-# Flower 1.41 reads OpenSSH-format keys on a NIST elliptic curve (here P-384, ecdsa-sha2-nistp384).
+# Flower 1.42 reads OpenSSH-format keys on a NIST elliptic curve (here P-384, ecdsa-sha2-nistp384).
 set -euo pipefail
 [ $# -ge 2 ] || { sed -n '2,/^[^#]/s/^# \{0,1\}//p' "$0" >&2; exit 2; }
 out="$1"; shift

@@ -20,7 +20,7 @@ superlink="$1" ca="$2" key="$3" partition="$4" partitions="$5"; shift 5
 [ -f "$ca" ] || die "no CA certificate at $ca"
 [ -f "$key" ] || die "no private key at $key (run deploy/make-node-keys.sh)"
 
-# Flower 1.41 reports a refused key (the SuperLink answers ActivateNode with HTTP 412, "No
+# Flower 1.42 reports a refused key (the SuperLink answers ActivateNode with HTTP 412, "No
 # SuperNode found with the given public key" in its own log only) as "[code: 2004] Failed to
 # activate SuperNode." followed by its generic "could not establish a connection" (exit code
 # 305), which reads like a network failure. flower-supernode's log passes through unchanged; after

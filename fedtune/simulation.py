@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -66,8 +67,7 @@ def simulate(cfg: FedtuneConfig, verbose: bool = False,
     client_app = (client_app_factory or make_client_app)(run_config)
     quiet_flower(verbose)
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*run_simulation.*deprecated.*")
+        with without_run_simulation_deprecation():
             run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.federation.num_clients,
                            backend_config=backend, verbose_logging=verbose)
     except Exception:
@@ -125,6 +125,38 @@ def quiet_flower(verbose: bool) -> None:
     round; the ServerApp turns the first into one line (see :mod:`fedtune.flower.strategy_adapter`).
     """
     logging.getLogger("flwr").setLevel(logging.DEBUG if verbose else logging.CRITICAL)
+
+
+# What Flower (1.41, 1.42) logs on every call of run_simulation: a log record, not a Python warning.
+RUN_SIMULATION_DEPRECATION = "The `run_simulation` function is deprecated"
+
+
+class RunSimulationDeprecationFilter(logging.Filter):
+    """Drops Flower's one "DEPRECATED FEATURE" record about ``run_simulation``; passes every other record.
+
+    ``fedtune simulate`` calls ``flwr.simulation.run_simulation`` because it is the only
+    Flower entry point that runs ServerApp and ClientApp objects in this process (with
+    fedtune's ``on_finish`` and :class:`~fedtune.server.RunControl`); ``flwr run`` loads the apps
+    by name in other processes. The user did not call it, so ``--verbose`` should not tell
+    them it is deprecated.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        return not (record.levelno == logging.WARNING and str(record.msg).startswith("DEPRECATED FEATURE:")
+                    and len(args) == 1 and str(args[0]).startswith(RUN_SIMULATION_DEPRECATION))
+
+
+@contextmanager
+def without_run_simulation_deprecation() -> Iterator[None]:
+    """While in the block, Flower's ``flwr`` logger drops its ``run_simulation`` deprecation record."""
+    flower_logger = logging.getLogger("flwr")
+    hide = RunSimulationDeprecationFilter()
+    flower_logger.addFilter(hide)
+    try:
+        yield
+    finally:
+        flower_logger.removeFilter(hide)
 
 
 def preflight(cfg: FedtuneConfig) -> None:

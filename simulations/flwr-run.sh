@@ -22,8 +22,8 @@ flwr_bin="${FLWR:-flwr}"
 # flwr starts `flower-superlink` by name: it must be on PATH beside flwr.
 [[ "$flwr_bin" == */* ]] && export PATH="$(dirname "$flwr_bin"):$PATH"
 mkdir -p "$FLWR_HOME"
-# Earlier versions of this script wrote a config.toml with the `options.` fields Flower 1.41
-# deprecates; remove it, and flwr writes its default.
+# Earlier versions of this script wrote a config.toml with the `options.` fields that Flower 1.41
+# and 1.42 deprecate; remove it, and flwr writes its default.
 if head -n 1 "$FLWR_HOME/config.toml" 2>/dev/null | grep -qF 'Flower CLI connection config for `flwr run .`'; then
     rm -f "$FLWR_HOME/config.toml"
 fi

@@ -122,7 +122,7 @@ def test_bfloat16_wire_size_is_two_bytes_per_element() -> None:
     bf16 = message_bytes(values.to(torch.bfloat16))
     # fp32 is 4N bytes of payload, bf16 2N. The rest is a fixed overhead: object headers, the
     # dtype/shape/stype strings and, for NumPy arrays, the 128-byte .npy header (~500-650 bytes
-    # in all with flwr 1.41), hence 1024 bytes of slack per message and 512 on the difference.
+    # in all with flwr 1.42), hence 1024 bytes of slack per message and 512 on the difference.
     assert abs((fp32 - bf16) - 2 * n) < 512
     assert 2 * n <= bf16 < 2 * n + 1024
     assert 4 * n <= fp32 < 4 * n + 1024

@@ -270,7 +270,7 @@ def test_list_nodes_names_each_nodes_organisation(federation: Federation) -> Non
 
 def test_a_supernode_with_an_unregistered_key_is_refused(federation: Federation) -> None:
     before = federation.nodes()
-    # Flower 1.41: the SuperLink answers ActivateNode with HTTP 412 (no SuperNode has that public key);
+    # Flower 1.42: the SuperLink answers ActivateNode with HTTP 412 (no SuperNode has that public key);
     # flower-supernode exits with Flower's exit code 305, "could not establish a connection".
     # supernode.sh says, once, what that means.
     log = federation.failed_node_log("rogue", until="register it with")

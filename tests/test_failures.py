@@ -29,7 +29,7 @@ from tests.test_simulation import read_rows, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# What Flower 1.41 puts in an error reply when a ClientApp raises, in a simulation (the Ray
+# What Flower 1.42 puts in an error reply when a ClientApp raises, in a simulation (the Ray
 # traceback, shortened) and on a SuperNode.
 SIMULATION_REASON = (
     "<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'\x1b[36mray::ClientAppActor.run()\x1b[39m "
