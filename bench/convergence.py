@@ -1,18 +1,20 @@
 """Convergence of every LoRA strategy next to centralized LoRA and a plain FedAvg loop (#14).
 
-    python bench/convergence.py [--datasets agnews sst2] [--strategies fedit ...] [--rounds 20]
-                                [--clients 10] [--local-steps 10] [--batch-size 32] [--lr 5e-3]
-                                [--max-length 64] [--train-examples 2000] [--test-examples N]
-                                [--quick] [--fresh] [--no-plot]
+    python bench/convergence.py [--datasets agnews sst2] [--strategies fedit ...] [--rounds 10]
+                                [--clients 10] [--local-steps 4] [--batch-size 16] [--lr 5e-3]
+                                [--max-length 48] [--train-examples 2000] [--test-examples 300]
+                                [--quick] [--fresh] [--redo ROW ...] [--no-plot]
 
 Rows, per data set (AG News 4-class, SST-2), all with all-MiniLM-L6-v2, rank-8 LoRA on query and
 value (Fed-SB: rank 32), by default 10 clients split by Dirichlet(α = 0.5) over labels, every
-client in every round, ``train.local_steps=10``, ``train.batch_size=32``,
+client in every round, ``train.local_steps=4``, ``train.batch_size=16``,
 ``train.learning_rate=5e-3``, the same seed (the flags change the schedule for every row alike):
 
 * one fedtune simulation per strategy (fedit, ffa-lora, flora, lora-fair, fed-sb, fedkseed);
   Fed-SB runs its initialisation rounds first (they count as rounds and bytes in its curve),
-  FedKSeed runs zeroth-order steps on the adapter and head with its own step size and steps;
+  FedKSeed runs simulations/fedkseed_agnews.yaml's recipe: zeroth-order steps on the head with
+  its own step size, number of steps and batch size;
+* variants, run only when named: a strategy with one setting changed (``VARIANTS``);
 * ``centralized``: the same adapter trained by fedtune's own building blocks on the pooled
   training data, each "round" seeing as many examples as a federated round does
   (clients × local steps × batch), evaluated on the same test set after each round. Every round
@@ -28,8 +30,10 @@ a 2-core machine) with one torch thread (``train.threads=1``), and the in-proces
 thread too. Mean round seconds leave out the first training round when there are others: in a
 simulation it includes starting the client actors and loading the model into them.
 
-Default sizes: AG News uses 2,000 training and 500 test examples, SST-2 2,000 and its
-872 dev sentences as test; sequences are cut at 64 tokens; clients keep no local eval split.
+Default sizes: 2,000 training and 300 test examples (AG News' test split, SST-2's dev split),
+sequences cut at 48 tokens, clients keep no local eval split. The defaults are sized so that all
+16 rows fit in about 2 hours on 2 cores (20 rounds of 10 steps of 32 examples, the schedule of
+the issue, is ten times the compute per row).
 
 A simulation runs all its rounds in one ``simulate`` call, so the plateau is not a stopping
 rule: every row runs to the round cap (``--rounds``) and the plateau round is computed from the
@@ -44,9 +48,8 @@ Resumable: each finished row goes into ``bench/results/convergence.json`` at onc
 writes ``convergence_quick.json``: 3 clients, 2 rounds of 3 steps of 8 examples, 300/100
 examples, 35-50 s a row on 2 shared cores), and a rerun skips rows already there with the same
 schedule; ``--fresh`` starts over. A rerun that names only finished rows just prints the tables.
-PNG curves (accuracy against round and against cumulative bytes) are written beside the JSON
-when matplotlib, an optional dependency not in pyproject.toml, is importable; without it the
-script says so and writes none.
+PNG curves (accuracy against round and against cumulative bytes, drawn by
+:func:`fedtune.plots.comparison_figure`) are written beside the JSON.
 """
 
 from __future__ import annotations
@@ -68,7 +71,6 @@ RESULTS = ROOT / "bench" / "results"
 STRATEGIES = ["fedit", "ffa-lora", "flora", "lora-fair", "fed-sb", "fedkseed"]
 BASELINES = ["centralized", "plain"]
 CONFIGS = {"agnews": "simulations/fedit_agnews.yaml", "sst2": "simulations/fedit_sst2.yaml"}
-TEST_SIZE = {"agnews": 500, "sst2": 872}
 FED_SB_INIT_ROUNDS = 2
 PLATEAU_WINDOW = 3
 PLATEAU_GAIN = 0.005
@@ -82,10 +84,23 @@ STRATEGY_OVERRIDES: dict[str, list[str]] = {
     "lora-fair": ["strategy.name=lora-fair"],
     "fed-sb": ["strategy.name=fed-sb", "adapter.rank=32", "adapter.alpha=32.0",
                f"strategy.options.init_passes={FED_SB_INIT_ROUNDS}", "strategy.options.init_samples=64"],
-    # Zeroth-order: one scalar per step, so many small steps on the adapter and head only.
-    "fedkseed": ["strategy.name=fedkseed", "strategy.options.tune=adapter", "strategy.options.k=4096",
-                 "strategy.options.eps=1e-3", "strategy.options.lr=2e-3", "strategy.options.steps=100"],
+    # Zeroth-order: simulations/fedkseed_agnews.yaml's recipe, steps on the head only (1,540 values)
+    # with their own step size, number of steps and a smaller batch (two forward passes a step).
+    "fedkseed": ["strategy.name=fedkseed", "strategy.options.tune=adapter", "strategy.options.trainable=[classifier]",
+                 "strategy.options.k=4096", "strategy.options.eps=1e-3", "strategy.options.lr=3e-2",
+                 "strategy.options.steps=40", "train.batch_size=8"],
 }
+
+# Rows that change one setting of a strategy, run only when named: what its gap to FedIT comes from.
+VARIANTS: dict[str, list[str]] = {
+    "ffa-lora-lr2x": ["strategy.name=ffa-lora", "train.learning_rate=1e-2"],
+    "fed-sb-lr2x": [*STRATEGY_OVERRIDES["fed-sb"], "train.learning_rate=1e-2"],
+    # Heterogeneous ranks 4/8/16 under FLoRA: one α for every rank (s_k = α / r_k), or α_k = 2·r_k as
+    # the official code (adapter.alpha_per_rank, s_k = α / adapter.rank = 2 for every client).
+    "flora-ranks": ["strategy.name=flora", "adapter.client_ranks=[4,8,16]"],
+    "flora-ranks-per-rank": ["strategy.name=flora", "adapter.client_ranks=[4,8,16]", "adapter.alpha_per_rank=true"],
+}
+ROW_OVERRIDES = {**STRATEGY_OVERRIDES, **VARIANTS}
 
 
 @dataclass(frozen=True)
@@ -120,17 +135,16 @@ def setting_of(args: argparse.Namespace, dataset: str) -> Setting:
     if args.quick:
         return Setting(rounds=args.rounds, clients=3, local_steps=3, batch_size=8, learning_rate=5e-3,
                        max_examples=300, max_test_examples=100, max_length=48)
-    test = args.test_examples or (TEST_SIZE[dataset] if dataset == "agnews" else None)
     return Setting(rounds=args.rounds, clients=args.clients, local_steps=args.local_steps,
                    batch_size=args.batch_size, learning_rate=args.lr, max_examples=args.train_examples,
-                   max_test_examples=test, max_length=args.max_length)
+                   max_test_examples=args.test_examples, max_length=args.max_length)
 
 
 # ---------------------------------------------------------------- the three kinds of row
 def strategy_overrides(name: str, setting: Setting, quick: bool) -> list[str]:
     """The strategy's own overrides, with Fed-SB's init rounds added and FedKSeed shortened in quick mode."""
-    extra = list(STRATEGY_OVERRIDES[name])
-    if name == "fed-sb":
+    extra = list(ROW_OVERRIDES[name])
+    if "strategy.name=fed-sb" in extra:
         extra.append(f"federation.num_rounds={setting.rounds + FED_SB_INIT_ROUNDS}")
     if name == "fedkseed" and quick:
         extra = [e for e in extra if "options.steps" not in e] + ["strategy.options.steps=5"]
@@ -354,46 +368,34 @@ def print_table(dataset: str, rows: dict[str, dict]) -> None:
     central = rows.get("centralized")
     central_best = max(p["accuracy"] for p in central["curve"]) if central else None
     summaries = [summarize(label, rows[label]["curve"], central_best)
-                 for label in [*BASELINES, *STRATEGIES] if label in rows]
+                 for label in [*BASELINES, *STRATEGIES, *VARIANTS] if label in rows]
     seconds = {s["row"]: s["round_s"] for s in summaries}
     print(f"\n{dataset}: centralized best {_cell(central_best, '.4f', 0).strip()}")
-    head = (f"{'row':<12}{'final':>8}{'best':>8}{'plateau':>8}{'r→90%':>7}{'bytes→90%':>14}{'r→95%':>7}"
+    width = max([12, *(len(summary["row"]) + 2 for summary in summaries)])
+    head = (f"{'row':<{width}}{'final':>8}{'best':>8}{'plateau':>8}{'r→90%':>7}{'bytes→90%':>14}{'r→95%':>7}"
             f"{'bytes→95%':>14}{'round s':>9}{'overhead':>9}")
     print(head)
     print("-" * len(head))
     for s in summaries:
         overhead = seconds["fedit"] / seconds["plain"] if s["row"] == "fedit" and "plain" in seconds else None
-        print(f"{s['row']:<12}{_cell(s['final'], '.4f', 8)}{_cell(s['best'], '.4f', 8)}{_cell(s['plateau'], 'd', 8)}"
+        print(f"{s['row']:<{width}}{_cell(s['final'], '.4f', 8)}{_cell(s['best'], '.4f', 8)}{_cell(s['plateau'], 'd', 8)}"
               f"{_cell(s['r90'], 'd', 7)}{_cell(s['b90'], ',', 14)}{_cell(s['r95'], 'd', 7)}{_cell(s['b95'], ',', 14)}"
               f"{_cell(s['round_s'], '.1f', 9)}{_cell(overhead, '.2f', 9)}")
 
 
 def plot(dataset: str, rows: dict[str, dict], path: Path) -> None:
-    """Accuracy against round and against cumulative bytes, one line per row; skipped without matplotlib."""
-    try:
-        import matplotlib
+    """Accuracy against round and against cumulative bytes, one line per row (fedtune's comparison figure)."""
+    from fedtune.plots import comparison_figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print(f"no PNG for {dataset}: matplotlib is not installed (optional: pip install matplotlib)")
-        return
-    fig, (by_round, by_bytes) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for i, (label, row) in enumerate(rows.items()):
-        curve, color = row["curve"], f"C{i}"
-        by_round.plot([p["round"] for p in curve], [p["accuracy"] for p in curve], marker=".", label=label,
-                      color=color)
-        if label != "centralized":  # round 0 has sent nothing, which a log axis cannot show
-            sent = [p for p in curve if p["bytes"] > 0]
-            by_bytes.plot([p["bytes"] for p in sent], [p["accuracy"] for p in sent], marker=".", label=label,
-                          color=color)
-    by_round.set(xlabel="round", ylabel="central test accuracy", title=f"{dataset}: accuracy by round")
-    by_bytes.set(xlabel="cumulative bytes (up + down)", xscale="log", title=f"{dataset}: accuracy by bytes")
-    by_round.legend(fontsize=8)
-    by_bytes.legend(fontsize=8)
+    def as_metrics(curve: list[dict]) -> list[dict]:
+        sent = [0] + [p["bytes"] for p in curve]
+        return [{"round": p["round"], "eval_accuracy": p["accuracy"], "bytes_up": sent[i + 1] - sent[i]}
+                for i, p in enumerate(curve)]
+
+    fig = comparison_figure({label: as_metrics(row["curve"]) for label, row in rows.items()})
+    fig.suptitle(f"{dataset}: convergence")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    fig.savefig(path, format="png")
     print(f"wrote {path}")
 
 
@@ -422,26 +424,29 @@ def runner(label: str) -> Callable[[str, Setting, bool, Path], dict]:
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", choices=sorted(CONFIGS), default=["agnews", "sst2"])
-    parser.add_argument("--strategies", nargs="+", choices=[*BASELINES, *STRATEGIES],
+    parser.add_argument("--strategies", nargs="+", choices=[*BASELINES, *STRATEGIES, *VARIANTS],
                         default=[*BASELINES, *STRATEGIES],
-                        help="rows to run (centralized and plain are rows too); fedit, centralized and plain "
-                             "run first")
-    parser.add_argument("--rounds", type=int, default=None, help="round cap (default 20, quick 2)")
+                        help="rows to run (centralized and plain are rows too; the variants, a strategy with "
+                             "one setting changed, only when named); fedit, centralized and plain run first")
+    parser.add_argument("--rounds", type=int, default=None, help="round cap (default 10, quick 2)")
     parser.add_argument("--clients", type=int, default=10)
-    parser.add_argument("--local-steps", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--local-steps", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=5e-3)
-    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--max-length", type=int, default=48)
     parser.add_argument("--train-examples", type=int, default=2000)
-    parser.add_argument("--test-examples", type=int, default=None,
-                        help="test examples (default: AG News 500, SST-2 all 872)")
+    parser.add_argument("--test-examples", type=int, default=300,
+                        help="test examples (AG News has 7,600, SST-2's dev split 872)")
     parser.add_argument("--quick", action="store_true", help="smoke test: AG News subset, 3 clients, 2 rounds")
     parser.add_argument("--fresh", action="store_true", help="discard finished rows and start over")
+    parser.add_argument("--redo", nargs="+", default=[], metavar="ROW",
+                        help="run these rows again even if finished (e.g. fedit plain: the overhead ratio on a "
+                             "quiet machine)")
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
     if args.quick:
         args.datasets = ["agnews"]
-    args.rounds = args.rounds or (2 if args.quick else 20)
+    args.rounds = args.rounds or (2 if args.quick else 10)
     return args
 
 
@@ -457,7 +462,7 @@ def main(argv: list[str]) -> int:
     quiet_libraries()
     path = RESULTS / ("convergence_quick.json" if args.quick else "convergence.json")
     results = load_results(path, args.fresh)
-    order = [label for label in ["fedit", *BASELINES, *STRATEGIES] if label in args.strategies]
+    order = [label for label in ["fedit", *BASELINES, *STRATEGIES, *VARIANTS] if label in args.strategies]
     order = list(dict.fromkeys(order))
     with tempfile.TemporaryDirectory() as tmp:
         for dataset in args.datasets:
@@ -465,11 +470,12 @@ def main(argv: list[str]) -> int:
             for label in order:
                 key = f"{dataset}/{label}"
                 done = results["rows"].get(key)
-                if done and done["setting"] == asdict(setting):
+                if done and done["setting"] == asdict(setting) and label not in args.redo:
                     print(f"== {key}: done before, skipped")
                     continue
                 if done:
-                    print(f"== {key}: done before with another setting, run again")
+                    why = "--redo" if label in args.redo else "done before with another setting"
+                    print(f"== {key}: {why}, run again")
                 print(f"== {key}: {args.rounds} rounds", flush=True)
                 start = time.perf_counter()
                 row = runner(label)(dataset, setting, args.quick, Path(tmp))
@@ -483,7 +489,8 @@ def main(argv: list[str]) -> int:
         if rows:
             print_table(dataset, rows)
             if not args.no_plot:
-                plot(dataset, rows, path.with_name(f"{path.stem}_{dataset}.png"))
+                curves = {label: row for label, row in rows.items() if label not in VARIANTS}  # readable
+                plot(dataset, curves, path.with_name(f"{path.stem}_{dataset}.png"))
     return 0
 
 

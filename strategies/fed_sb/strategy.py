@@ -213,7 +213,7 @@ def r_average_error(frozen: Mapping[str, torch.Tensor], client_r: Sequence[Mappi
 INIT_STEP_WARNING = 0.05
 
 
-def _init_step_scale(updates: Sequence[ClientUpdate]) -> dict[str, float]:
+def _init_step_scale(updates: Sequence[ClientUpdate], explicit_rate: bool) -> dict[str, float]:
     """The clients' initial step relative to their base weights' RMS (largest), with a warning when large.
 
     The "adam" estimate −η·sign(G) moves every entry of W by η, so η / RMS(W) is the
@@ -224,8 +224,11 @@ def _init_step_scale(updates: Sequence[ClientUpdate]) -> dict[str, float]:
         return {}
     largest = max(ratios)
     if largest > INIT_STEP_WARNING:
-        log.warning("Fed-SB's initial step moves the adapted weights by %.1f%% of their RMS (η / RMS(W)); lower "
-                    "strategy.options.init_learning_rate or leave it unset for the official schedule", 100 * largest)
+        fix = ("lower strategy.options.init_learning_rate or leave it unset for the official schedule" if explicit_rate
+               else "the official schedule η = train.learning_rate / (init_warmup_ratio · T) gives this; lower "
+                    "train.learning_rate, raise strategy.options.init_warmup_ratio or set init_learning_rate")
+        log.warning("Fed-SB's initial step moves the adapted weights by %.1f%% of their RMS (η / RMS(W)); %s",
+                    100 * largest, fix)
     return {METRIC_INIT_STEP_RELATIVE: largest}
 
 
@@ -396,7 +399,7 @@ class FedSB(Strategy):
         """Fold one init pass; set B, A and R_0 after the last one."""
         self._check_fingerprints(updates)
         weights, replies = self._weights(updates), [parse_init_reply(u.arrays) for u in updates]
-        stage, metrics = self._stage, {"init_clients": float(len(updates)), **_init_step_scale(updates)}
+        stage, metrics = self._stage, {"init_clients": float(len(updates)), **_init_step_scale(updates, self.init_learning_rate is not None)}
         if stage in ("single", "dense"):
             estimates = [{m: UpdateSketch(p["range"], p["corange"]) if stage == "single" else p["dense"]
                           for m, p in reply.items()} for reply in replies]

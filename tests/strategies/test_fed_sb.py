@@ -392,8 +392,12 @@ def test_a_large_initial_step_is_reported_and_warned_about(caplog: pytest.LogCap
         return ClientUpdate(client_id=0, arrays={}, num_examples=1, metrics={METRIC_INIT_STEP_RELATIVE: ratio})
 
     with caplog.at_level("WARNING"):
-        assert _init_step_scale([update(0.001), update(0.002)]) == {METRIC_INIT_STEP_RELATIVE: 0.002}
+        assert _init_step_scale([update(0.001), update(0.002)], True) == {METRIC_INIT_STEP_RELATIVE: 0.002}
         assert not caplog.records
-        assert _init_step_scale([update(0.2)]) == {METRIC_INIT_STEP_RELATIVE: 0.2}
-    assert "20.0% of their RMS" in caplog.text and "init_learning_rate" in caplog.text
-    assert _init_step_scale([]) == {}
+        assert _init_step_scale([update(0.2)], True) == {METRIC_INIT_STEP_RELATIVE: 0.2}
+    assert "20.0% of their RMS" in caplog.text and "lower strategy.options.init_learning_rate" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # the rate came from the official schedule: say what sets it
+        _init_step_scale([update(0.2)], False)
+    assert "lower train.learning_rate" in caplog.text and "init_warmup_ratio" in caplog.text
+    assert _init_step_scale([], False) == {}
