@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo flwr-run test test-fast clean
+.PHONY: install demo flwr-run test test-all test-fast clean
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,9 @@ flwr-run: install
 	PATH=$(abspath $(BIN)):$$PATH bash simulations/flwr-run.sh
 
 test: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+test-all: install
 	$(BIN)/python -m pytest -q
 
 test-fast: install

@@ -42,9 +42,12 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import dp_accounting
 import torch
+
+if TYPE_CHECKING:
+    import dp_accounting
 
 ACCOUNTANTS = ("pld", "rdp")
 DEFAULT_ACCOUNTANT = "pld"
@@ -203,6 +206,8 @@ def _validate_accountant(accountant: str) -> None:
 
 
 def _new_accountant(accountant: str, orders: Sequence[float]) -> dp_accounting.PrivacyAccountant:
+    import dp_accounting  # here, not at import: every client process imports this module, few run DP
+
     _validate_accountant(accountant)
     if accountant == "rdp":
         return dp_accounting.rdp.RdpAccountant(list(orders))
@@ -211,6 +216,8 @@ def _new_accountant(accountant: str, orders: Sequence[float]) -> dp_accounting.P
 
 def _step_event(noise_multiplier: float, sample_rate: float, num_steps: int) -> dp_accounting.DpEvent:
     """``num_steps`` DP-SGD steps of one (σ, q): a self-composed Poisson-sampled Gaussian."""
+    import dp_accounting
+
     gaussian = dp_accounting.GaussianDpEvent(noise_multiplier)
     # At q = 1 nothing is sampled: the plain Gaussian (both accountants treat it exactly).
     event = gaussian if sample_rate == 1 else dp_accounting.PoissonSampledDpEvent(sample_rate, gaussian)
@@ -276,6 +283,8 @@ class PrivacyLedger:
 
     def event(self) -> dp_accounting.DpEvent:
         """Every recorded step, in order, as one composed ``dp_accounting`` event."""
+        import dp_accounting
+
         return dp_accounting.ComposedDpEvent([_step_event(sigma, q, n) for sigma, q, n in self.history])
 
     def epsilon(self) -> float:

@@ -203,6 +203,7 @@ def test_fedit_over_tls_with_authenticated_supernodes(federation: Federation, ti
     assert (out / ADAPTER_DIR / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_fedkseed_on_the_same_federation(federation: Federation, tiny_bert: str) -> None:
     out = federation.root / "runs" / "fedkseed"
     federation.submit(*tiny_overrides(tiny_bert, out), "strategy.name=fedkseed", "strategy.options.k=64",
@@ -218,6 +219,7 @@ def test_fedkseed_on_the_same_federation(federation: Federation, tiny_bert: str)
     assert (out / MODEL_DIR / "model.safetensors").is_file()  # full-parameter tuning: a whole model
 
 
+@pytest.mark.slow
 def test_a_method_with_its_own_client_routine_from_a_file_outside_the_package(federation: Federation,
                                                                           tiny_bert: str) -> None:
     """examples/fedprox.py holds both halves; the SuperNodes' ClientApps find its routine by strategy.name."""
@@ -228,6 +230,7 @@ def test_a_method_with_its_own_client_routine_from_a_file_outside_the_package(fe
     assert (out / ADAPTER_DIR / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_an_adapter_of_tens_of_megabytes_goes_through_the_transport(federation: Federation, tiny_bert: str) -> None:
     """LoRA of rank 256 on the 30,522-word embedding: A alone is 256 x 30,522 float32, 31 MB per message."""
     out = federation.root / "runs" / "large"
@@ -289,6 +292,7 @@ def test_a_supernode_that_cannot_reach_the_superlink_reports_a_connection_failur
     assert "not registered" not in log
 
 
+@pytest.mark.slow
 def test_a_supernode_killed_mid_round_leaves_the_run_to_the_others(federation: Federation, tiny_bert: str) -> None:
     """SIGKILL one SuperNode (and its ClientApp) once it has received round 1's message."""
     victim = NODES[-1]

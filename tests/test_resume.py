@@ -91,17 +91,31 @@ def results(rows: list[dict]) -> list[dict]:
     return [{k: row.get(k) for k in RESULT_KEYS} for row in rows]
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(tiny_bert: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    runs = {}
-    for strategy, extra in STRATEGIES.items():
-        runs[strategy] = tmp_path_factory.mktemp(f"whole-{strategy}")
-        fedtune("simulate", *tiny_overrides(tiny_bert, runs[strategy], rounds=ROUNDS), *extra,
+class UninterruptedRuns(dict):
+    """Strategy -> the run directory of its uninterrupted run, run on first use (a deselected strategy costs nothing)."""
+
+    def __init__(self, tiny_bert: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+        super().__init__()
+        self.tiny_bert, self.tmp_path_factory = tiny_bert, tmp_path_factory
+
+    def __missing__(self, strategy: str) -> Path:
+        run_dir = self[strategy] = self.tmp_path_factory.mktemp(f"whole-{strategy}")
+        fedtune("simulate", *tiny_overrides(self.tiny_bert, run_dir, rounds=ROUNDS), *STRATEGIES[strategy],
                 "federation.client_cpus=1")
-    return runs
+        return run_dir
 
 
-@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_bert: str, tmp_path_factory: pytest.TempPathFactory) -> UninterruptedRuns:
+    return UninterruptedRuns(tiny_bert, tmp_path_factory)
+
+
+# FedSA-LoRA's and FedKSeed's resumes are the slow ones (make test-all runs them); fedit and flora stay in CI.
+SLOW = {"fedsa-lora", "fedkseed"}
+
+
+@pytest.mark.parametrize("strategy", [pytest.param(s, marks=pytest.mark.slow) if s in SLOW else s
+                                      for s in sorted(STRATEGIES)])
 def test_killed_then_resumed_equals_uninterrupted(strategy: str, uninterrupted: dict[str, Path], tiny_bert: str,
                                                   tmp_path: Path) -> None:
     whole, broken = uninterrupted[strategy], tmp_path / "broken"
