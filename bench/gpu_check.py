@@ -1,7 +1,11 @@
 """A QLoRA federation on the GPU beside the same federation on the CPU: speed, memory, agreement.
 
-    .venv/bin/python bench/gpu_check.py                 # CUDA run and CPU run, then the comparison
+    .venv/bin/python bench/gpu_check.py                 # CUDA bf16, CUDA 4-bit and CPU 4-bit runs, compared
     .venv/bin/python bench/gpu_check.py --cpu-only      # the CPU half alone (on a machine without a GPU)
+
+Three runs, each a fedtune simulation: ``cuda-bf16`` (the base and LoRA in bfloat16 on the GPU,
+no quantization; the update crosses the wire as float32, which ``ArrayRecord`` accepts),
+``cuda`` (4-bit NF4 base on the GPU) and ``cpu`` (the same 4-bit federation on the CPU).
 
 Two clients fine-tune SmolLM2-135M-Instruct (installed from PyPI) on a 4-bit NF4 base for two
 rounds of FedIT on the Alpaca instructions in ``../shared/data/instructions``, once with
@@ -35,9 +39,12 @@ from fedtune.simulation import simulate
 DATA = ROOT.parent / "shared" / "data" / "instructions" / "instruction-data.json"
 
 
-def overrides(device: str, out: Path, data: Path) -> list[str]:
-    return ["model.name=builtin:SmolLM2-135M-Instruct", "model.task=causal-lm", "model.quantization=4bit",
-            "model.compute_dtype=float32", f"model.device={device}", "adapter.rank=8", "adapter.alpha=16",
+def overrides(run_name: str, out: Path, data: Path) -> list[str]:
+    device = run_name.split("-")[0]
+    base = (["model.dtype=bfloat16", "model.quantization=none"] if run_name.endswith("bf16")
+            else ["model.quantization=4bit", "model.compute_dtype=float32"])
+    return ["model.name=builtin:SmolLM2-135M-Instruct", "model.task=causal-lm", *base,
+            f"model.device={device}", "adapter.rank=8", "adapter.alpha=16",
             "adapter.target_modules=[q_proj,v_proj]", f"data.source={data}", "data.alpaca=true",
             "data.max_examples=96", "data.max_test_examples=32", "data.max_length=128", "partition.method=iid",
             "train.local_steps=5", "train.batch_size=4", "train.learning_rate=5e-4",
@@ -83,15 +90,16 @@ def main() -> int:
         print("no GPU: torch.cuda.is_available() is False; rerun with --cpu-only for the CPU half")
         return 1
     with tempfile.TemporaryDirectory() as scratch:
-        devices = ["cpu"] if args.cpu_only else ["cuda", "cpu"]
+        devices = ["cpu"] if args.cpu_only else ["cuda-bf16", "cuda", "cpu"]
         results = [run(device, Path(scratch) / device, args.data) for device in devices]
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     print(f"torch {torch.__version__}, GPU: {gpu}")
-    print(f"{'device':7} {'run s':>7} {'s/step':>8} {'peak GPU MiB':>13} {'peak RSS MiB':>13} {'eval loss':>10}")
+    print(f"{'run':9} {'run s':>7} {'s/step':>8} {'peak GPU MiB':>13} {'peak RSS MiB':>13} {'eval loss':>10}")
     for r in results:
-        print(f"{r['device']:7} {r['seconds']:7.1f} {r['step_seconds']:8.3f} {r['peak_gpu_bytes'] / 2**20:13.1f} "
+        print(f"{r['device']:9} {r['seconds']:7.1f} {r['step_seconds']:8.3f} {r['peak_gpu_bytes'] / 2**20:13.1f} "
               f"{r['peak_rss_bytes'] / 2**20:13.1f} {r['eval_loss']:10.4f}")
-    if len(results) == 2:
+    if len(results) > 1:
+        results = results[1:]  # 4-bit on CUDA against 4-bit on the CPU
         difference = largest_relative_difference(results[1]["adapter"], results[0]["adapter"])
         agree = difference <= args.tolerance
         print(f"largest relative difference of a LoRA factor, CUDA vs CPU: {difference:.3g} "

@@ -188,6 +188,12 @@ class DataConfig:
     (``### Instruction:``/``### Response:``), ``plain`` (the prompt as it is) or ``auto``:
     ``chat`` when the tokenizer has a chat template, else ``alpaca`` with ``alpaca: true``
     and ``plain`` without. A run records the format it resolved to. Classification ignores it.
+
+    The central test set is ``test_source``, or with ``test_fraction`` a fixed share of
+    ``source`` held out before anything else (seeded by ``seed``, never trained on). With
+    ``group_column``, that column is kept as ``group`` and the Dirichlet and pathological
+    splits go by its values instead of the label: a causal-LM data set split by a property
+    of its records (instruction type, language, length bucket).
     """
 
     source: str = "generated:topics"
@@ -202,6 +208,10 @@ class DataConfig:
     alpaca: bool = False
     prompt_format: str = "auto"
     test_source: str | None = None
+    # Without test_source: hold out this fraction of source as the central test set.
+    test_fraction: float | None = None
+    # A column whose values the dirichlet/pathological partitions split by (instead of the label).
+    group_column: str | None = None
     # The test file's text column when it differs (SST-2: "sentence" in train, "content" in dev).
     test_text_column: str | None = None
     eval_fraction: float = 0.2
@@ -224,6 +234,13 @@ class DataConfig:
                     f"data.{key}={value!r} does not exist; give an existing file or folder "
                     "(relative paths are read from the current directory, then from the project root)"
                 )
+        if self.test_fraction is not None and not 0.0 < self.test_fraction < 1.0:
+            out.append(f"data.test_fraction={self.test_fraction} must be in (0, 1), e.g. 0.1, or null")
+        if self.test_fraction is not None and self.test_source:
+            out.append(f"data.test_fraction={self.test_fraction} and data.test_source={self.test_source!r} both "
+                       "name a central test set; keep one of them")
+        if self.group_column is not None and not self.group_column.strip():
+            out.append("data.group_column is empty; name the column to split clients by, or set it to null")
         if not 0.0 <= self.eval_fraction < 1.0:
             out.append(f"data.eval_fraction={self.eval_fraction} must be in [0, 1), e.g. 0.2")
         if self.max_length < 8:

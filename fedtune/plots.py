@@ -146,33 +146,35 @@ def _labels(run_dirs: Sequence[Path], rows: Sequence[Sequence[dict[str, Any]]]) 
     return [f"{n} ({r[0].get('strategy', '?')})" for n, r in zip(names, rows)]
 
 
-def comparison_figure(runs: Mapping[str, Sequence[dict[str, Any]]]) -> Figure:
-    """One line per run (label -> rows): ``eval_accuracy`` by round (left) and by cumulative training bytes (right).
+def comparison_figure(runs: Mapping[str, Sequence[dict[str, Any]]], metric: str = "eval_accuracy") -> Figure:
+    """One line per run (label -> rows): ``metric`` by round (left) and by cumulative training bytes (right).
 
     The bytes axis is logarithmic; round 0, which sent nothing, has no place on it.
+    ``metric`` is a key of the rows (``eval_accuracy``, ``eval_rouge_l``, ...).
     """
+    name = metric.removeprefix("eval_").replace("_", "-") if metric != "eval_rouge_l" else "ROUGE-L"
     fig, by_round, by_bytes = _figure()
     drew_round = drew_bytes = False
     for label, rows in runs.items():
-        x, y = _points(rows, "eval_accuracy")
+        x, y = _points(rows, metric)
         if not y:
             continue
         line = by_round.plot(x, y, marker="o", markersize=3, label=label)[0]
         drew_round = True
-        sent = [(b, a) for b, a in zip(*_points(rows, "eval_accuracy", cumulative_bytes(rows))) if b > 0]
+        sent = [(b, a) for b, a in zip(*_points(rows, metric, cumulative_bytes(rows))) if b > 0]
         if sent:
             by_bytes.plot([b for b, _ in sent], [a for _, a in sent], marker="o", markersize=3, label=label,
                           color=line.get_color())
             drew_bytes = True
-    by_round.set_ylabel("central accuracy")
+    by_round.set_ylabel(f"central {name}")
     _rounds_axis(by_round)
-    _finish(by_round, "accuracy by round", drew_round)
+    _finish(by_round, f"{name} by round", drew_round)
     by_bytes.set_xlabel("cumulative training bytes (up + down)")
     if drew_bytes:
         by_bytes.set_xscale("log")
     _bytes_axis(by_bytes, "x")
     by_bytes.grid(alpha=0.3)
-    _finish(by_bytes, "accuracy by bytes", drew_bytes)
+    _finish(by_bytes, f"{name} by bytes", drew_bytes)
     return fig
 
 

@@ -13,7 +13,8 @@ import torch
 
 from fedtune.config import DataConfig, ModelConfig
 from fedtune.data.generated import GENERATED_TEST_SIZE, GENERATED_TRAIN_SIZE, LABELS
-from fedtune.data.loading import load_splits, num_labels
+from fedtune.data.loading import load_data, load_splits, num_labels
+from fedtune.data.provenance import describe_test_set
 from fedtune.data.tokenize import IGNORE_INDEX, collate, tokenize
 from fedtune.errors import DataError
 
@@ -185,6 +186,43 @@ def test_max_examples_larger_than_the_data_keeps_everything(tmp_path: Path) -> N
     path = write_jsonl(tmp_path / "d.jsonl", [{"text": "a", "label": 0}, {"text": "b", "label": 1}])
     train, _ = load_splits(DataConfig(source=str(path), max_examples=100), "classification")
     assert list(train["text"]) == ["a", "b"]
+
+
+def test_test_fraction_holds_out_a_fixed_share_of_the_source(tmp_path: Path) -> None:
+    rows = [{"prompt": f"p{i}", "response": f"r{i}"} for i in range(100)]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    cfg = DataConfig(source=str(path), test_fraction=0.1, seed=3)
+    splits = load_data(cfg, "causal-lm")
+    train, test = splits.pool, splits.test
+    assert test is not None and (len(train), len(test)) == (90, 10)
+    assert not set(train["prompt"]) & set(test["prompt"])  # never trained on
+    assert set(train["prompt"]) | set(test["prompt"]) == {r["prompt"] for r in rows}
+    assert list(load_data(cfg, "causal-lm").test["prompt"]) == list(test["prompt"])  # fixed by the seed
+    record = describe_test_set(splits.test_selection, test)
+    assert "train_test_split(test_size=0.1, seed=3)" in record["selection"]["how"]
+    assert record["selection"]["held_out_fraction"] == 0.1 and record["selection"]["rows_in_source"] == 100
+    # max_examples cuts the training pool after the test share is held out: the test set stays.
+    cut = load_data(DataConfig(source=str(path), test_fraction=0.1, seed=3, max_examples=20), "causal-lm")
+    assert len(cut.pool) == 20 and list(cut.test["prompt"]) == list(test["prompt"])
+
+
+def test_test_fraction_and_test_source_are_one_too_many() -> None:
+    problems = DataConfig(source="generated:topics", test_source="generated:topics", test_fraction=0.1).problems()
+    assert any("keep one of them" in p for p in problems)
+    assert any("must be in (0, 1)" in p for p in DataConfig(test_fraction=1.5).problems())
+
+
+def test_group_column_is_kept_as_group(tmp_path: Path) -> None:
+    path = tmp_path / "alpaca.json"
+    path.write_text(json.dumps([{"instruction": "Add.", "input": "1 2", "output": "3", "kind": "math"},
+                                {"instruction": "Greet.", "input": "", "output": "hi", "kind": "greeting"}]))
+    train, _ = load_splits(DataConfig(source=str(path), alpaca=True, group_column="kind"), "causal-lm")
+    assert list(train["group"]) == ["math", "greeting"]
+    plain = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a", "response": "b", "lang": "fr", "x": 1}])
+    train, _ = load_splits(DataConfig(source=str(plain), group_column="lang"), "causal-lm")
+    assert sorted(train.column_names) == ["group", "prompt", "response"] and train[0]["group"] == "fr"
+    with pytest.raises(DataError, match="data.group_column='kind'.*has no such column"):
+        load_splits(DataConfig(source=str(plain), group_column="kind"), "causal-lm")
 
 
 # --------------------------------------------------------------------------- generated task

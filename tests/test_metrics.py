@@ -13,6 +13,7 @@ from fedtune.metrics import (
     ChoiceAccuracy,
     ExactMatch,
     GenerativeMetric,
+    RougeL,
     build_metric,
     generative_key,
     is_generative,
@@ -41,6 +42,34 @@ def test_choice_accuracy_with_given_choices() -> None:
     assert metric.compute(["D, then A", "B"], ["A", "B"]) == 0.5
 
 
+def test_rouge_l_hand_worked_cases() -> None:
+    # LCS(the cat sat on the mat, the cat lay on a mat) = the cat on mat: P = R = 4/6, F = 2/3.
+    assert RougeL().compute(["the cat lay on a mat"], ["the cat sat on the mat"]) == pytest.approx(2 / 3)
+    # A reversed sentence shares one token in order: P = R = 1/4.
+    assert RougeL().compute(["d c b a"], ["a b c d"]) == pytest.approx(0.25)
+    # Case and punctuation are not tokens; an empty generation scores 0; the mean is over examples.
+    assert RougeL().compute(["The Cat!", ""], ["the cat", "anything"]) == pytest.approx(0.5)
+    # Unequal lengths: LCS 2 of a 2-token prediction and a 4-token reference: F = 2·1·0.5/1.5.
+    assert RougeL().compute(["big dog"], ["a big red dog"]) == pytest.approx(2 / 3)
+
+
+def test_rouge_l_matches_the_librarys_own_example() -> None:
+    # rouge-score's README: score('The quick brown fox jumps over the lazy dog',
+    # 'The quick brown dog jumps on the log.') gives rougeL P 0.625, R 0.5556, F 0.5882.
+    target, prediction = "The quick brown fox jumps over the lazy dog", "The quick brown dog jumps on the log."
+    assert RougeL().compute([prediction], [target]) == pytest.approx(0.5882352941, abs=1e-9)
+    # With the Porter stemmer "jumps" and "jump" match; without it they do not.
+    assert RougeL().compute(["he jumps"], ["he jump"]) == pytest.approx(0.5)
+    assert RougeL(use_stemmer=True).compute(["he jumps"], ["he jump"]) == pytest.approx(1.0)
+
+
+def test_rouge_l_is_a_config_metric_with_its_option() -> None:
+    cfg = load_config(None, [*LM, "eval.metric=rouge_l", "eval.options.use_stemmer=true"])
+    assert generative_key(cfg.eval.metric, cfg.eval.options) == "eval_rouge_l"
+    with pytest.raises(ConfigError, match="use_stemmer='maybe' must be true or false"):
+        load_config(None, [*LM, "eval.metric=rouge_l", "eval.options.use_stemmer=maybe"])
+
+
 def test_metrics_refuse_mismatched_lengths() -> None:
     with pytest.raises(ValueError, match="2 predictions for 1 references"):
         ExactMatch().compute(["1", "2"], ["1"])
@@ -48,7 +77,7 @@ def test_metrics_refuse_mismatched_lengths() -> None:
 
 def test_default_is_the_logit_metric_and_the_builtins_are_registered() -> None:
     assert not is_generative(DEFAULT_METRIC) and is_generative("exact_match")
-    assert {"exact_match", "choice_accuracy"} <= set(registered_metrics())
+    assert {"exact_match", "choice_accuracy", "rouge_l"} <= set(registered_metrics())
     assert generative_key(DEFAULT_METRIC) is None
     assert generative_key("choice_accuracy", {"choices": ["A", "B"]}) == "eval_choice_accuracy"
 

@@ -94,6 +94,16 @@ def test_pathological_without_label_column_is_a_data_error() -> None:
         partition_dataset(pool(with_label=False), PartitionConfig(method="pathological"), 4)
 
 
+def test_dirichlet_splits_by_the_group_column_when_there_is_one() -> None:
+    groups = pool(400, with_label=False).add_column("group", [f"g{i % 4}" for i in range(400)])
+    parts = partition_dataset(groups, PartitionConfig(method="dirichlet", alpha=0.1, seed=1), 4)
+    assert sorted(i for p in parts for i in p["id"]) == list(range(400))
+    shares = [max(collections.Counter(p["group"]).values()) / len(p) for p in parts]
+    assert max(shares) > 0.7  # small alpha: a client holds mostly one group
+    pathological = partition_dataset(groups, PartitionConfig(method="pathological", classes_per_client=1), 4)
+    assert all(len(set(p["group"])) == 1 for p in pathological)
+
+
 def test_iid_without_label_column_works() -> None:
     parts = partition_dataset(pool(40, with_label=False), PartitionConfig(method="iid"), 4)
     assert [len(p) for p in parts] == [10, 10, 10, 10]

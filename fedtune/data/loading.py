@@ -100,12 +100,15 @@ def _read_source(source: str, cfg: DataConfig) -> tuple[datasets.Dataset, str, s
     return datasets.Dataset.from_pandas(frame, preserve_index=False), fmt, None
 
 
-def _alpaca_to_prompt_response(ds: datasets.Dataset) -> datasets.Dataset:
+def _alpaca_to_prompt_response(ds: datasets.Dataset, group_column: str | None) -> datasets.Dataset:
     """``prompt`` = instruction (+ blank line + input), ``input`` kept so ``alpaca`` renders it exactly."""
     def convert(row: dict) -> dict:
         extra = str(row.get("input") or "").strip()
-        return {"prompt": join_alpaca(str(row["instruction"]).strip(), extra), "input": extra,
-                "response": str(row["output"]).strip()}
+        out = {"prompt": join_alpaca(str(row["instruction"]).strip(), extra), "input": extra,
+               "response": str(row["output"]).strip()}
+        if group_column is not None:
+            out["group"] = str(row[group_column])
+        return out
 
     missing = {"instruction", "output"} - set(ds.column_names)
     if missing:
@@ -114,10 +117,13 @@ def _alpaca_to_prompt_response(ds: datasets.Dataset) -> datasets.Dataset:
 
 
 def standardize(ds: datasets.Dataset, cfg: DataConfig, task: str, source: str) -> datasets.Dataset:
-    """Rename the configured columns to fedtune's and drop the rest."""
+    """Rename the configured columns to fedtune's (``group_column`` to ``group``) and drop the rest."""
+    if cfg.group_column is not None and cfg.group_column not in ds.column_names:
+        raise DataError(f"data.group_column={cfg.group_column!r}: {source!r} has no such column; it has "
+                        f"{ds.column_names}")
     if task == "causal-lm":
         if cfg.alpaca:
-            return _alpaca_to_prompt_response(ds)
+            return _alpaca_to_prompt_response(ds, cfg.group_column)
         wanted = {cfg.prompt_column: "prompt", cfg.response_column: "response"}
     else:
         wanted = {cfg.text_column: "text", cfg.label_column: "label"}
@@ -126,6 +132,9 @@ def standardize(ds: datasets.Dataset, cfg: DataConfig, task: str, source: str) -
         keys = "data.prompt_column/response_column" if task == "causal-lm" else "data.text_column/label_column"
         raise DataError(f"{source!r} has no column(s) {missing}; it has {ds.column_names}. "
                         f"Set {keys} (or data.column_names for a file without a header)")
+    if cfg.group_column is not None:
+        ds = ds.map(lambda row: {"group": str(row[cfg.group_column])})
+        wanted["group"] = "group"
     ds = ds.select_columns(list(wanted)).rename_columns({k: v for k, v in wanted.items() if k != v})
     for column in ("prompt", "response") if task == "causal-lm" else ("text",):
         ds = ds.cast_column(column, datasets.Value("string"))
@@ -179,6 +188,11 @@ class CentralTestSet:
         ``data.max_test_examples``.
     generator_seed : int or None
         The seed a generated test set was made with.
+    held_out_fraction : float or None
+        ``data.test_fraction``: the test set is ``Dataset.train_test_split(test_size=fraction,
+        seed=held_out_seed)["test"]`` of ``data.source``, the rest the training pool.
+    held_out_seed : int or None
+        The seed of that split (``data.seed``).
     """
 
     source: str
@@ -188,6 +202,8 @@ class CentralTestSet:
     shuffle_seed: int | None
     max_test_examples: int | None
     generator_seed: int | None = None
+    held_out_fraction: float | None = None
+    held_out_seed: int | None = None
 
 
 @dataclass(frozen=True)
@@ -222,10 +238,21 @@ def load_data(cfg: DataConfig, task: str) -> Splits:
                                   shuffle_seed=None, max_test_examples=cfg.max_test_examples,
                                   generator_seed=cfg.seed + 10_000)
     else:
-        train = standardize(read_table(cfg.source, cfg), cfg, task, cfg.source)
+        raw, fmt, split = _read_source(cfg.source, cfg)
+        train = standardize(raw, cfg, task, cfg.source)
         test = None
+        if cfg.test_fraction is not None:
+            if len(train) < 2:
+                raise DataError(f"data.test_fraction={cfg.test_fraction}: {cfg.source!r} holds {len(train)} "
+                                "example(s), too few to hold any out; add rows or give data.test_source")
+            rows = len(train)
+            held = train.train_test_split(test_size=cfg.test_fraction, seed=cfg.seed)
+            train, test = held["train"], held["test"]
+            selection = CentralTestSet(source=cfg.source, format=fmt, split=split, rows_in_source=rows,
+                                      shuffle_seed=None, max_test_examples=cfg.max_test_examples,
+                                      held_out_fraction=cfg.test_fraction, held_out_seed=cfg.seed)
         if cfg.test_source:
-            test_cfg = dataclasses.replace(cfg, text_column=cfg.test_text_column or cfg.text_column)
+            test_cfg = dataclasses.replace(cfg, text_column=cfg.test_text_column or cfg.text_column, group_column=None)
             raw, fmt, split = _read_source(cfg.test_source, cfg)
             test = standardize(raw, test_cfg, task, cfg.test_source)
             selection = CentralTestSet(source=cfg.test_source, format=fmt, split=split, rows_in_source=len(test),

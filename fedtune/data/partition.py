@@ -34,16 +34,17 @@ def size_skew_sizes(total: int, num_partitions: int, power: float) -> list[int]:
     return sizes
 
 
-def make_partitioner(cfg: PartitionConfig, num_partitions: int, num_examples: int) -> Partitioner:
-    """The flwr-datasets partitioner that ``cfg.method`` names."""
+def make_partitioner(cfg: PartitionConfig, num_partitions: int, num_examples: int,
+                     partition_by: str = "label") -> Partitioner:
+    """The flwr-datasets partitioner that ``cfg.method`` names; label-skewed ones split by ``partition_by``."""
     if cfg.method == "iid":
         return IidPartitioner(num_partitions=num_partitions)
     if cfg.method == "dirichlet":
-        return DirichletPartitioner(num_partitions=num_partitions, partition_by="label", alpha=cfg.alpha,
+        return DirichletPartitioner(num_partitions=num_partitions, partition_by=partition_by, alpha=cfg.alpha,
                                     min_partition_size=cfg.min_partition_size, self_balancing=False,
                                     shuffle=True, seed=cfg.seed)
     if cfg.method == "pathological":
-        return PathologicalPartitioner(num_partitions=num_partitions, partition_by="label",
+        return PathologicalPartitioner(num_partitions=num_partitions, partition_by=partition_by,
                                        num_classes_per_partition=cfg.classes_per_client,
                                        class_assignment_mode="random", shuffle=True, seed=cfg.seed)
     if cfg.method == "size-skew":
@@ -55,16 +56,20 @@ def partition_dataset(pool: datasets.Dataset, cfg: PartitionConfig, num_partitio
     """All partitions of ``pool``, deterministic in ``cfg.seed``.
 
     IID and size-skew partitioners take contiguous slices, so the pool is shuffled first.
+    Dirichlet and pathological ones split by the ``group`` column when the data has one
+    (``data.group_column``), else by the label.
     """
-    if cfg.method in ("dirichlet", "pathological") and "label" not in pool.column_names:
+    partition_by = "group" if "group" in pool.column_names else "label"
+    if cfg.method in ("dirichlet", "pathological") and partition_by not in pool.column_names:
         raise DataError(f"partition.method={cfg.method!r} splits by label, and this data set has none; "
-                        "use partition.method=iid or size-skew")
+                        "use partition.method=iid or size-skew, or name a column to split by in "
+                        "data.group_column")
     if num_partitions > len(pool):
         raise DataError(f"{num_partitions} clients but only {len(pool)} examples; use fewer clients")
     if cfg.method in ("iid", "size-skew"):
         pool = pool.shuffle(seed=cfg.seed)
     try:
-        partitioner = make_partitioner(cfg, num_partitions, len(pool))
+        partitioner = make_partitioner(cfg, num_partitions, len(pool), partition_by)
         partitioner.dataset = pool
         return [partitioner.load_partition(i) for i in range(num_partitions)]
     except ValueError as e:

@@ -1,7 +1,8 @@
 """Which examples the central test set holds: ``test_set.json`` in the run directory.
 
-It names the source, how the examples were selected from it (every row in order, or the
-first ``max_test_examples`` after a seeded shuffle), how many there are, and a SHA-256 of
+It names the source, how the examples were selected from it (every row in order, the
+first ``max_test_examples`` after a seeded shuffle, or a seeded held-out share of the
+training source), how many there are, and a SHA-256 of
 the examples in order, so a reloaded model can be scored on exactly the run's test set and
 a changed file is noticed.
 """
@@ -50,7 +51,13 @@ def examples_sha256(ds: datasets.Dataset) -> str:
 
 def describe_test_set(selection: CentralTestSet, test: datasets.Dataset) -> dict[str, Any]:
     """What ``test_set.json`` holds: source, selection, number of examples, columns and hash."""
-    if selection.shuffle_seed is not None:
+    if selection.held_out_fraction is not None:
+        how = (f"held out from the {selection.rows_in_source} examples of data.source: "
+               f"datasets.Dataset.train_test_split(test_size={selection.held_out_fraction}, "
+               f"seed={selection.held_out_seed})['test']")
+        if selection.shuffle_seed is not None:
+            how += f", then the first {len(test)} after datasets.Dataset.shuffle(seed={selection.shuffle_seed})"
+    elif selection.shuffle_seed is not None:
         how = (f"the first {len(test)} of {selection.rows_in_source} examples after "
                f"datasets.Dataset.shuffle(seed={selection.shuffle_seed})")
     elif selection.generator_seed is not None:
@@ -60,7 +67,8 @@ def describe_test_set(selection: CentralTestSet, test: datasets.Dataset) -> dict
     return {"source": selection.source, "format": selection.format, "split": selection.split,
             "selection": {"how": how, **{k: v for k, v in dataclasses.asdict(selection).items()
                                          if k in ("rows_in_source", "shuffle_seed", "max_test_examples",
-                                                  "generator_seed")}},
+                                                  "generator_seed", "held_out_fraction", "held_out_seed")
+                                         and (v is not None or not k.startswith("held_out"))}},
             "num_examples": len(test), "columns": sorted(test.column_names),
             "sha256": examples_sha256(test), "sha256_of": HASH_RULE}
 
