@@ -1,6 +1,6 @@
 """Federated instruction tuning of a causal LM, every method, next to centralized LoRA and a plain loop (#22).
 
-    python bench/llm.py [--tasks instructions agnews] [--rows fedit ...] [--rounds 6] [--clients 10]
+    python bench/llm.py [--tasks instructions agnews] [--rows fedit ...] [--rounds 5] [--clients 10]
                         [--sampled 3] [--local-steps 5] [--batch-size 8] [--lr 2e-3]
                         [--gen-examples 40] [--quick] [--fresh] [--redo ROW ...] [--no-plot]
 
@@ -405,7 +405,7 @@ def print_table(task: str, rows: dict[str, dict]) -> None:
     summaries += [summarize(label, rows[label]["curve"], zero, central_best) for label in ROWS if label in rows]
     gain = (central_best - zero) if central_best is not None else None
     print(f"\n{task}: zero-shot {zero:.4f}, centralized best {_cell(central_best, '.4f', 0).strip()}"
-          f" (gain {_cell(gain, '+.4f', 0).strip()})")
+          f" (gain {'-' if gain is None else f'{gain:+.4f}'})")
     head = (f"{'row':<16}{'final':>8}{'best':>8}{'gain %':>8}{'loss':>8}{'r→90%':>7}{'up/client':>12}"
             f"{'down/client':>13}{'round s':>9}")
     print(head)
@@ -437,7 +437,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     parser.add_argument("--rows", nargs="+", choices=ROWS, default=ROWS,
                         help="rows to run (zero-shot is every row's round 0)")
-    parser.add_argument("--rounds", type=int, default=None, help="rounds (default 6, quick 2)")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds (default 5, quick 2)")
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--sampled", type=int, default=3, help="clients drawn per round")
     parser.add_argument("--local-steps", type=int, default=5)
@@ -449,7 +449,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--redo", nargs="+", default=[], metavar="ROW", help="run these rows again")
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
-    args.rounds = args.rounds or (2 if args.quick else 6)
+    args.rounds = args.rounds or (2 if args.quick else 5)
     return args
 
 
