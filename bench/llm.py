@@ -37,7 +37,8 @@ rate ``--lr``, two torch threads, one client at a time):
 * every strategy (``STRATEGY_OVERRIDES``) as a fedtune simulation. Fed-SB trains at rank 64
   (r² = 4,096 values a module: a real budget), after its initialisation rounds (counted). FedKSeed
   and FedKSeed-Pro take zeroth-order steps (two forward passes along one of K = 4,096 seeded
-  directions) on the LoRA weights; only seeds and scalars go up.
+  directions) on the LoRA weights; only seeds and scalars go up. Their recipe (``_ZO``) comes
+  from a short probe and is provisional.
 
 The table gives, per row, the final and best score, rounds to reach 90 % of the centralized gain
 over zero-shot, bytes up and down per client and round, and the mean round seconds (the first
@@ -92,6 +93,9 @@ COMMON = ["model.name=builtin:SmolLM2-135M-Instruct", "model.task=causal-lm", "a
           "federation.fraction_evaluate=0", "federation.client_cpus=2", "train.threads=2",
           "train.eval_batch_size=16", "eval.batch_size=20"]
 
+_ZO = ["strategy.name=fedkseed", "strategy.options.tune=adapter", "strategy.options.k=4096",
+       "strategy.options.eps=1e-3", "strategy.options.lr=3e-3", "strategy.options.steps=60", "train.batch_size=2"]
+
 # Per strategy, what it needs beyond the common settings.
 STRATEGY_OVERRIDES: dict[str, list[str]] = {
     "fedit": [],
@@ -103,15 +107,12 @@ STRATEGY_OVERRIDES: dict[str, list[str]] = {
                f"strategy.options.init_passes={FED_SB_INIT_ROUNDS}", "strategy.options.init_samples=64"],
     "fedsa-lora": ["strategy.name=fedsa-lora"],
     "flexlora": ["strategy.name=flexlora"],
-    # Zeroth-order steps on the LoRA weights (B starts at 0); the step size is the LoRA scale's.
-    "fedkseed": ["strategy.name=fedkseed", "strategy.options.tune=adapter", "strategy.options.k=4096",
-                 "strategy.options.eps=1e-3", "strategy.options.lr=1e-2", "strategy.options.steps=20"],
-    "fedkseed-seed1": ["strategy.name=fedkseed", "strategy.options.tune=adapter", "strategy.options.k=4096",
-                       "strategy.options.eps=1e-3", "strategy.options.lr=1e-2", "strategy.options.steps=20",
-                       "seed=1"],
-    "fedkseed-pro": ["strategy.name=fedkseed", "strategy.options.pro=true", "strategy.options.tune=adapter",
-                     "strategy.options.k=4096", "strategy.options.eps=1e-3", "strategy.options.lr=1e-2",
-                     "strategy.options.steps=20"],
+    # Zeroth-order steps on the LoRA weights (B starts at 0). Provisional, not yet run as rows: a
+    # 30-step probe on the pooled data moved the eval loss 1.2891 -> 1.2749 at eta = 3e-3 and
+    # diverged at 1e-2 (460,800 values), so the step size is 3e-3 and small batches buy many steps.
+    "fedkseed": [*_ZO, "seed=0"],
+    "fedkseed-seed1": [*_ZO, "seed=1"],
+    "fedkseed-pro": [*_ZO, "strategy.options.pro=true"],
 }
 BASELINES = ["centralized", "plain"]
 ROWS = [*BASELINES, *STRATEGY_OVERRIDES]
