@@ -74,11 +74,6 @@ def _check_not_empty(path: Path, source: str, fmt: str) -> None:
                     "(data.test_source) at another file")
 
 
-def read_table(source: str, cfg: DataConfig) -> datasets.Dataset:
-    """Read ``source`` (a file or a saved ``datasets`` folder) as a Dataset, columns untouched."""
-    return _read_source(source, cfg)[0]
-
-
 def _read_source(source: str, cfg: DataConfig) -> tuple[datasets.Dataset, str, str | None]:
     """The table, its format, and the split taken from a saved ``DatasetDict`` (else None)."""
     path = Path(source)
