@@ -57,6 +57,17 @@ def test_gain_round_and_bytes_per_client(llm_bench) -> None:
     assert (summary["final"], summary["best"], summary["final_loss"]) == (0.55, 0.58, 0.95)
     assert summary["up"] == pytest.approx(100.0) and summary["down"] == pytest.approx(200.0)
     assert summary["round_s"] == pytest.approx(11.0)  # the first round (start-up) left out
+    assert summary["total_mb"] == pytest.approx(2400 / 1e6)
+
+
+def test_bytes_per_client_are_a_typical_round_not_skewed_by_initialisation(llm_bench) -> None:
+    # Fed-SB-like: two heavy initialisation rounds, then three light training rounds.
+    ups = [9000, 9000, 30, 30, 30]
+    curve = [{"round": 0, "score": 0.4, "loss": 1.0, "bytes_up": 0, "bytes_down": 0, "seconds": 1.0}]
+    curve += [{"round": i + 1, "score": 0.5, "loss": 1.0, "bytes_up": up, "bytes_down": 0, "clients": 3,
+               "seconds": 1.0} for i, up in enumerate(ups)]
+    assert llm_bench.per_client_round(curve, "bytes_up") == pytest.approx(10.0)
+    assert llm_bench.per_client_round(curve, "bytes_down") is None  # nothing moved down
 
 
 def test_prepare_data_writes_the_derived_files_outside_the_repository(llm_bench, shared_data: Path,

@@ -55,6 +55,7 @@ from fedtune.strategies.fedkseed.wire import (
     encode_round_config,
 )
 from fedtune.strategies.fedkseed.zeroth_order import (
+    DEFAULT_TRAINABLE,
     TUNE_ADAPTER,
     TUNE_FULL,
     Step,
@@ -106,8 +107,13 @@ class FedKSeed(Strategy):
         ``full`` (the paper's setting): the model's own weights and the task head, in
         float32 masters; the run exports a whole model. ``adapter``: the LoRA adapter's
         tensors only, which also works on a quantized base.
-    trainable : sequence of str
-        Regular expressions over the tensor names ``tune`` offers: the tensors tuned.
+    trainable : sequence of str, optional
+        Regular expressions over the tensor names ``tune`` offers: the tensors tuned. By
+        default every one for ``full``, and for ``adapter`` all but the LoRA A factors
+        (``DEFAULT_TRAINABLE``): while B is zero the loss does not depend on A at all, so
+        perturbing A adds only noise to every estimate. On SmolLM2-135M with B and A tuned,
+        300 steps at η = 3e-3 diverged (eval loss 1.23 → 20.7); with B alone they took it to
+        1.16 and ROUGE-L from 0.389 to 0.466 (FFA-LoRA freezes A for a related reason).
     """
 
     name = "fedkseed"
@@ -116,7 +122,7 @@ class FedKSeed(Strategy):
 
     def __init__(self, *, k: int = 4096, eps: float = 5e-4, lr: float = 3e-7, steps: int = 200,
                  pro: bool = False, importance_clip: float = 1000.0, weighting: str = "examples",
-                 tune: str = TUNE_FULL, trainable: Sequence[str] = (".*",)) -> None:
+                 tune: str = TUNE_FULL, trainable: Sequence[str] | None = None) -> None:
         if tune not in (TUNE_FULL, TUNE_ADAPTER):
             raise ValueError(f"tune={tune!r} must be {TUNE_FULL!r} (the model's weights, the paper's setting) or "
                              f"{TUNE_ADAPTER!r} (the LoRA adapter only, e.g. on a quantized base)")
@@ -127,6 +133,8 @@ class FedKSeed(Strategy):
                 raise ValueError(f"{what}={value!r} must be a positive finite number")
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
             raise ValueError(f"steps={steps!r} must be a positive integer (local steps per round, τ)")
+        if trainable is None:
+            trainable = DEFAULT_TRAINABLE[tune]
         if isinstance(trainable, str) or not trainable:
             raise ValueError(f"trainable={trainable!r} must be a non-empty list of regular expressions")
         self.k, self.eps, self.lr, self.steps = k, float(eps), float(lr), steps
@@ -317,7 +325,7 @@ class FedKSeedPro(FedKSeed):
 
     def __init__(self, *, k: int = 4096, eps: float = 5e-4, lr: float = 3e-7, steps: int = 200,
                  importance_clip: float = 1000.0, weighting: str = "examples", tune: str = TUNE_FULL,
-                 trainable: Sequence[str] = (".*",)) -> None:
+                 trainable: Sequence[str] | None = None) -> None:
         super().__init__(k=k, eps=eps, lr=lr, steps=steps, pro=True, importance_clip=importance_clip,
                          weighting=weighting, tune=tune, trainable=trainable)
 

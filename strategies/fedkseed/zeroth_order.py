@@ -59,6 +59,9 @@ DIRECTION_VERSION = 2
 # What zeroth-order steps tune: every weight of the model (the paper's setting) or the adapter's.
 TUNE_FULL = "full"
 TUNE_ADAPTER = "adapter"
+# The tensors tuned unless ``trainable`` says otherwise: with tune="adapter", not the LoRA A
+# factors (B starts at zero, so the loss does not depend on A and its perturbations are noise).
+DEFAULT_TRAINABLE = {TUNE_FULL: (".*",), TUNE_ADAPTER: (r"^(?!.*\.lora_A\.)",)}
 
 
 # --------------------------------------------------------------------------- seeds and directions
@@ -425,6 +428,7 @@ def _check_params(params: Params) -> None:
 
 
 __all__ = [
+    "DEFAULT_TRAINABLE",
     "DIRECTION_VERSION",
     "SEED_LIMIT",
     "TUNE_ADAPTER",

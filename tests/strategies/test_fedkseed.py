@@ -39,7 +39,8 @@ def initial_adapter() -> dict[str, torch.Tensor]:
 
 
 def strategy(cls: type[FedKSeed] = FedKSeed, **options) -> FedKSeed:
-    options = {"k": 8, "lr": 0.01, "steps": 10, "tune": "adapter", **options}
+    # A and B both tuned (not the default), so the hand-worked cases cover two tensors.
+    options = {"k": 8, "lr": 0.01, "steps": 10, "tune": "adapter", "trainable": [".*"], **options}
     s = cls(**options)
     s.initialize(AdapterSpec(initial=initial_adapter(), rank=2, alpha=4.0, seed=RUN_SEED))
     return s
@@ -271,6 +272,17 @@ def test_only_the_trainable_tensors_are_tuned_and_dtypes_are_kept() -> None:
     assert torch.equal(result[A_KEY], initial[A_KEY]) and not torch.equal(result[B_KEY], initial[B_KEY])
     with pytest.raises(ValueError, match="matches no tensor that tune='adapter' offers"):
         FedKSeed(tune="adapter", trainable=["nothing"]).initialize(AdapterSpec(initial=initial, rank=2, alpha=4.0))
+
+
+def test_by_default_adapter_tuning_leaves_the_lora_a_factors_and_full_tuning_takes_everything() -> None:
+    head = "base_model.model.classifier.modules_to_save.default.weight"
+    initial = {A_KEY: torch.randn(2, 6), B_KEY: torch.zeros(6, 2), head: torch.randn(3, 6),
+               "base_model.model.layer.0.query.lora_A.default.weight": torch.randn(2, 6)}
+    s = FedKSeed(k=4, lr=0.1, tune="adapter")
+    s.initialize(AdapterSpec(initial=initial, rank=2, alpha=4.0, seed=0))
+    assert sorted(s._masters) == sorted([B_KEY, head])
+    assert FedKSeed(tune="full").trainable == (".*",)
+    assert FedKSeed(tune="adapter", trainable=["lora_A"]).trainable == ("lora_A",)  # asked for, so tuned
 
 
 # --------------------------------------------------------------------------- full-parameter tuning
