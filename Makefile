@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo flwr-run test test-all test-fast clean
+.PHONY: install demo flwr-run test test-quick test-fast clean
 
 install: $(VENV)/.installed
 
@@ -24,11 +24,12 @@ demo: install
 flwr-run: install
 	PATH=$(abspath $(BIN)):$$PATH bash simulations/flwr-run.sh
 
+# Every test, the slow deployment and kill-and-resume runs included: they are the reliability proof.
 test: install
-	$(BIN)/python -m pytest -q -m "not slow"
-
-test-all: install
 	$(BIN)/python -m pytest -q
+
+test-quick: install
+	$(BIN)/python -m pytest -q -m "not slow"
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not integration"

@@ -27,7 +27,7 @@ never into the repository.
 
 Rows, per task, all on the same schedule (``--rounds`` rounds, ``--sampled`` of ``--clients``
 clients per round, ``--local-steps`` AdamW steps of ``--batch-size`` examples each (per-task
-defaults), learning rate ``--lr``, two torch threads, one client at a time):
+defaults), learning rate ``--lr``, ``--threads`` torch threads (2), one client at a time):
 
 * ``zero-shot``: the untuned model, i.e. round 0 of every curve (every LoRA starts at B = 0);
 * ``centralized``: the same LoRA trained with fedtune's trainer on the pooled data, each round as
@@ -93,8 +93,8 @@ FAMILIES = {
 COMMON = ["model.name=builtin:SmolLM2-135M-Instruct", "model.task=causal-lm", "adapter.rank=8",
           "adapter.alpha=16.0", "adapter.target_modules=[q_proj,v_proj]", "data.eval_fraction=0",
           "partition.method=dirichlet", "partition.alpha=0.5", "partition.min_partition_size=5",
-          "federation.fraction_evaluate=0", "federation.client_cpus=2", "train.threads=2",
-          "train.eval_batch_size=16", "eval.batch_size=20"]
+          "federation.fraction_evaluate=0", "federation.client_cpus=2", "train.eval_batch_size=16",
+          "eval.batch_size=20"]
 
 _ZO = ["strategy.name=fedkseed", "strategy.options.tune=adapter", "strategy.options.k=4096",
        "strategy.options.eps=1e-3", "strategy.options.lr=3e-3", "strategy.options.steps=60", "train.batch_size=2"]
@@ -465,6 +465,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="smoke test: 4 clients, 2 rounds of 2 steps")
     parser.add_argument("--fresh", action="store_true", help="discard finished rows and start over")
     parser.add_argument("--redo", nargs="+", default=[], metavar="ROW", help="run these rows again")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="torch threads of the trainer (1 lets two runs of this script share 2 cores)")
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
     args.rounds = args.rounds or (2 if args.quick else 5)
@@ -483,15 +485,18 @@ def main(argv: list[str]) -> int:
 
     quiet_libraries()
     path = RESULTS / ("llm_quick.json" if args.quick else "llm.json")
-    results = load_results(path, args.fresh)
+    if args.fresh:
+        path.unlink(missing_ok=True)
+    results = load_results(path, False)
     order = [r for r in ["fedit", *ROWS] if r in args.rows]
+    threads = [f"train.threads={args.threads}"]  # client_cpus stays 2: one client at a time either way
     with tempfile.TemporaryDirectory() as tmp:
         for task in args.tasks:
             setting = setting_of(args, task)
-            data = prepare_data(task, Path(tmp))
+            data = prepare_data(task, Path(tmp)) + threads
             for label in dict.fromkeys(order):
                 key = f"{task}/{label}"
-                done = results["rows"].get(key)
+                done = load_results(path, False)["rows"].get(key)  # another run may have finished it
                 if done and done["setting"] == asdict(setting) and label not in args.redo:
                     print(f"== {key}: done before, skipped")
                     continue
@@ -503,7 +508,9 @@ def main(argv: list[str]) -> int:
                     row = run_plain(task, setting, data, Path(tmp))
                 else:
                     row = run_strategy(task, label, setting, args.quick, data, Path(tmp))
+                results = load_results(path, False)  # merge: another run of this script may have saved rows
                 results["rows"][key] = {**row, "task": task, "row": label, "setting": asdict(setting),
+                                        "threads": args.threads,
                                         "wall_seconds": round(time.perf_counter() - start, 1),
                                         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
                 save_results(path, results)
