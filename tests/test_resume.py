@@ -110,7 +110,7 @@ def uninterrupted(tiny_bert: str, tmp_path_factory: pytest.TempPathFactory) -> U
     return UninterruptedRuns(tiny_bert, tmp_path_factory)
 
 
-# FedSA-LoRA's and FedKSeed's resumes are the slow ones (make test-all runs them); fedit and flora stay in CI.
+# FedSA-LoRA's and FedKSeed's resumes are the slow ones (make test-quick leaves them out).
 SLOW = {"fedsa-lora", "fedkseed"}
 
 
