@@ -155,16 +155,18 @@ def comparison_figure(runs: Mapping[str, Sequence[dict[str, Any]]], metric: str 
     name = metric.removeprefix("eval_").replace("_", "-") if metric != "eval_rouge_l" else "ROUGE-L"
     fig, by_round, by_bytes = _figure()
     drew_round = drew_bytes = False
-    for label, rows in runs.items():
+    for index, (label, rows) in enumerate(runs.items()):
         x, y = _points(rows, metric)
         if not y:
             continue
-        line = by_round.plot(x, y, marker="o", markersize=3, label=label)[0]
+        # The colour cycle has 10 colours; from the 11th run on, dashes tell the lines apart.
+        style = "-" if index < 10 else "--"
+        line = by_round.plot(x, y, marker="o", markersize=3, label=label, linestyle=style)[0]
         drew_round = True
         sent = [(b, a) for b, a in zip(*_points(rows, metric, cumulative_bytes(rows))) if b > 0]
         if sent:
             by_bytes.plot([b for b, _ in sent], [a for _, a in sent], marker="o", markersize=3, label=label,
-                          color=line.get_color())
+                          color=line.get_color(), linestyle=style)
             drew_bytes = True
     by_round.set_ylabel(f"central {name}")
     _rounds_axis(by_round)
