@@ -19,7 +19,7 @@ Two tasks from ``../shared/data``:
   Sci/Tech) of the article and the response is the topic's name. 2,000 training articles split
   by Dirichlet(α = 0.5) over the topic, the first 100 of the test split (shuffled, seed 0) as
   the central test set, scored by ``choice_accuracy`` on up to 4 generated tokens. Every client
-  trains every round, 2 steps of 4 examples (instructions: 3 clients a round, 5 steps of 8; see
+  trains every round, 5 steps of 4 examples (instructions: 3 clients a round, 5 steps of 8; see
   :func:`setting_of` for why).
 
 The derived files (the family column, the AG News prompts) are written to a temporary folder,
@@ -158,11 +158,13 @@ def setting_of(args: argparse.Namespace, task: str) -> Setting:
     and its one-word answers follow the topics of the clients drawn: with 3 of 10 clients a round
     (Dirichlet 0.5 over 4 topics) FedIT swung between rounds (lr 2e-3: 0.33, 0.36, 0.52, 0.65,
     0.24; lr 1e-3: 0.38, 0.43, 0.29, 0.56, 0.30), the global model leaning to whichever topics the
-    round's clients held. So every client trains every round there (cross-silo), 2 steps of 4.
+    round's clients held. So every client trains every round there (cross-silo), 5 steps of 4. With
+    2 steps FedIT reached 0.62 in 5 rounds against centralized LoRA's 0.88 (10 sequential steps
+    of averaged updates against 100 steps): too few steps, not a gap in aggregation.
     """
     per_task = {"instructions": dict(sampled=3, local_steps=5, batch_size=8, learning_rate=2e-3, gen_examples=40,
                                      max_length=160, max_new_tokens=48, train_examples=None, test_examples=None),
-                "agnews": dict(sampled=10, local_steps=2, batch_size=4, learning_rate=2e-3, gen_examples=100,
+                "agnews": dict(sampled=10, local_steps=5, batch_size=4, learning_rate=2e-3, gen_examples=100,
                                max_length=128, max_new_tokens=4, train_examples=2000, test_examples=100)}[task]
     given = {"sampled": args.sampled, "local_steps": args.local_steps, "batch_size": args.batch_size,
              "gen_examples": args.gen_examples, "learning_rate": args.lr}
@@ -458,7 +460,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=None, help="rounds (default 5, quick 2)")
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--sampled", type=int, default=None, help="clients drawn per round (default 3; agnews 10)")
-    parser.add_argument("--local-steps", type=int, default=None, help="per client and round (default 5; agnews 2)")
+    parser.add_argument("--local-steps", type=int, default=None, help="per client and round (default 5)")
     parser.add_argument("--batch-size", type=int, default=None, help="examples per step (default 8; agnews 4)")
     parser.add_argument("--lr", type=float, default=2e-3, help="learning rate")
     parser.add_argument("--gen-examples", type=int, default=None,

@@ -86,7 +86,7 @@ def test_each_task_has_its_schedule_and_flags_override_it(llm_bench) -> None:
     instructions = llm_bench.setting_of(llm_bench.parse([]), "instructions")
     agnews = llm_bench.setting_of(llm_bench.parse([]), "agnews")
     assert (instructions.sampled, instructions.local_steps, instructions.batch_size) == (3, 5, 8)
-    assert (agnews.sampled, agnews.local_steps, agnews.batch_size, agnews.test_examples) == (10, 2, 4, 100)
+    assert (agnews.sampled, agnews.local_steps, agnews.batch_size, agnews.test_examples) == (10, 5, 4, 100)
     given = llm_bench.setting_of(llm_bench.parse(["--sampled", "4", "--local-steps", "3"]), "agnews")
     assert (given.sampled, given.local_steps, given.batch_size) == (4, 3, 4)
     assert "federation.fraction_train=0.4" in given.overrides()
