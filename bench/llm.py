@@ -469,7 +469,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--fresh", action="store_true", help="discard finished rows and start over")
     parser.add_argument("--redo", nargs="+", default=[], metavar="ROW", help="run these rows again")
     parser.add_argument("--threads", type=int, default=2,
-                        help="torch threads of the trainer (1 lets two runs of this script share 2 cores)")
+                        help="torch threads of the trainer and the evaluation")
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
     args.rounds = args.rounds or (2 if args.quick else 5)
@@ -519,7 +519,8 @@ def main(argv: list[str]) -> int:
                 save_results(path, results)
                 print(f"== {key}: {results['rows'][key]['wall_seconds']:.0f} s, saved to {path}", flush=True)
     for task in args.tasks:
-        rows = {v["row"]: v for v in results["rows"].values() if v["task"] == task}
+        current = asdict(setting_of(args, task))  # rows of another schedule are not comparable
+        rows = {v["row"]: v for v in results["rows"].values() if v["task"] == task and v["setting"] == current}
         if rows:
             print_table(task, rows)
             if not args.no_plot:
