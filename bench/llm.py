@@ -488,18 +488,17 @@ def main(argv: list[str]) -> int:
 
     quiet_libraries()
     path = RESULTS / ("llm_quick.json" if args.quick else "llm.json")
-    if args.fresh:
-        path.unlink(missing_ok=True)
-    results = load_results(path, False)
+    results = load_results(path, args.fresh)
+    settings = {task: setting_of(args, task) for task in args.tasks}
     order = [r for r in ["fedit", *ROWS] if r in args.rows]
     threads = [f"train.threads={args.threads}"]  # client_cpus stays 2: one client at a time either way
     with tempfile.TemporaryDirectory() as tmp:
         for task in args.tasks:
-            setting = setting_of(args, task)
+            setting = settings[task]
             data = prepare_data(task, Path(tmp)) + threads
             for label in dict.fromkeys(order):
                 key = f"{task}/{label}"
-                done = load_results(path, False)["rows"].get(key)  # another run may have finished it
+                done = results["rows"].get(key)
                 if done and done["setting"] == asdict(setting) and label not in args.redo:
                     print(f"== {key}: done before, skipped")
                     continue
@@ -511,7 +510,6 @@ def main(argv: list[str]) -> int:
                     row = run_plain(task, setting, data, Path(tmp))
                 else:
                     row = run_strategy(task, label, setting, args.quick, data, Path(tmp))
-                results = load_results(path, False)  # merge: another run of this script may have saved rows
                 results["rows"][key] = {**row, "task": task, "row": label, "setting": asdict(setting),
                                         "threads": args.threads,
                                         "wall_seconds": round(time.perf_counter() - start, 1),
@@ -519,7 +517,7 @@ def main(argv: list[str]) -> int:
                 save_results(path, results)
                 print(f"== {key}: {results['rows'][key]['wall_seconds']:.0f} s, saved to {path}", flush=True)
     for task in args.tasks:
-        current = asdict(setting_of(args, task))  # rows of another schedule are not comparable
+        current = asdict(settings[task])  # rows of another schedule are not comparable
         rows = {v["row"]: v for v in results["rows"].values() if v["task"] == task and v["setting"] == current}
         if rows:
             print_table(task, rows)
