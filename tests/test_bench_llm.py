@@ -92,3 +92,15 @@ def test_each_task_has_its_schedule_and_flags_override_it(llm_bench) -> None:
     assert "federation.fraction_train=0.4" in given.overrides()
     quick = llm_bench.setting_of(llm_bench.parse(["--quick"]), "instructions")
     assert (quick.rounds, quick.clients, quick.sampled) == (2, 4, 2)
+
+
+def test_fedkseed_steps_follow_the_clients_a_round(llm_bench) -> None:
+    def steps(task: str, quick: bool = False) -> list[str]:
+        setting = llm_bench.setting_of(llm_bench.parse(["--quick"] if quick else []), task)
+        return [o for o in llm_bench.strategy_overrides(task, "fedkseed-pro", setting, quick) if "steps" in o]
+
+    assert steps("instructions") == ["strategy.options.steps=60"]  # 3 clients a round
+    assert steps("agnews") == ["strategy.options.steps=30"]  # all 10 every round
+    assert steps("agnews", quick=True) == ["strategy.options.steps=2"]
+    assert not any("steps" in o for o in llm_bench.strategy_overrides(
+        "agnews", "fedit", llm_bench.setting_of(llm_bench.parse([]), "agnews"), False))

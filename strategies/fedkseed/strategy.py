@@ -14,10 +14,12 @@ which every client rebuilds bit for bit from the entries it has not seen yet.
 FedKSeed-Pro samples seeds non-uniformly: a seed's importance is the mean clipped
 magnitude of the scalars clients reported for it, min-max normalised and turned into
 probabilities with a softmax (the paper's scheme; the clipping, the mean and the min-max +
-softmax are computed as in the public implementations).
+softmax are computed as in the public implementations). The normalised importance travels as
+one byte a seed (4 KB at K = 4096, against 32 KB as float64 probabilities), which moves each
+probability by at most 0.2 %; the server reports the probabilities clients compute from it.
 
 No message carries a tensor. The payloads are plain Python values: :meth:`FedKSeed.round_plan`
-(settings, :meth:`FedKSeed.catch_up`, :meth:`FedKSeed.sampling_probabilities`) encoded by
+(settings, :meth:`FedKSeed.catch_up`, :meth:`FedKSeed.importance`) encoded by
 :func:`fedtune.strategies.fedkseed.wire.encode_round_config`, and the client's steps encoded by
 :func:`fedtune.strategies.fedkseed.wire.encode_steps`; see :meth:`FedKSeed.configure_client` for what
 the Flower glue must do with them.
@@ -61,6 +63,8 @@ from fedtune.strategies.fedkseed.zeroth_order import (
     Step,
     direction_fingerprint,
     group_history,
+    importance_levels,
+    probabilities_from_levels,
     replay,
     seed_pool,
     tunable_tensors,
@@ -188,31 +192,35 @@ class FedKSeed(Strategy):
         stop = bisect.bisect_right(self._history_rounds, through)
         return CatchUp(base_round=base, through_round=through, entries=tuple(self.history[start:stop]))
 
-    def sampling_probabilities(self) -> list[float] | None:
-        """FedKSeed-Pro's probability per pool seed (pool order); None means uniform."""
+    def importance(self) -> bytes | None:
+        """FedKSeed-Pro's seed importance as the wire carries it (one level 0..255 a pool seed); None: uniform."""
         if not self.pro or not self._magnitude_counts.any():
             return None
         # Public implementations start each seed's list with 0.0: one more term in the mean,
         # which shrinks seeds seen only once or twice towards "unimportant".
-        importance = self._magnitude_sums / (self._magnitude_counts + 1)
-        spread = importance.max() - importance.min()
-        normalised = (importance - importance.min()) / spread if spread > 0 else np.zeros_like(importance)
-        weights = np.exp(normalised - normalised.max())
-        return (weights / weights.sum()).tolist()
+        return importance_levels(self._magnitude_sums / (self._magnitude_counts + 1))
+
+    def sampling_probabilities(self) -> list[float] | None:
+        """FedKSeed-Pro's probability per pool seed (pool order), as clients compute it; None means uniform."""
+        levels = self.importance()
+        return None if levels is None else probabilities_from_levels(levels)
 
     def probability_spread(self) -> float:
         """Max over min sampling probability: 1.0 when uniform, at most e with min-max + softmax."""
         probabilities = self.sampling_probabilities()
         return 1.0 if probabilities is None else max(probabilities) / min(probabilities)
 
-    def round_plan(self, client_id: int, server_round: int) -> RoundPlan:
-        """Everything ``client_id`` needs in ``server_round``; encode it with ``encode_round_config``."""
+    def round_plan(self, client_id: int, server_round: int, *, sampling: bool = True) -> RoundPlan:
+        """Everything ``client_id`` needs in ``server_round``; encode it with ``encode_round_config``.
+
+        ``sampling=False`` (an evaluation) leaves out FedKSeed-Pro's importance: nothing is sampled.
+        """
         return RoundPlan(run_seed=int(self.spec.seed), k=self.k, eps=self.eps, lr=self.lr, steps=self.steps,
-                         fingerprint=direction_fingerprint(), probabilities=self.sampling_probabilities(),
+                         fingerprint=direction_fingerprint(), importance=self.importance() if sampling else None,
                          catch_up=self.catch_up(client_id, server_round), tune=self.tune)
 
     def configure_client(self, server_round: int, client_id: int) -> ClientInstruction:
-        """No tensors: the catch-up history, the probabilities and the settings, in ``config``.
+        """No tensors: the catch-up history, the importance levels and the settings, in ``config``.
 
         ``config`` holds lists (``ConfigRecord`` accepts them, and the current server glue
         passes ``config`` through unchanged), though ``ClientInstruction.config`` is typed
@@ -225,7 +233,7 @@ class FedKSeed(Strategy):
     def configure_evaluation(self, server_round: int, client_id: int) -> ClientInstruction:
         """Evaluation needs no tensors either: the client replays the history it lacks."""
         return ClientInstruction(arrays={}, trainable=self.trainable, expects={}, routine=ZEROTH_ORDER_ROUTINE,
-                                 config=encode_round_config(self.round_plan(client_id, server_round + 1)))
+                                 config=encode_round_config(self.round_plan(client_id, server_round + 1, sampling=False)))
 
     # ------------------------------------------------------------------ client -> server
 

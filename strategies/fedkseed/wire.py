@@ -21,6 +21,7 @@ from fedtune.strategies.fedkseed.zeroth_order import (
     Params,
     Step,
     direction_fingerprint,
+    probabilities_from_levels,
     replay,
 )
 
@@ -28,7 +29,7 @@ from fedtune.strategies.fedkseed.zeroth_order import (
 ZEROTH_ORDER_ROUTINE = "zeroth-order"
 
 # Record keys. Server -> client (ConfigRecord): the settings, the catch-up history and
-# (FedKSeed-Pro) the sampling probabilities.
+# (FedKSeed-Pro) the seeds' importance levels, one byte a seed.
 ZO_RUN_SEED = "zo.run_seed"
 ZO_K = "zo.k"
 ZO_EPS = "zo.eps"
@@ -36,7 +37,7 @@ ZO_LR = "zo.lr"
 ZO_STEPS = "zo.steps"
 ZO_FINGERPRINT = "zo.fingerprint"
 ZO_TUNE = "zo.tune"
-ZO_PROBABILITIES = "zo.probabilities"
+ZO_IMPORTANCE = "zo.importance"
 ZO_BASE_ROUND = "zo.base_round"
 ZO_THROUGH_ROUND = "zo.through_round"
 ZO_ROUNDS = "zo.rounds"
@@ -151,8 +152,10 @@ class RoundPlan:
         Local steps τ.
     fingerprint : str
         The server's :func:`direction_fingerprint`; a client whose own differs must stop.
-    probabilities : list of float or None
-        FedKSeed-Pro's sampling probabilities in pool order; None for uniform.
+    importance : bytes or None
+        FedKSeed-Pro's seed importance in pool order, one byte a seed (min-max normalised,
+        in steps of 1/255); None samples uniformly. :attr:`probabilities` turns it into
+        the sampling probabilities. Evaluation plans carry none: evaluating samples nothing.
     catch_up : CatchUp
         The global history the client lacks.
     tune : {"full", "adapter"}
@@ -165,9 +168,14 @@ class RoundPlan:
     lr: float
     steps: int
     fingerprint: str
-    probabilities: list[float] | None
+    importance: bytes | None
     catch_up: CatchUp
     tune: str = TUNE_ADAPTER
+
+    @property
+    def probabilities(self) -> list[float] | None:
+        """The sampling probability of each pool seed (``softmax(level / 255)``); None for uniform."""
+        return None if self.importance is None else probabilities_from_levels(self.importance)
 
     def check_fingerprint(self) -> None:
         """Raise ``RuntimeError`` when this installation draws other directions than the server's."""
@@ -186,16 +194,19 @@ def encode_round_config(plan: RoundPlan, prefix: str = "") -> dict[str, Any]:
     }
     config.update(encode_history(plan.catch_up.entries, base_round=plan.catch_up.base_round,
                                  through_round=plan.catch_up.through_round, prefix=prefix))
-    if plan.probabilities is not None:
-        config[prefix + ZO_PROBABILITIES] = [float(p) for p in plan.probabilities]
+    if plan.importance is not None:
+        config[prefix + ZO_IMPORTANCE] = bytes(plan.importance)
     return config
 
 
 def decode_round_config(config: Mapping[str, Any], prefix: str = "") -> RoundPlan:
     """The inverse of :func:`encode_round_config`; raises ``ValueError`` naming a bad field."""
-    probabilities = None
-    if prefix + ZO_PROBABILITIES in config:
-        probabilities = _list_field(config, prefix + ZO_PROBABILITIES, float)
+    importance = config.get(prefix + ZO_IMPORTANCE)
+    k = _int_field(config, prefix + ZO_K)
+    if importance is not None and not (isinstance(importance, bytes) and len(importance) == k):
+        got = f"{len(importance)} bytes" if isinstance(importance, bytes) else type(importance).__name__
+        raise ValueError(f"{prefix}{ZO_IMPORTANCE} must be {k} bytes (one importance level per pool seed), "
+                         f"got {got}")
     fingerprint = config.get(prefix + ZO_FINGERPRINT)
     if not isinstance(fingerprint, str):
         raise ValueError(f"{prefix}{ZO_FINGERPRINT}={fingerprint!r} must be the server's direction_fingerprint()")
@@ -203,9 +214,9 @@ def decode_round_config(config: Mapping[str, Any], prefix: str = "") -> RoundPla
     if tune not in (TUNE_FULL, TUNE_ADAPTER):
         raise ValueError(f"{prefix}{ZO_TUNE}={tune!r} must be {TUNE_FULL!r} or {TUNE_ADAPTER!r}")
     return RoundPlan(
-        run_seed=_int_field(config, prefix + ZO_RUN_SEED), k=_int_field(config, prefix + ZO_K),
+        run_seed=_int_field(config, prefix + ZO_RUN_SEED), k=k,
         eps=_float_field(config, prefix + ZO_EPS), lr=_float_field(config, prefix + ZO_LR),
-        steps=_int_field(config, prefix + ZO_STEPS), fingerprint=fingerprint, probabilities=probabilities,
+        steps=_int_field(config, prefix + ZO_STEPS), fingerprint=fingerprint, importance=importance,
         catch_up=decode_history(config, prefix), tune=tune,
     )
 

@@ -327,6 +327,36 @@ def sample_seeds(pool: Sequence[int], probabilities: Sequence[float] | None, cou
     return [int(pool[i]) for i in indices]
 
 
+IMPORTANCE_LEVELS = 255
+
+
+def probabilities_from_levels(levels: bytes) -> list[float]:
+    """FedKSeed-Pro's sampling probabilities from importance levels: ``softmax(level / 255)``.
+
+    ``levels`` holds one byte per pool seed: the seed's min-max normalised importance in
+    steps of 1/255 (what :func:`importance_levels` makes and the wire carries, 1 byte a seed
+    instead of 8). The softmax is the paper's; the quantisation moves each probability by a
+    factor of at most ``exp(1/510)``, 0.2 %.
+    """
+    if not levels:
+        raise ValueError("levels is empty; send one byte per pool seed")
+    normalised = np.frombuffer(bytes(levels), dtype=np.uint8).astype(np.float64) / IMPORTANCE_LEVELS
+    weights = np.exp(normalised - normalised.max())
+    return (weights / weights.sum()).tolist()
+
+
+def importance_levels(importance: np.ndarray) -> bytes:
+    """Min-max normalise ``importance`` (one value per pool seed) to bytes 0..255 (all 0 when flat)."""
+    importance = np.asarray(importance, dtype=np.float64)
+    if not np.all(np.isfinite(importance)):
+        raise ValueError("importance must be finite")
+    spread = importance.max() - importance.min()
+    if spread <= 0:
+        return bytes(importance.size)
+    normalised = (importance - importance.min()) / spread
+    return np.rint(normalised * IMPORTANCE_LEVELS).astype(np.uint8).tobytes()
+
+
 def _checked_probabilities(probabilities: Sequence[float], k: int) -> np.ndarray:
     p = np.asarray(probabilities, dtype=np.float64)
     if p.shape != (k,):
@@ -434,11 +464,14 @@ __all__ = [
     "TUNE_ADAPTER",
     "TUNE_FULL",
     "ZOTrainResult",
+    "IMPORTANCE_LEVELS",
     "apply_update",
     "direction",
     "direction_fingerprint",
     "group_history",
+    "importance_levels",
     "parameter_direction",
+    "probabilities_from_levels",
     "replay",
     "replay_grouped",
     "sample_seeds",

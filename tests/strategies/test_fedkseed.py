@@ -22,6 +22,8 @@ from fedtune.strategies.fedkseed.wire import (
 )
 from fedtune.strategies.fedkseed.zeroth_order import (
     direction,
+    importance_levels,
+    probabilities_from_levels,
     replay,
     seed_pool,
     zo_train,
@@ -244,7 +246,29 @@ def test_plain_fedkseed_samples_uniformly() -> None:
     s = strategy()
     s.aggregate(1, [reply(0, [(s.pool[0], 5.0)], 1, 0)])
     assert s.sampling_probabilities() is None
-    assert "zo.probabilities" not in s.configure_client(2, 0).config
+    assert "zo.importance" not in s.configure_client(2, 0).config
+
+
+def test_pro_sends_one_byte_a_seed_and_evaluations_none() -> None:
+    s = strategy(FedKSeedPro)
+    s.aggregate(1, [reply(0, [(s.pool[0], 1.0), (s.pool[3], 0.25)], 1, 0)])
+    config = s.configure_client(2, 0).config
+    assert isinstance(config["zo.importance"], bytes) and len(config["zo.importance"]) == s.k
+    assert "zo.importance" not in s.configure_evaluation(2, 0).config  # evaluating samples nothing
+    with pytest.raises(ValueError, match="must be 8 bytes .* got 3 bytes"):
+        decode_round_config({**config, "zo.importance": b"abc"})
+    with pytest.raises(ValueError, match="got list"):
+        decode_round_config({**config, "zo.importance": [0.125] * 8})
+
+
+def test_importance_levels_keep_the_papers_probabilities_within_a_fifth_of_a_percent() -> None:
+    importance = np.random.default_rng(0).gamma(2.0, size=4096)
+    normalised = (importance - importance.min()) / (importance.max() - importance.min())
+    exact = np.exp(normalised) / np.exp(normalised).sum()  # the paper's softmax of the min-max norm
+    quantised = np.asarray(probabilities_from_levels(importance_levels(importance)))
+    assert np.max(np.abs(np.log(quantised / exact))) <= 2 / 510  # each level off by <= 1/510, the sum too
+    assert math.fsum(quantised) == pytest.approx(1.0, abs=1e-12)
+    assert importance_levels(np.full(5, 3.0)) == bytes(5)  # flat importance: uniform
 
 
 # --------------------------------------------------------------------------- options and the adapter

@@ -413,7 +413,7 @@ def test_encode_steps_round_trips_through_a_metric_record() -> None:
 
 def test_round_plan_round_trips_and_checks_the_fingerprint() -> None:
     plan = RoundPlan(run_seed=3, k=8, eps=5e-4, lr=1e-3, steps=20, fingerprint=direction_fingerprint(),
-                     probabilities=[0.125] * 8, catch_up=CatchUp(0, 1, (HistoryEntry(1, 5, 0.5),)))
+                     importance=bytes(range(0, 256, 32)), catch_up=CatchUp(0, 1, (HistoryEntry(1, 5, 0.5),)))
     record = ConfigRecord(encode_round_config(plan, prefix="strategy."))
     decoded = decode_round_config(dict(serde.config_record_from_proto(serde.config_record_to_proto(record))),
                                   prefix="strategy.")
