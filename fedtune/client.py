@@ -21,12 +21,13 @@ from omegaconf.errors import OmegaConfBaseException
 from fedtune import __version__, protocol
 from fedtune.codec import tensor_digest
 from fedtune.config import AdapterConfig, FedtuneConfig, ModelConfig, to_yaml
-from fedtune.data import load_splits, num_labels, partition_dataset, resolve_prompt_format, split_train_eval, tokenize
+from fedtune.data import load_splits, num_labels, partition_dataset, resolve_prompt_format, split_train_eval
 from fedtune.devices import device_of
 from fedtune.errors import ConfigError
 from fedtune.generation import evaluate_generation_on
 from fedtune.metrics import is_generative
 from fedtune.models import AdapterHandle, claim_extensions, get_adapter
+from fedtune.objectives import Objective, objective_of
 from fedtune.quantization import bits_of, peak_rss_bytes, weight_bytes
 from fedtune.registry import import_by_path
 from fedtune.routine import ClientJob, ClientReply, ClientRoutine, ClientState, resolve_routine
@@ -96,8 +97,13 @@ class ClientRuntime:
         self._routines: dict[str, ClientRoutine] = {}
 
     @cached_property
+    def objective(self) -> Objective:
+        """What local training minimises (``train.objective``)."""
+        return objective_of(self.cfg.train)
+
+    @cached_property
     def _pool(self) -> tuple[datasets.Dataset, int | None]:
-        pool, _ = load_splits(self.cfg.data, self.cfg.model.task)
+        pool, _ = load_splits(self.cfg.data, self.cfg.model.task, self.cfg.train.objective)
         labels = num_labels(pool) if self.cfg.model.task == "classification" else None
         return pool, labels
 
@@ -150,7 +156,7 @@ class ClientRuntime:
                                                self.cfg.data.seed + partition_id)
             data = self.cfg.data
             fmt = resolve_prompt_format(handle.tokenizer, data.prompt_format, alpaca=data.alpaca)
-            tok = lambda ds: tokenize(ds, handle.tokenizer, self.cfg.model.task, data.max_length, fmt)
+            tok = lambda ds: self.objective.tokenize(ds, handle.tokenizer, self.cfg.model.task, data.max_length, fmt)
             self._tokenized[partition_id] = (tok(train), tok(held_out))
             self._held_out[partition_id] = held_out
         return self._tokenized[partition_id]
@@ -163,7 +169,7 @@ class ClientRuntime:
         examples it covers.
         """
         _, eval_ds = self.splits(partition_id)
-        result = evaluate(handle, eval_ds, self.cfg.train.eval_batch_size)
+        result = evaluate(handle, eval_ds, self.cfg.train.eval_batch_size, objective=self.objective)
         metrics = {protocol.EVAL_LOSS: result["loss"], protocol.EVAL_ACCURACY: result["accuracy"]}
         if self.cfg.eval.clients and is_generative(self.cfg.eval.metric) and len(self._held_out[partition_id]):
             generated = evaluate_generation_on(handle, self._held_out[partition_id], self.cfg.eval, self.cfg.data)

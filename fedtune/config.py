@@ -45,6 +45,9 @@ PARTITION_METHODS = ("iid", "dirichlet", "pathological", "size-skew")
 DATA_FORMATS = ("auto", "json", "jsonl", "csv", "tsv", "disk")
 PROMPT_FORMATS = ("auto", "chat", "alpaca", "plain")
 QUANTIZATIONS = ("none", "8bit", "4bit")
+# What a client's local training minimises (fedtune.objectives); independent of the strategy.
+OBJECTIVES = ("sft", "dpo")
+DPO_LOSSES = ("sigmoid", "hinge")
 QUANT_TYPES = ("nf4", "fp4")
 
 
@@ -206,6 +209,9 @@ class DataConfig:
     response_column: str = "response"
     # Alpaca-style records (instruction/input/output) become prompt/response when set.
     alpaca: bool = False
+    # Preference pairs (train.objective=dpo): the preferred and the dispreferred response.
+    chosen_column: str = "chosen"
+    rejected_column: str = "rejected"
     prompt_format: str = "auto"
     test_source: str | None = None
     # Without test_source: hold out this fraction of source as the central test set.
@@ -278,8 +284,36 @@ class PartitionConfig:
 
 
 @dataclass
+class DPOConfig:
+    """Direct preference optimisation (Rafailov et al. 2023) as the clients' objective.
+
+    The policy is the model with the adapter, the reference the same base with the adapter
+    (and any method's merged updates) switched off. ``beta`` scales the implicit reward
+    β·log(π/π_ref); ``loss`` is ``sigmoid`` (the paper's −log σ(β·Δ)) or ``hinge``
+    (max(0, 1 − β·Δ), SLiC), both as TRL computes them.
+    """
+
+    beta: float = 0.1
+    loss: str = "sigmoid"
+
+    def problems(self) -> list[str]:
+        out = []
+        if not self.beta > 0:
+            out.append(f"train.dpo.beta={self.beta} must be positive, e.g. 0.1 (larger stays closer to the reference)")
+        if self.loss not in DPO_LOSSES:
+            out.append(f"train.dpo.loss={self.loss!r} is not a DPO loss; use one of {DPO_LOSSES}")
+        return out
+
+
+@dataclass
 class TrainConfig:
-    """Local training on each client: AdamW on the trainable adapter parameters."""
+    """Local training on each client: AdamW on the trainable adapter parameters.
+
+    ``objective`` is what the local steps minimise, whatever the strategy aggregates:
+    ``sft`` (the response tokens' cross-entropy, or the label's for classification) or
+    ``dpo`` (preference pairs, :class:`DPOConfig`; a causal LM and data with
+    ``data.chosen_column``/``data.rejected_column``).
+    """
 
     local_epochs: int = 1
     # When set, overrides local_epochs: exactly this many optimizer steps per round.
@@ -292,9 +326,13 @@ class TrainConfig:
     eval_batch_size: int = 64
     seed: int = 0
     threads: int | None = None
+    objective: str = "sft"
+    dpo: DPOConfig = field(default_factory=DPOConfig)
 
     def problems(self) -> list[str]:
-        out = []
+        out = self.dpo.problems()
+        if self.objective not in OBJECTIVES:
+            out.append(f"train.objective={self.objective!r} is not an objective; use one of {OBJECTIVES}")
         for key in ("local_epochs", "batch_size", "gradient_accumulation", "eval_batch_size"):
             if getattr(self, key) < 1:
                 out.append(f"train.{key}={getattr(self, key)} must be at least 1")
@@ -517,6 +555,13 @@ class FedtuneConfig:
             section = getattr(self, f.name)
             if dataclasses.is_dataclass(section):
                 out += section.problems()
+        if self.train.objective == "dpo" and self.model.task != "causal-lm":
+            out.append(f"train.objective=dpo needs model.task=causal-lm (preference pairs of generated responses), "
+                       f"not {self.model.task!r}")
+        if self.train.objective == "dpo" and self.privacy.enabled:
+            out.append("train.objective=dpo with privacy.enabled=true: DP-SGD's per-example gradients run the model "
+                       "functionally, without the adapter switched off for the reference; use train.objective=sft "
+                       "for private runs")
         if is_generative(self.eval.metric) and self.model.task == "classification":
             out.append(f"eval.metric={self.eval.metric!r} scores generated text, which model.task='classification' "
                        "does not produce (it reports label accuracy as eval_accuracy); leave eval.metric at "

@@ -18,7 +18,8 @@ import re
 import shutil
 import tempfile
 import weakref
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -377,12 +378,16 @@ class ModelExtension(Protocol):
     """Something a method attaches to a model besides its adapter (e.g. forward hooks).
 
     It belongs to one run: :func:`claim_extensions` calls ``claim(run)`` before a client
-    uses the model, and an extension of another run starts over (``clear()``).
+    uses the model, and an extension of another run starts over (``clear()``). Inside
+    ``suspended()`` the model computes as if the extension were not there (the base model
+    that :func:`base_model_only` gives, e.g. DPO's reference).
     """
 
     def claim(self, owner: object) -> None: ...
 
     def clear(self) -> None: ...
+
+    def suspended(self) -> AbstractContextManager[None]: ...
 
 
 _EXTENSIONS: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, ModelExtension]] = weakref.WeakKeyDictionary()
@@ -406,6 +411,21 @@ def clear_extensions(model: torch.nn.Module) -> None:
     """Remove what every extension added to ``model`` (the server does this before each run)."""
     for ext in _EXTENSIONS.get(model, {}).values():
         ext.clear()
+
+
+@contextmanager
+def base_model_only(model: PeftModel) -> Iterator[None]:
+    """Within it, ``model`` computes as its pretrained base: the adapter switched off and every extension suspended.
+
+    DPO's reference π_ref without a second copy of the model: PEFT's ``disable_adapter()``
+    for the adapter, and :meth:`ModelExtension.suspended` for what a method keeps beside it
+    (FLoRA's merged updates of earlier rounds).
+    """
+    with ExitStack() as stack:
+        stack.enter_context(model.disable_adapter())
+        for ext in list(_EXTENSIONS.get(model, {}).values()):
+            stack.enter_context(ext.suspended())
+        yield
 
 
 def clear_model_cache() -> None:

@@ -160,7 +160,8 @@ class GradientRoutine(ClientRoutine):
         train_ds, _ = self.client.splits(job.partition_id)
         seed = cfg.train.seed + 1000 * job.server_round + job.partition_id
         if not cfg.privacy.enabled:
-            return train_adapter(handle, train_ds, cfg.train, seed, self.regularizer(job, handle)), {}
+            return train_adapter(handle, train_ds, cfg.train, seed, self.regularizer(job, handle),
+                                 objective=self.client.objective), {}
         ledger = client_ledger(cfg, job.state.values, len(train_ds), full_batch_steps=self.full_batch_steps)
         sigma = ledger.noise_multiplier
         result = train_adapter_private(handle, train_ds, cfg.train, clip_norm=cfg.privacy.clip_norm,

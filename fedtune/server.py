@@ -28,7 +28,7 @@ from flwr.serverapp import Grid
 from fedtune.checkpoint import Checkpoint, checkpoint_to_resume, rng_state, save_checkpoint, set_rng_state
 from fedtune.codec import tensors_to_record
 from fedtune.config import FedtuneConfig, to_yaml
-from fedtune.data import label_names, load_data, num_labels, tokenize
+from fedtune.data import label_names, load_data, num_labels
 from fedtune.data.labels import name_labels, write_labels
 from fedtune.data.prompts import with_resolved_prompt_format
 from fedtune.data.provenance import write_test_set
@@ -38,6 +38,7 @@ from fedtune.flower.strategy_adapter import FlowerStrategy
 from fedtune.generation import evaluate_generation_on
 from fedtune.metrics import generative_key
 from fedtune.models import AdapterHandle, clear_extensions, get_adapter
+from fedtune.objectives import objective_of
 from fedtune.plots import plot_run
 from fedtune.progress import PROGRESS_DIR, RoundProgress
 from fedtune.runlog import ADAPTER_DIR, MODEL_DIR, RunLog, default_run_dir
@@ -85,15 +86,16 @@ def run_federation(grid: Grid, cfg: FedtuneConfig, control: RunControl | None = 
     run_dir = Path(cfg.output.dir) if cfg.output.dir else default_run_dir(cfg)
     checkpoint = checkpoint_to_resume(cfg, run_dir)
     strategy = build_strategy(cfg.strategy.name, cfg.strategy.options)
-    splits = load_data(cfg.data, cfg.model.task)
+    splits = load_data(cfg.data, cfg.model.task, cfg.train.objective)
+    objective = objective_of(cfg.train)
     pool, test = splits.pool, splits.test
     labels = num_labels(pool) if cfg.model.task == "classification" else None
     names = label_names(pool) if labels is not None else None
     # The server's own base: unquantized unless model.server_quantization says otherwise.
     handle = get_adapter(cfg.model.for_server(), cfg.adapter, labels, cfg.seed)
     clear_extensions(handle.model)  # the model may be cached from an earlier run in this process
-    test_tok = (tokenize(test, handle.tokenizer, cfg.model.task, cfg.data.max_length, cfg.data.prompt_format)
-                if test is not None else None)
+    test_tok = (objective.tokenize(test, handle.tokenizer, cfg.model.task, cfg.data.max_length,
+                                   cfg.data.prompt_format) if test is not None else None)
     # eval_<metric> when eval.metric is generative: the raw prompt/response columns of
     # `test` (kept beside test_tok) feed generation.
     metric_column = generative_key(cfg.eval.metric, cfg.eval.options)
@@ -116,7 +118,7 @@ def run_federation(grid: Grid, cfg: FedtuneConfig, control: RunControl | None = 
                                         base=handle.base_initial() if strategy.tunes_base_model else {}))
 
     run_log = RunLog(cfg, run_dir, rows=checkpoint.metrics if checkpoint else None,
-                     columns=[metric_column] if metric_column else [])
+                     columns=[c for c in (metric_column, *objective.table_columns) if c])
     control.run_dir, control.completed_round = run_log.run_dir, done
     if names is not None:
         write_labels(run_log.run_dir, names)
@@ -143,8 +145,8 @@ def run_federation(grid: Grid, cfg: FedtuneConfig, control: RunControl | None = 
         if test_tok is not None:
             strategy.load_global(handle)
             result = evaluate(handle, test_tok, cfg.train.eval_batch_size,
-                              on_batch=progress.evaluation if progress is not None else None)
-            run_log.add(eval_loss=result["loss"], eval_accuracy=result["accuracy"])
+                              on_batch=progress.evaluation if progress is not None else None, objective=objective)
+            run_log.add(**{f"eval_{k}": v for k, v in result.items() if k != "num_examples"})
             if metric_column is not None:
                 generated = evaluate_generation_on(handle, test, cfg.eval, cfg.data)
                 run_log.add(**{generated.key: generated.score, "eval_generation_seconds": generated.seconds})

@@ -179,7 +179,7 @@ def preflight(cfg: FedtuneConfig) -> None:
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"cannot load model.name={cfg.model.name!r}: {str(e).rstrip('.')}. Give a local "
                              "folder, a builtin: model, or a hub id with network access") from e
-    pool, _ = load_splits(cfg.data, cfg.model.task)
+    pool, _ = load_splits(cfg.data, cfg.model.task, cfg.train.objective)
     with warnings.catch_warnings():
         # flwr-datasets warns on every retry of a Dirichlet draw; the DataError after the last one says it all.
         warnings.filterwarnings("ignore", message="The specified min_partition_size .* was not satisfied",

@@ -12,9 +12,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from fedtune.config import TrainConfig
-from fedtune.data.tokenize import IGNORE_INDEX, collate
+from fedtune.data.tokenize import collate
 from fedtune.devices import device_of, to_device
 from fedtune.models import AdapterHandle
+from fedtune.objectives import SUPERVISED, Objective
 from fedtune.privacy import PrivacyLedger, dp_step, model_loss_fn, poisson_batch
 from fedtune.progress import local_steps
 
@@ -29,24 +30,21 @@ class TrainResult:
     seconds: float
 
 
-def batches(ds: datasets.Dataset, batch_size: int, pad_id: int, seed: int, shuffle: bool = True) -> DataLoader:
-    """Padded training batches, shuffled in an order fixed by ``seed`` (or in data order)."""
-    return _loader(ds, batch_size, pad_id, shuffle=shuffle, seed=seed)
-
-
-def _loader(ds: datasets.Dataset, batch_size: int, pad_id: int, shuffle: bool, seed: int) -> DataLoader:
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                      collate_fn=lambda rows: collate(rows, pad_id))
+def batches(ds: datasets.Dataset, batch_size: int, pad_id: int, seed: int, shuffle: bool = True,
+            objective: Objective = SUPERVISED) -> DataLoader:
+    """Padded training batches of ``objective``, shuffled in an order fixed by ``seed`` (or in data order)."""
+    return objective.loader(ds, batch_size, pad_id, shuffle=shuffle, seed=seed)
 
 
 def train_adapter(handle: AdapterHandle, train_ds: datasets.Dataset, cfg: TrainConfig, seed: int,
-                  regularizer: Callable[[], torch.Tensor] | None = None) -> TrainResult:
+                  regularizer: Callable[[], torch.Tensor] | None = None,
+                  objective: Objective = SUPERVISED) -> TrainResult:
     """AdamW on the adapter tensors that have ``requires_grad``; deterministic in ``seed``.
 
-    Runs ``cfg.local_steps`` optimizer steps when set, else ``cfg.local_epochs`` passes.
+    Runs ``cfg.local_steps`` optimizer steps when set, else ``cfg.local_epochs`` passes, on
+    ``objective``'s loss (supervised fine-tuning by default, DPO on preference pairs).
     ``regularizer`` (e.g. FedProx's proximal term) is added to every micro-batch's loss
-    before the backward pass. Returns the mean training (task) loss over the micro-batches seen.
+    before the backward pass. Returns the mean training (objective) loss over the micro-batches seen.
     """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -55,7 +53,8 @@ def train_adapter(handle: AdapterHandle, train_ds: datasets.Dataset, cfg: TrainC
     if not params:
         raise ValueError("no adapter tensor is trainable; the strategy's `trainable` patterns matched nothing")
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    loader = _loader(train_ds, cfg.batch_size, handle.tokenizer.pad_token_id, shuffle=True, seed=seed)
+    pad_id = handle.tokenizer.pad_token_id
+    loader = objective.loader(train_ds, cfg.batch_size, pad_id, shuffle=True, seed=seed)
     total_steps = steps_per_round(cfg, len(train_ds))
     report = local_steps(total_steps)
     device = device_of(handle.model)
@@ -65,9 +64,9 @@ def train_adapter(handle: AdapterHandle, train_ds: datasets.Dataset, cfg: TrainC
     optimizer.zero_grad(set_to_none=True)
     while steps < total_steps:
         for batch in loader:
-            loss = handle.model(**to_device(batch, device)).loss
-            objective = loss + regularizer() if regularizer is not None else loss
-            (objective / cfg.gradient_accumulation).backward()
+            loss = objective.loss(handle.model, to_device(batch, device), pad_id)
+            total = loss + regularizer() if regularizer is not None else loss
+            (total / cfg.gradient_accumulation).backward()
             loss_sum += float(loss.detach())
             loss_count += 1
             micro += 1
@@ -85,37 +84,17 @@ def train_adapter(handle: AdapterHandle, train_ds: datasets.Dataset, cfg: TrainC
                        seconds=time.perf_counter() - start)
 
 
-@torch.no_grad()
 def evaluate(handle: AdapterHandle, ds: datasets.Dataset, batch_size: int,
-             on_batch: Callable[[int, int], None] | None = None) -> dict[str, float]:
-    """Mean loss and accuracy (label accuracy, or next-token accuracy on response tokens).
+             on_batch: Callable[[int, int], None] | None = None, objective: Objective = SUPERVISED) -> dict[str, float]:
+    """``objective``'s scores of the model on a tokenized split (SFT: loss and accuracy).
 
-    ``on_batch(done, total)`` is called after every batch (a progress display).
+    Supervised: label accuracy, or next-token accuracy on response tokens. ``on_batch(done,
+    total)`` is called after every batch (a progress display).
     """
     handle.model.eval()
     if len(ds) == 0:
         return {"loss": float("nan"), "accuracy": float("nan"), "num_examples": 0}
-    loss_sum, weight, correct, total = 0.0, 0, 0, 0
-    device = device_of(handle.model)
-    num_batches = math.ceil(len(ds) / batch_size)
-    for done, batch in enumerate(_loader(ds, batch_size, handle.tokenizer.pad_token_id, shuffle=False, seed=0), 1):
-        batch = to_device(batch, device)
-        out = handle.model(**batch)
-        labels = batch["labels"]
-        if handle.task == "classification":
-            n = labels.numel()
-            correct += int((out.logits.argmax(-1) == labels).sum())
-        else:
-            targets = labels[:, 1:]
-            mask = targets != IGNORE_INDEX
-            n = int(mask.sum())
-            correct += int(((out.logits[:, :-1].argmax(-1) == targets) & mask).sum())
-        loss_sum += float(out.loss) * n
-        weight += n
-        total += n
-        if on_batch is not None:
-            on_batch(done, num_batches)
-    return {"loss": loss_sum / max(weight, 1), "accuracy": correct / max(total, 1), "num_examples": len(ds)}
+    return objective.evaluate(handle.model, ds, batch_size, handle.tokenizer.pad_token_id, handle.task, on_batch)
 
 
 def train_adapter_private(handle: AdapterHandle, train_ds: datasets.Dataset, cfg: TrainConfig, *,

@@ -19,6 +19,7 @@ import pandas as pd
 
 from fedtune.config import DataConfig
 from fedtune.data.generated import GENERATED_LABELS, GENERATED_TASKS, GENERATED_TEST_SIZE, GENERATED_TRAIN_SIZE
+from fedtune.data.preference import standardize_pairs
 from fedtune.data.prompts import join_alpaca
 from fedtune.errors import DataError
 
@@ -111,11 +112,18 @@ def _alpaca_to_prompt_response(ds: datasets.Dataset, group_column: str | None) -
     return ds.map(convert, remove_columns=ds.column_names)
 
 
-def standardize(ds: datasets.Dataset, cfg: DataConfig, task: str, source: str) -> datasets.Dataset:
-    """Rename the configured columns to fedtune's (``group_column`` to ``group``) and drop the rest."""
+def standardize(ds: datasets.Dataset, cfg: DataConfig, task: str, source: str,
+                objective: str = "sft") -> datasets.Dataset:
+    """Rename the configured columns to fedtune's (``group_column`` to ``group``) and drop the rest.
+
+    With ``objective="dpo"`` the records are preference pairs
+    (:func:`fedtune.data.preference.standardize_pairs`).
+    """
     if cfg.group_column is not None and cfg.group_column not in ds.column_names:
         raise DataError(f"data.group_column={cfg.group_column!r}: {source!r} has no such column; it has "
                         f"{ds.column_names}")
+    if objective == "dpo":
+        return standardize_pairs(ds, cfg, source)
     if task == "causal-lm":
         if cfg.alpaca:
             return _alpaca_to_prompt_response(ds, cfg.group_column)
@@ -210,14 +218,17 @@ class Splits:
     test_selection: CentralTestSet | None
 
 
-def load_splits(cfg: DataConfig, task: str) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+def load_splits(cfg: DataConfig, task: str, objective: str = "sft") -> tuple[datasets.Dataset, datasets.Dataset | None]:
     """The training pool (to be partitioned) and the server's central test set, if any."""
-    splits = load_data(cfg, task)
+    splits = load_data(cfg, task, objective)
     return splits.pool, splits.test
 
 
-def load_data(cfg: DataConfig, task: str) -> Splits:
-    """:func:`load_splits`, and how the central test set was selected from its source."""
+def load_data(cfg: DataConfig, task: str, objective: str = "sft") -> Splits:
+    """:func:`load_splits`, and how the central test set was selected from its source.
+
+    ``objective`` is ``train.objective``: ``dpo`` reads preference pairs.
+    """
     selection = None
     if cfg.source.startswith("generated:"):
         task_name = cfg.source.split(":", 1)[1]
@@ -234,7 +245,7 @@ def load_data(cfg: DataConfig, task: str) -> Splits:
                                   generator_seed=cfg.seed + 10_000)
     else:
         raw, fmt, split = _read_source(cfg.source, cfg)
-        train = standardize(raw, cfg, task, cfg.source)
+        train = standardize(raw, cfg, task, cfg.source, objective)
         test = None
         if cfg.test_fraction is not None:
             if len(train) < 2:
@@ -249,7 +260,7 @@ def load_data(cfg: DataConfig, task: str) -> Splits:
         if cfg.test_source:
             test_cfg = dataclasses.replace(cfg, text_column=cfg.test_text_column or cfg.text_column, group_column=None)
             raw, fmt, split = _read_source(cfg.test_source, cfg)
-            test = standardize(raw, test_cfg, task, cfg.test_source)
+            test = standardize(raw, test_cfg, task, cfg.test_source, objective)
             selection = CentralTestSet(source=cfg.test_source, format=fmt, split=split, rows_in_source=len(test),
                                       shuffle_seed=None, max_test_examples=cfg.max_test_examples)
     if cfg.max_examples is not None and len(train) > cfg.max_examples:

@@ -37,26 +37,40 @@ def tokenize(ds: datasets.Dataset, tokenizer: Any, task: str, max_length: int,
             return {"input_ids": enc["input_ids"], "labels": batch["label"]}
     else:
         end = response_suffix(tokenizer, prompt_format)
-        # A rendered chat prompt already holds the template's special tokens (BOS included).
-        special = prompt_format != "chat"
         has_input = "input" in ds.column_names
 
         def encode(batch: dict) -> dict:
             ids, labels = [], []
             inputs = batch["input"] if has_input else [None] * len(batch["prompt"])
             for prompt, alpaca_input, response in zip(batch["prompt"], inputs, batch["response"]):
-                text = render_prompt(tokenizer, prompt, prompt_format, alpaca_input=alpaca_input)
-                p = tokenizer(text, add_special_tokens=special)["input_ids"]
+                p = prompt_ids(tokenizer, prompt, prompt_format, alpaca_input)
                 r = tokenizer(response + end, add_special_tokens=False)["input_ids"]
-                # Keep the response: truncate the prompt from the left first.
-                room = max(max_length - len(r), max_length // 2)
-                p = p[-room:] if room > 0 else []
-                seq = (p + r)[:max_length]
+                seq, seq_labels = join_prompt_response(p, r, max_length, len(r))
                 ids.append(seq)
-                labels.append(([IGNORE_INDEX] * len(p) + r)[:max_length])
+                labels.append(seq_labels)
             return {"input_ids": ids, "labels": labels}
 
     return ds.map(encode, batched=True, remove_columns=ds.column_names)
+
+
+def prompt_ids(tokenizer: Any, prompt: str, prompt_format: str, alpaca_input: str | None = None) -> list[int]:
+    """The token ids of ``prompt`` rendered in ``prompt_format`` (see :func:`render_prompt`)."""
+    text = render_prompt(tokenizer, prompt, prompt_format, alpaca_input=alpaca_input)
+    # A rendered chat prompt already holds the template's special tokens (BOS included).
+    return tokenizer(text, add_special_tokens=prompt_format != "chat")["input_ids"]
+
+
+def join_prompt_response(prompt: list[int], response: list[int], max_length: int,
+                         kept_response: int) -> tuple[list[int], list[int]]:
+    """Prompt then response, at most ``max_length`` ids, and labels that ignore the prompt.
+
+    The prompt loses its start first, so that ``kept_response`` response tokens fit (but
+    keeps at least half of ``max_length``); a pair's two responses pass the longer one's
+    length, so both see the same prompt.
+    """
+    room = max(max_length - kept_response, max_length // 2)
+    prompt = prompt[-room:] if room > 0 else []
+    return (prompt + response)[:max_length], ([IGNORE_INDEX] * len(prompt) + response)[:max_length]
 
 
 def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:

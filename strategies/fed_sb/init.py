@@ -43,7 +43,7 @@ A and ships them to every client. Bytes per adapted m×n matrix and client
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -91,6 +91,13 @@ class UpdateSketch(NamedTuple):
 # --------------------------------------------------------------------------- first-update estimate
 
 
+BatchLoss = Callable[[nn.Module, Mapping[str, torch.Tensor]], torch.Tensor]
+
+
+def _model_loss(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    return model(**batch).loss
+
+
 def _batch_size(batch: Mapping[str, torch.Tensor]) -> int:
     return int(next(iter(batch.values())).shape[0])
 
@@ -115,6 +122,7 @@ def estimate_update(
     clip_norm: float | None = None,
     noise_multiplier: float = 0.0,
     generator: torch.Generator | None = None,
+    batch_loss: BatchLoss | None = None,
 ) -> dict[str, torch.Tensor]:
     """Estimate the first full fine-tuning update of every LoRA-adapted weight.
 
@@ -130,7 +138,7 @@ def estimate_update(
     ----------
     model : torch.nn.Module
         A PEFT model whose LoRA path currently adds nothing or what it should (call this
-        before training); ``model(**batch).loss`` must be the mean loss of the batch.
+        before training).
     batches : iterable of dict
         Batches of model inputs with labels, batch dimension first.
     learning_rate : float
@@ -150,6 +158,9 @@ def estimate_update(
         pass per example.
     generator : torch.Generator, optional
         The noise source (CPU).
+    batch_loss : callable, optional
+        ``batch_loss(model, batch)``: the mean loss of a batch (the client's objective, e.g.
+        DPO's on preference pairs); by default ``model(**batch).loss``.
 
     Returns
     -------
@@ -170,7 +181,7 @@ def estimate_update(
     if bad:
         raise TypeError(f"estimate_update needs floating-point base weights; {bad[:2]} are "
                         f"{weights[bad[0]].dtype} (quantized?): estimate on a float copy of the model")
-    totals, seen = _gradient_sum(model, weights, batches, max_examples, clip_norm)
+    totals, seen = _gradient_sum(model, weights, batches, max_examples, clip_norm, batch_loss or _model_loss)
     if seen == 0:
         raise ValueError("estimate_update got no examples; give at least one batch")
     if noise_multiplier > 0:
@@ -185,7 +196,7 @@ def estimate_update(
 
 def _gradient_sum(model: nn.Module, weights: Mapping[str, torch.Tensor],
                   batches: Iterable[Mapping[str, torch.Tensor]], max_examples: int | None,
-                  clip_norm: float | None) -> tuple[dict[str, torch.Tensor], int]:
+                  clip_norm: float | None, batch_loss: BatchLoss) -> tuple[dict[str, torch.Tensor], int]:
     """Σ of per-example gradients (clipped jointly when ``clip_norm``), float64, and the count."""
     names, params = list(weights), list(weights.values())
     totals = {n: torch.zeros(w.shape, dtype=torch.float64) for n, w in weights.items()}
@@ -203,7 +214,7 @@ def _gradient_sum(model: nn.Module, weights: Mapping[str, torch.Tensor],
                 batch = _take(batch, max_examples - seen)
             for part in (_examples(batch) if clip_norm is not None else [batch]):
                 count = _batch_size(part)
-                loss = model(**to_device(part, device)).loss
+                loss = batch_loss(model, to_device(part, device))
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
                 grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
                 factor = float(count)
@@ -427,7 +438,8 @@ def parse_init_reply(arrays: Mapping[str, torch.Tensor]) -> dict[str, dict[str, 
 def init_reply(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], config: Mapping[str, Any],
                arrays: Mapping[str, torch.Tensor] | None = None, *, learning_rate: float,
                adapter_name: str = "default", clip_norm: float | None = None, noise_multiplier: float = 0.0,
-               generator: torch.Generator | None = None) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+               generator: torch.Generator | None = None,
+               batch_loss: BatchLoss | None = None) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """What a client sends back in an init pass: its sketches (or estimates) and metrics.
 
     ``config`` holds the strategy's ``CFG_*`` settings (without the glue's prefix); ``arrays``
@@ -440,7 +452,8 @@ def init_reply(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], 
     estimates = estimate_update(model, batches, learning_rate=rate, adapter_name=adapter_name,
                                 estimator=str(config.get(CFG_INIT_ESTIMATOR, "adam")),
                                 max_examples=int(config[CFG_INIT_SAMPLES]) if CFG_INIT_SAMPLES in config else None,
-                                clip_norm=clip_norm, noise_multiplier=noise_multiplier, generator=generator)
+                                clip_norm=clip_norm, noise_multiplier=noise_multiplier, generator=generator,
+                                batch_loss=batch_loss)
     seed, rank, stage = int(config[CFG_INIT_SEED]), int(config[CFG_INIT_RANK]), str(config[CFG_INIT_STAGE])
     bases = arrays or {}
     out: dict[str, torch.Tensor] = {}

@@ -100,10 +100,12 @@ class LoraSBInitRoutine(ClientRoutine):
             cfg.train.learning_rate, float(job.options.get(CFG_INIT_WARMUP_RATIO, 0.06)),
             max(1, cfg.federation.num_rounds - int(job.options.get(CFG_INIT_ROUNDS, 1)))
             * steps_per_round(cfg.train, len(train_ds))))
-        out, metrics = init_reply(handle.model, batches(train_ds, cfg.train.batch_size, handle.tokenizer.pad_token_id,
-                                                        seed, shuffle=False),
+        objective, pad_id = self.client.objective, handle.tokenizer.pad_token_id
+        out, metrics = init_reply(handle.model, batches(train_ds, cfg.train.batch_size, pad_id, seed, shuffle=False,
+                                                        objective=objective),
                                   {**job.options, CFG_INIT_LEARNING_RATE: rate}, job.arrays, learning_rate=rate,
-                                  adapter_name=handle.adapter_name, **privacy)
+                                  adapter_name=handle.adapter_name,
+                                  batch_loss=lambda model, batch: objective.loss(model, batch, pad_id), **privacy)
         if job.options.get(CFG_INIT_ESTIMATOR, "adam") == "adam":  # −η·sign(G) moves every entry by η
             metrics[METRIC_INIT_STEP_RELATIVE] = rate / adapted_weight_rms(handle)
         if ledger is not None:

@@ -71,12 +71,14 @@ class ZerothOrderRoutine(ClientRoutine):
 
         device = device_of(handle.model)
 
+        objective, pad_id = self.client.objective, handle.tokenizer.pad_token_id
+
         @torch.no_grad()
         def loss_on_batch(batch: dict) -> float:
-            return float(handle.model(**to_device(batch, device)).loss)
+            return float(objective.loss(handle.model, to_device(batch, device), pad_id))
 
         start = time.perf_counter()
-        result = zo_train(params, batches(train_ds, cfg.train.batch_size, handle.tokenizer.pad_token_id, seed),
+        result = zo_train(params, batches(train_ds, cfg.train.batch_size, pad_id, seed, objective=objective),
                           loss_on_batch, seed_pool(plan.run_seed, plan.k), plan.probabilities, plan.steps,
                           plan.eps, plan.lr, rng_seed=seed)
         return ClientReply(

@@ -33,6 +33,7 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -156,6 +157,14 @@ class FedKSeed(Strategy):
         self._history_rounds: list[int] = []
         self._initial: Tensors = {}
         self._masters: Tensors = {}
+
+    def config_problems(self, cfg: Any) -> list[str]:
+        """``tune=full`` cannot train DPO: the perturbed weights are the reference's own."""
+        if cfg.train.objective == "dpo" and self.tune == TUNE_FULL:
+            return ["train.objective=dpo with strategy.options.tune=full: DPO's reference is the base model with "
+                    "the adapter switched off, and full-parameter steps move that base; use "
+                    "strategy.options.tune=adapter (the two-point estimate then applies to the DPO loss as to any)"]
+        return []
 
     # ------------------------------------------------------------------ set-up
 

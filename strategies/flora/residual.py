@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import re
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 
@@ -144,6 +145,7 @@ class Residual:
         self.version = 0
         self.owner: object = None
         self._hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
+        self._suspended = False
 
     @property
     def nbytes(self) -> int:
@@ -189,6 +191,8 @@ class Residual:
 
     def _install(self, module_name: str, delta: MergedDelta) -> MergedDelta:
         def add_delta(_: torch.nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+            if self._suspended:
+                return output
             return output + delta.apply(args[0]).to(output.dtype)
 
         self._hooks[module_name] = self.model.get_submodule(module_name).register_forward_hook(add_delta)
@@ -218,6 +222,15 @@ class Residual:
             self.version = server_round
             merged.append(server_round)
         return merged
+
+    @contextmanager
+    def suspended(self) -> Iterator[None]:
+        """The layers compute without the merged updates inside it (the pretrained base, e.g. DPO's reference)."""
+        before, self._suspended = self._suspended, True
+        try:
+            yield
+        finally:
+            self._suspended = before
 
     def clear(self) -> None:
         for hook in self._hooks.values():
