@@ -1,6 +1,6 @@
-"""Federated instruction tuning of a causal LM, every method, next to centralized LoRA and a plain loop (#22).
+"""Federated instruction and preference tuning of a causal LM, every method, next to centralized LoRA and a plain loop.
 
-    python bench/llm.py [--tasks instructions agnews] [--rows fedit ...] [--rounds 5] [--clients 10]
+    python bench/llm.py [--tasks instructions agnews preference] [--rows fedit ...] [--rounds 5] [--clients 10]
                         [--sampled N] [--local-steps N] [--batch-size N] [--lr 2e-3]
                         [--gen-examples N] [--quick] [--fresh] [--redo ROW ...] [--no-plot]
 
@@ -21,6 +21,15 @@ Two tasks from ``../shared/data``:
   the central test set, scored by ``choice_accuracy`` on up to 4 generated tokens. Every client
   trains every round, 5 steps of 4 examples (instructions: 3 clients a round, 5 steps of 8; see
   :func:`setting_of` for why).
+
+* ``preference``: federated DPO (``train.objective=dpo``, β = 0.1) on the 1,100 pairs of
+  ``preference/instruction-data-with-preference.json`` (an Alpaca record with a polite ``chosen``
+  and an impolite ``rejected`` response); a fixed 10 % (110 pairs) held out, clients split by
+  Dirichlet(α = 0.5) over the instruction family as for ``instructions``, 3 of 10 a round, 5 steps
+  of 4 pairs. Scored by the held-out preference accuracy (the share of pairs whose chosen response
+  gets the larger implicit reward β·log π/π_ref) and the mean reward margin; ROUGE-L against the
+  chosen response on 5 prompts keeps the generations before and after. Rows: the base model
+  (round 0), centralized DPO, FedIT, FLoRA and FFA-LoRA (``TASK_ROWS``).
 
 The derived files (the family column, the AG News prompts) are written to a temporary folder,
 never into the repository.
@@ -68,8 +77,13 @@ from statistics import mean, median
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 RESULTS = ROOT / "bench" / "results"
-TASKS = ("instructions", "agnews")
-TASK_DATA = {"instructions": "instructions/instruction-data.json", "agnews": "agnews/train.csv"}
+TASKS = ("instructions", "agnews", "preference")
+TASK_DATA = {"instructions": "instructions/instruction-data.json", "agnews": "agnews/train.csv",
+             "preference": "preference/instruction-data-with-preference.json"}
+# What each task's table and curves score: a generative metric, or DPO's held-out preference accuracy.
+SCORE_KEY = {"instructions": "eval_rouge_l", "agnews": "eval_choice_accuracy", "preference": "eval_accuracy"}
+# DPO rows: the base model (round 0), centralized DPO, FedIT and exact methods; the plain loop is SFT's.
+TASK_ROWS = {"preference": ["centralized", "fedit", "flora", "ffa-lora"]}
 AGNEWS_TOPICS = ["World", "Sports", "Business", "Sci/Tech"]
 AGNEWS_PROMPT = ("Which topic is this news article about? Answer with one of: World, Sports, Business, "
                  "Sci/Tech.\n\n{text}")
@@ -167,6 +181,8 @@ def setting_of(args: argparse.Namespace, task: str) -> Setting:
     """
     per_task = {"instructions": dict(sampled=3, local_steps=5, batch_size=8, learning_rate=2e-3, gen_examples=40,
                                      max_length=160, max_new_tokens=48, train_examples=None, test_examples=None),
+                "preference": dict(sampled=3, local_steps=5, batch_size=4, learning_rate=2e-3, gen_examples=5,
+                                   max_length=128, max_new_tokens=48, train_examples=None, test_examples=None),
                 "agnews": dict(sampled=10, local_steps=5, batch_size=4, learning_rate=2e-3, gen_examples=100,
                                max_length=128, max_new_tokens=4, train_examples=2000, test_examples=100)}[task]
     given = {"sampled": args.sampled, "local_steps": args.local_steps, "batch_size": args.batch_size,
@@ -200,6 +216,15 @@ def prepare_data(task: str, folder: Path) -> list[str]:
     """Write the task's derived files into ``folder``; the config overrides that read them."""
     import csv
 
+    if task == "preference":
+        records = json.loads((SHARED / TASK_DATA[task]).read_text())
+        for record in records:
+            record["family"] = instruction_family(record["instruction"])
+        path = folder / "preference.json"
+        path.write_text(json.dumps(records))
+        # ROUGE-L against the chosen response on a few prompts: the generations before and after.
+        return [f"data.source={path}", "data.alpaca=true", "data.test_fraction=0.1", "data.group_column=family",
+                "train.objective=dpo", "train.dpo.beta=0.1", "eval.metric=rouge_l"]
     if task == "instructions":
         records = json.loads((SHARED / TASK_DATA[task]).read_text())
         for record in records:
@@ -242,11 +267,12 @@ def run_strategy(task: str, name: str, setting: Setting, quick: bool, data: list
 
     cfg, overrides = load(task, setting, strategy_overrides(task, name, setting, quick), data, tmp / f"{task}-{name}")
     run_dir = simulate(cfg)
-    key = f"eval_{cfg.eval.metric}"
+    key = SCORE_KEY[task]
     curve = []
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         r = json.loads(line)
         curve.append({"round": r["round"], "score": r.get(key), "loss": r.get("eval_loss"),
+                      "margin": r.get("eval_reward_margin"), "rouge_l": r.get("eval_rouge_l"),
                       "bytes_up": r.get("bytes_up") or 0, "bytes_down": r.get("bytes_down") or 0,
                       "clients": r.get("clients_aggregated") or 0,
                       "seconds": r["round_seconds"]})
@@ -263,43 +289,50 @@ def first_and_last_samples(samples: list[dict], n: int = 3) -> list[dict]:
            [s for s in samples if s["round"] == last and s["index"] < n and last != 0]
 
 
-def evaluation(handle, test_tok, test_raw, cfg) -> tuple[float, float]:
-    """(score, eval loss) of the model in ``handle`` on the central test set, as the server computes them."""
+def evaluation(handle, test_tok, test_raw, cfg) -> dict:
+    """Score, eval loss (and DPO's margin) of the model in ``handle`` on the central test set, as the server
+    computes them: DPO's preference accuracy, or the generative metric."""
     from fedtune.generation import evaluate_generation_on
+    from fedtune.objectives import objective_of
     from fedtune.training import evaluate
 
-    loss = evaluate(handle, test_tok, cfg.train.eval_batch_size)["loss"]
-    return evaluate_generation_on(handle, test_raw, cfg.eval, cfg.data).score, loss
+    scores = evaluate(handle, test_tok, cfg.train.eval_batch_size, objective=objective_of(cfg.train))
+    generated = evaluate_generation_on(handle, test_raw, cfg.eval, cfg.data).score
+    if cfg.train.objective == "dpo":
+        return {"score": scores["accuracy"], "loss": scores["loss"], "margin": scores["reward_margin"],
+                "rouge_l": generated}
+    return {"score": generated, "loss": scores["loss"]}
 
 
 def run_centralized(task: str, setting: Setting, data: list[str], tmp: Path) -> dict:
     """LoRA on the pooled data with fedtune's trainer; per round as many steps as a federated round in all."""
     import torch
 
-    from fedtune.data import load_splits, tokenize
+    from fedtune.data import load_splits
     from fedtune.data.prompts import with_resolved_prompt_format
     from fedtune.models import get_adapter
+    from fedtune.objectives import objective_of
     from fedtune.training import train_adapter
 
     cfg, overrides = load(task, setting, [], data, tmp / f"{task}-centralized")
     cfg = with_resolved_prompt_format(cfg)
     torch.set_num_threads(cfg.train.threads)
-    pool, test = load_splits(cfg.data, cfg.model.task)
+    objective = objective_of(cfg.train)
+    pool, test = load_splits(cfg.data, cfg.model.task, cfg.train.objective)
     handle = get_adapter(cfg.model, cfg.adapter, None, cfg.seed)
     handle.load({})
     handle.set_trainable([".*"])
-    tok = lambda ds: tokenize(ds, handle.tokenizer, cfg.model.task, cfg.data.max_length, cfg.data.prompt_format)
+    tok = lambda ds: objective.tokenize(ds, handle.tokenizer, cfg.model.task, cfg.data.max_length,
+                                        cfg.data.prompt_format)
     train, test_tok = tok(pool), tok(test)
     round_cfg = replace(cfg.train, local_steps=setting.sampled * setting.local_steps)
-    score, loss = evaluation(handle, test_tok, test, cfg)
-    curve = [{"round": 0, "score": score, "loss": loss, "bytes_up": 0, "bytes_down": 0, "seconds": 0.0}]
+    curve = [{"round": 0, **evaluation(handle, test_tok, test, cfg), "bytes_up": 0, "bytes_down": 0, "seconds": 0.0}]
     for rnd in range(1, setting.rounds + 1):
         start = time.perf_counter()
-        train_adapter(handle, train, round_cfg, seed=cfg.train.seed + 1000 * rnd)
-        score, loss = evaluation(handle, test_tok, test, cfg)
-        curve.append({"round": rnd, "score": score, "loss": loss, "bytes_up": 0, "bytes_down": 0,
-                      "seconds": time.perf_counter() - start})
-        print(f"  centralized round {rnd}: score {score:.4f}, loss {loss:.4f}", flush=True)
+        train_adapter(handle, train, round_cfg, seed=cfg.train.seed + 1000 * rnd, objective=objective)
+        point = evaluation(handle, test_tok, test, cfg)
+        curve.append({"round": rnd, **point, "bytes_up": 0, "bytes_down": 0, "seconds": time.perf_counter() - start})
+        print(f"  centralized round {rnd}: score {point['score']:.4f}, loss {point['loss']:.4f}", flush=True)
     return {"overrides": overrides, "curve": curve}
 
 
@@ -439,6 +472,17 @@ def print_table(task: str, rows: dict[str, dict]) -> None:
               f"{_cell(s['down'], ',.0f', 13)}{_cell(s['total_mb'], ',.1f', 10)}{_cell(s['round_s'], '.1f', 9)}")
 
 
+def print_rounds(rows: dict[str, dict]) -> None:
+    """Held-out preference accuracy / mean reward margin of each row, round by round."""
+    width = max(len(row["curve"]) for row in rows.values())
+    print("\npreference accuracy / reward margin per round")
+    print(f"{'row':<14}" + "".join(f"{f'round {r}':>16}" for r in range(width)))
+    for label in [r for r in ROWS if r in rows]:
+        cells = [f"{p['score']:.3f} / {p['margin']:+.3f}" if p.get("margin") is not None else "-"
+                 for p in rows[label]["curve"]]
+        print(f"{label:<14}" + "".join(f"{c:>16}" for c in cells))
+
+
 def plot(task: str, rows: dict[str, dict], path: Path, metric: str) -> None:
     from fedtune.plots import comparison_figure
 
@@ -494,6 +538,7 @@ def main(argv: list[str]) -> int:
     results = load_results(path, args.fresh)
     settings = {task: setting_of(args, task) for task in args.tasks}
     order = [r for r in ["fedit", *ROWS] if r in args.rows]
+    explicit_rows = args.rows != ROWS
     threads = [f"train.threads={args.threads}"]  # client_cpus stays 2: one client at a time either way
     with tempfile.TemporaryDirectory() as tmp:
         for task in args.tasks:
@@ -501,6 +546,10 @@ def main(argv: list[str]) -> int:
             data = prepare_data(task, Path(tmp)) + threads
             for label in dict.fromkeys(order):
                 key = f"{task}/{label}"
+                if task in TASK_ROWS and label not in TASK_ROWS[task]:
+                    if explicit_rows:
+                        print(f"== {key}: not a row of this task (rows: {', '.join(TASK_ROWS[task])})")
+                    continue
                 done = results["rows"].get(key)
                 if done and done["setting"] == asdict(setting) and label not in args.redo:
                     print(f"== {key}: done before, skipped")
@@ -524,9 +573,10 @@ def main(argv: list[str]) -> int:
         rows = {v["row"]: v for v in results["rows"].values() if v["task"] == task and v["setting"] == current}
         if rows:
             print_table(task, rows)
+            if task == "preference":
+                print_rounds(rows)
             if not args.no_plot:
-                metric = "eval_rouge_l" if task == "instructions" else "eval_choice_accuracy"
-                plot(task, rows, path.with_name(f"{path.stem}_{task}.png"), metric)
+                plot(task, rows, path.with_name(f"{path.stem}_{task}.png"), SCORE_KEY[task])
     return 0
 
 

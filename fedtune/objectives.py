@@ -169,4 +169,4 @@ def objective_of(train: TrainConfig) -> Objective:
     raise ValueError(f"train.objective={train.objective!r} is not an objective; use 'sft' or 'dpo'")
 
 
-__all__ = ["DirectPreference", "Objective", "SUPERVISED", "Supervised", "objective_of"]
+__all__ = ["SUPERVISED", "DirectPreference", "Objective", "Supervised", "objective_of"]

@@ -363,3 +363,12 @@ def test_a_nodes_rank_gets_its_alpha_under_alpha_per_rank() -> None:
     cfg = load_config(None, ["adapter.rank=8", "adapter.alpha=16", "adapter.alpha_per_rank=true"])
     _, adapter = client_settings(cfg, 0, {"adapter.rank": 4})
     assert (adapter.rank, adapter.alpha, adapter.client_ranks) == (4, 8.0, None)
+
+
+SIMULATIONS = sorted((Path(__file__).resolve().parents[1] / "simulations").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SIMULATIONS, ids=[p.stem for p in SIMULATIONS])
+def test_every_simulation_config_is_headed_by_its_command_and_valid(path: Path, shared_data: Path) -> None:
+    assert path.read_text().splitlines()[0] == f"# fedtune simulate simulations/{path.name}"
+    load_config(path)

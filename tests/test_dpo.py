@@ -28,24 +28,11 @@ PAIRS = [
 
 
 @pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, AdapterHandle]:
-    """A 2-layer, 32-wide Llama with MiniLM's tokenizer ([SEP] as end of sequence), LoRA on q/v."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from fedtune.models import load_tokenizer
-
-    folder = tmp_path_factory.mktemp("tiny-llama-dpo")
-    tokenizer = load_tokenizer(ModelConfig())
-    tokenizer.eos_token = "[SEP]"
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    handle = get_adapter(ModelConfig(name=str(folder), task="causal-lm"),
+def tiny_llama(tiny_llama_folder: str) -> tuple[str, AdapterHandle]:
+    """The tiny Llama with LoRA on q/v."""
+    handle = get_adapter(ModelConfig(name=tiny_llama_folder, task="causal-lm"),
                          AdapterConfig(rank=4, target_modules=["q_proj", "v_proj"]), None, 0)
-    return str(folder), handle
+    return tiny_llama_folder, handle
 
 
 def perturb_b(handle: AdapterHandle, scale: float = 0.5, seed: int = 0) -> None:

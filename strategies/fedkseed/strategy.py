@@ -161,9 +161,9 @@ class FedKSeed(Strategy):
     def config_problems(self, cfg: Any) -> list[str]:
         """``tune=full`` cannot train DPO: the perturbed weights are the reference's own."""
         if cfg.train.objective == "dpo" and self.tune == TUNE_FULL:
-            return ["train.objective=dpo with strategy.options.tune=full: DPO's reference is the base model with "
-                    "the adapter switched off, and full-parameter steps move that base; use "
-                    "strategy.options.tune=adapter (the two-point estimate then applies to the DPO loss as to any)"]
+            return [("train.objective=dpo with strategy.options.tune=full: DPO's reference is the base model with "
+                     "the adapter switched off, and full-parameter steps move that base; use "
+                     "strategy.options.tune=adapter (the two-point estimate then applies to the DPO loss as to any)")]
         return []
 
     # ------------------------------------------------------------------ set-up

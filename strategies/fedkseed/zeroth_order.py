@@ -460,11 +460,11 @@ def _check_params(params: Params) -> None:
 __all__ = [
     "DEFAULT_TRAINABLE",
     "DIRECTION_VERSION",
+    "IMPORTANCE_LEVELS",
     "SEED_LIMIT",
     "TUNE_ADAPTER",
     "TUNE_FULL",
     "ZOTrainResult",
-    "IMPORTANCE_LEVELS",
     "apply_update",
     "direction",
     "direction_fingerprint",
