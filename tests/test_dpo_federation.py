@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from fedtune.config import load_config
 from fedtune.runlog import ADAPTER_DIR, METRICS_FILE
@@ -70,3 +71,28 @@ def test_each_kind_of_client_routine_trains_dpo(tiny_llama_folder: str, shared_d
     last = rows[-1]
     assert last["clients_aggregated"] == 2 and math.isfinite(last["train_loss"])
     assert last["eval_loss"] != rows[0]["eval_loss"] and last["eval_reward_margin"] != 0.0  # the policy moved
+
+
+def test_a_resumed_dpo_run_equals_an_uninterrupted_one(tiny_llama_folder: str, shared_data: Path,
+                                                       tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    source = preference_file(shared_data, tmp_path, 24)
+
+    def run(out: Path, rounds: int, *extra: str) -> Path:
+        return simulate(load_config(None, [
+            f"model.name={tiny_llama_folder}", "model.task=causal-lm", "adapter.rank=4",
+            "adapter.target_modules=[q_proj,v_proj]", f"data.source={source}", "data.alpaca=true",
+            "data.test_fraction=0.25", "data.eval_fraction=0", "data.max_length=64", "partition.method=iid",
+            "federation.num_clients=2", f"federation.num_rounds={rounds}", "federation.client_cpus=1",
+            "federation.fraction_evaluate=0", "train.objective=dpo", "train.local_steps=2", "train.batch_size=2",
+            "train.learning_rate=5e-3", f"output.dir={out}", "output.progress=false", "output.plots=false", *extra]))
+
+    whole = run(tmp_path / "whole", 2)
+    run(tmp_path / "parts", 1)
+    parts = run(tmp_path / "parts", 2, "output.resume=true")
+    a, b = (load_file(run_dir / ADAPTER_DIR / "adapter_model.safetensors") for run_dir in (whole, parts))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    keys = ("eval_loss", "eval_accuracy", "eval_reward_margin", "train_loss")
+    assert [[r[k] for k in keys if k in r] for r in read_rows(whole)] == \
+           [[r[k] for k in keys if k in r] for r in read_rows(parts)]
