@@ -273,6 +273,7 @@ def run_strategy(task: str, name: str, setting: Setting, quick: bool, data: list
         r = json.loads(line)
         curve.append({"round": r["round"], "score": r.get(key), "loss": r.get("eval_loss"),
                       "margin": r.get("eval_reward_margin"), "rouge_l": r.get("eval_rouge_l"),
+                      "likelihood": r.get("eval_likelihood_accuracy"),
                       "bytes_up": r.get("bytes_up") or 0, "bytes_down": r.get("bytes_down") or 0,
                       "clients": r.get("clients_aggregated") or 0,
                       "seconds": r["round_seconds"]})
@@ -300,7 +301,7 @@ def evaluation(handle, test_tok, test_raw, cfg) -> dict:
     generated = evaluate_generation_on(handle, test_raw, cfg.eval, cfg.data).score
     if cfg.train.objective == "dpo":
         return {"score": scores["accuracy"], "loss": scores["loss"], "margin": scores["reward_margin"],
-                "rouge_l": generated}
+                "likelihood": scores["likelihood_accuracy"], "rouge_l": generated}
     return {"score": generated, "loss": scores["loss"]}
 
 
@@ -473,14 +474,14 @@ def print_table(task: str, rows: dict[str, dict]) -> None:
 
 
 def print_rounds(rows: dict[str, dict]) -> None:
-    """Held-out preference accuracy / mean reward margin of each row, round by round."""
+    """Held-out preference accuracy / mean reward margin / likelihood accuracy of each row, round by round."""
     width = max(len(row["curve"]) for row in rows.values())
-    print("\npreference accuracy / reward margin per round")
-    print(f"{'row':<14}" + "".join(f"{f'round {r}':>16}" for r in range(width)))
+    print("\npreference (reward) accuracy / reward margin / likelihood accuracy per round")
+    print(f"{'row':<14}" + "".join(f"{f'round {r}':>22}" for r in range(width)))
     for label in [r for r in ROWS if r in rows]:
-        cells = [f"{p['score']:.3f} / {p['margin']:+.3f}" if p.get("margin") is not None else "-"
-                 for p in rows[label]["curve"]]
-        print(f"{label:<14}" + "".join(f"{c:>16}" for c in cells))
+        cells = [f"{p['score']:.2f} / {p['margin']:+.3f} / {p.get('likelihood') or math.nan:.2f}"
+                 if p.get("margin") is not None else "-" for p in rows[label]["curve"]]
+        print(f"{label:<14}" + "".join(f"{c:>22}" for c in cells))
 
 
 def plot(task: str, rows: dict[str, dict], path: Path, metric: str) -> None:

@@ -57,16 +57,18 @@ def pair_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor],
 
 @dataclass(frozen=True)
 class PairTerms:
-    """Per-pair DPO quantities: the loss and the implicit rewards of both responses."""
+    """Per-pair DPO quantities: the loss, the implicit rewards and the policy's log-probabilities of both responses."""
 
     losses: torch.Tensor
     chosen_rewards: torch.Tensor
     rejected_rewards: torch.Tensor
+    chosen_logps: torch.Tensor
+    rejected_logps: torch.Tensor
 
 
 def dpo_terms(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, reference_chosen: torch.Tensor,
               reference_rejected: torch.Tensor, beta: float, loss: str = "sigmoid") -> PairTerms:
-    """The DPO loss of each pair (``sigmoid`` or ``hinge``) and the rewards β·(log π − log π_ref), detached."""
+    """The DPO loss of each pair (``sigmoid`` or ``hinge``); the rewards β·(log π − log π_ref) and log π, detached."""
     chosen_ratio = policy_chosen - reference_chosen
     rejected_ratio = policy_rejected - reference_rejected
     delta = chosen_ratio - rejected_ratio
@@ -77,7 +79,8 @@ def dpo_terms(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, refere
     else:
         raise ValueError(f"loss={loss!r} must be 'sigmoid' or 'hinge'")
     return PairTerms(losses=losses, chosen_rewards=beta * chosen_ratio.detach(),
-                     rejected_rewards=beta * rejected_ratio.detach())
+                     rejected_rewards=beta * rejected_ratio.detach(), chosen_logps=policy_chosen.detach(),
+                     rejected_logps=policy_rejected.detach())
 
 
 def batch_terms(model: torch.nn.Module, batch: dict[str, torch.Tensor], beta: float, loss: str = "sigmoid",

@@ -138,8 +138,14 @@ class DirectPreference(Objective):
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, ds: datasets.Dataset, batch_size: int, pad_id: int, task: str,
                  on_batch: OnBatch | None = None) -> dict[str, float]:
-        """Mean DPO loss, preference accuracy (``accuracy``), mean reward margin and rewards, over the pairs."""
-        sums = {"loss": 0.0, "accuracy": 0.0, "reward_margin": 0.0, "chosen_reward": 0.0, "rejected_reward": 0.0}
+        """Mean DPO loss, preference accuracy (``accuracy``), mean reward margin and rewards, over the pairs.
+
+        ``likelihood_accuracy`` is the share of pairs whose chosen response the model itself finds
+        the more likely (log π): unlike the reward accuracy, which is 0 for the base model (every
+        reward is 0), it says how the base model ranks the pairs before any training.
+        """
+        sums = {"loss": 0.0, "accuracy": 0.0, "reward_margin": 0.0, "chosen_reward": 0.0, "rejected_reward": 0.0,
+                "likelihood_accuracy": 0.0}
         device = device_of(model)
         num_batches = math.ceil(len(ds) / batch_size)
         for done, batch in enumerate(self.loader(ds, batch_size, pad_id, shuffle=False, seed=0), 1):
@@ -150,6 +156,7 @@ class DirectPreference(Objective):
             sums["reward_margin"] += float(margin.double().sum())
             sums["chosen_reward"] += float(terms.chosen_rewards.double().sum())
             sums["rejected_reward"] += float(terms.rejected_rewards.double().sum())
+            sums["likelihood_accuracy"] += float((terms.chosen_logps > terms.rejected_logps).double().sum())
             if on_batch is not None:
                 on_batch(done, num_batches)
         n = len(ds)

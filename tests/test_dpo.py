@@ -184,6 +184,8 @@ def test_evaluation_is_the_mean_of_the_batch_terms(tiny_llama) -> None:
     assert scores["accuracy"] == pytest.approx(float((margin > 0).double().mean()))
     assert scores["reward_margin"] == pytest.approx(float(margin.mean()), rel=1e-5, abs=1e-7)
     assert scores["chosen_reward"] - scores["rejected_reward"] == pytest.approx(scores["reward_margin"], abs=1e-6)
+    likelihood = (terms.chosen_logps > terms.rejected_logps).double().mean()
+    assert scores["likelihood_accuracy"] == pytest.approx(float(likelihood))
 
 
 # --------------------------------------------------------------------------- data

@@ -45,6 +45,7 @@ def test_fedit_dpo_on_smollm2_moves_the_held_out_rewards_the_right_way(smollm2: 
     assert rows[0]["eval_loss"] == pytest.approx(math.log(2), abs=1e-6) and rows[0]["eval_reward_margin"] == 0.0
     assert rows[1]["eval_loss"] < math.log(2) and rows[1]["eval_reward_margin"] > 0
     assert 0.5 < rows[1]["eval_accuracy"] <= 1.0 and rows[1]["train_loss"] < math.log(2) + 0.05
+    assert all(0.0 <= r["eval_likelihood_accuracy"] <= 1.0 for r in rows)
     assert (run_dir / ADAPTER_DIR / "adapter_config.json").is_file()
 
 
