@@ -284,16 +284,19 @@ class AdapterHandle:
         return names
 
     def save(self, directory: str | os.PathLike[str]) -> None:
-        """Write the adapter in PEFT format (``PeftModel.from_pretrained`` reads it)."""
+        """Write the adapter in PEFT format (``PeftModel.from_pretrained`` reads it).
+
+        What ``directory`` held before (e.g. the adapter of the run a resume continues) is replaced.
+        """
         self.activate()
         directory = Path(directory)
-        if self.adapter_name == "default":
-            self.model.save_pretrained(str(directory), selected_adapters=[self.adapter_name])
-            return
-        # PEFT writes a non-default adapter into a subfolder named after it; lift it out.
+        directory.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=directory.parent) as staging:
             self.model.save_pretrained(staging, selected_adapters=[self.adapter_name])
-            shutil.move(str(Path(staging) / self.adapter_name), str(directory))
+            # PEFT writes a non-default adapter into a subfolder named after it.
+            written = Path(staging) if self.adapter_name == "default" else Path(staging) / self.adapter_name
+            shutil.rmtree(directory, ignore_errors=True)
+            shutil.move(str(written), str(directory))
 
 
 def _copy_into(param: torch.nn.Parameter, key: str, source: torch.Tensor) -> None:

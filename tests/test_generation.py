@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import datasets
 import pytest
 
@@ -21,12 +23,27 @@ def tiny_llama(tiny_llama_folder: str) -> AdapterHandle:
                        AdapterConfig(rank=4, target_modules=["q_proj", "v_proj"]), None, 0)
 
 
-def test_batched_left_padded_generation_equals_one_prompt_at_a_time(tiny_llama: AdapterHandle) -> None:
+def decoded_ids(tokenizer: Any, monkeypatch: pytest.MonkeyPatch) -> list[list[int]]:
+    """The token ids each later ``tokenizer.decode`` call gets (decoded text need not re-tokenize to them)."""
+    seen: list[list[int]] = []
+    original = tokenizer.decode
+
+    def record(ids: list[int], **kwargs: Any) -> str:
+        seen.append(list(ids))
+        return original(ids, **kwargs)
+
+    monkeypatch.setattr(tokenizer, "decode", record)
+    return seen
+
+
+def test_batched_left_padded_generation_equals_one_prompt_at_a_time(tiny_llama: AdapterHandle,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = decoded_ids(tiny_llama.tokenizer, monkeypatch)
     batched = generate(tiny_llama.model, tiny_llama.tokenizer, PROMPTS, max_new_tokens=6, batch_size=3)
     single = [generate(tiny_llama.model, tiny_llama.tokenizer, [p], max_new_tokens=6)[0] for p in PROMPTS]
     assert batched == single
     assert all(batched) and not any(p.lower() in b for p, b in zip(PROMPTS, batched))  # new tokens only
-    assert all(len(tiny_llama.tokenizer(b, add_special_tokens=False)["input_ids"]) <= 6 for b in batched)
+    assert len(seen) == 6 and all(0 < len(ids) <= 6 for ids in seen)
 
 
 def test_generation_leaves_the_tokenizer_right_padded(tiny_llama: AdapterHandle) -> None:
@@ -34,18 +51,17 @@ def test_generation_leaves_the_tokenizer_right_padded(tiny_llama: AdapterHandle)
     assert tiny_llama.tokenizer.padding_side == "right"
 
 
-def test_generation_stops_at_end_of_sequence(tiny_llama: AdapterHandle) -> None:
+def test_generation_stops_at_end_of_sequence(tiny_llama: AdapterHandle, monkeypatch: pytest.MonkeyPatch) -> None:
     model, tokenizer = tiny_llama.model, tiny_llama.tokenizer
-    full = generate(model, tokenizer, PROMPTS[:1], max_new_tokens=6)[0]
-    ids = tokenizer(full, add_special_tokens=False)["input_ids"]
-    # Make the third generated token an end of sequence (through the model's generation config).
-    saved = model.generation_config.eos_token_id
-    model.generation_config.eos_token_id = [tokenizer.eos_token_id, ids[2]]
-    try:
-        cut = generate(model, tokenizer, PROMPTS[:1], max_new_tokens=6)[0]
-    finally:
-        model.generation_config.eos_token_id = saved
-    assert cut == tokenizer.decode(ids[:2])
+    seen = decoded_ids(tokenizer, monkeypatch)
+    for prompt in PROMPTS:
+        generate(model, tokenizer, [prompt], max_new_tokens=6)
+    # In a continuation with a token not seen before it, that token becomes an end of sequence.
+    prompt, ids, stop = next((p, ids, k) for p, ids in zip(PROMPTS, seen)
+                             for k in range(1, len(ids)) if ids[k] not in ids[:k])
+    monkeypatch.setattr(model.generation_config, "eos_token_id", [tokenizer.eos_token_id, ids[stop]])
+    generate(model, tokenizer, [prompt], max_new_tokens=6)
+    assert seen[-1] == ids[:stop]
 
 
 def test_long_prompts_keep_their_end(tiny_llama: AdapterHandle) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -69,6 +71,22 @@ def test_adapter_is_cached_per_process(tiny_bert: str) -> None:
     assert a is b
     assert c.model is a.model and c.adapter_name != a.adapter_name  # same base, second adapter
     assert c.params[next(k for k in c.params if "lora_A" in k)].shape[0] == 2
+    clear_model_cache()
+
+
+def test_saving_an_adapter_replaces_what_the_folder_held(tiny_bert: str, tmp_path) -> None:
+    """A resumed run exports over the adapter its first part wrote, whichever PEFT adapter name it has."""
+    from safetensors.torch import load_file
+
+    clear_model_cache()
+    folder = tmp_path / "adapter"
+    for rank in (4, 2, 4):  # "default", then a second adapter on the same base, then "default" again
+        handle = get_adapter(ModelConfig(name=tiny_bert), AdapterConfig(rank=rank), 4, seed=0)
+        handle.save(folder)
+        saved = load_file(folder / "adapter_model.safetensors")
+        assert saved[next(k for k in saved if "lora_A" in k)].shape[0] == rank
+        assert json.loads((folder / "adapter_config.json").read_text())["r"] == rank
+        assert not any(p.is_dir() for p in folder.iterdir())  # nothing of the earlier adapter is left in it
     clear_model_cache()
 
 
