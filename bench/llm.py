@@ -88,6 +88,7 @@ AGNEWS_TOPICS = ["World", "Sports", "Business", "Sci/Tech"]
 AGNEWS_PROMPT = ("Which topic is this news article about? Answer with one of: World, Sports, Business, "
                  "Sci/Tech.\n\n{text}")
 FED_SB_INIT_ROUNDS = 2
+DEFAULT_ROUNDS = 5
 GAIN_TARGET = 0.9
 
 # The first word of an instruction names what it asks for; the families group those words.
@@ -216,23 +217,17 @@ def prepare_data(task: str, folder: Path) -> list[str]:
     """Write the task's derived files into ``folder``; the config overrides that read them."""
     import csv
 
-    if task == "preference":
+    if task in ("instructions", "preference"):
         records = json.loads((SHARED / TASK_DATA[task]).read_text())
         for record in records:
             record["family"] = instruction_family(record["instruction"])
-        path = folder / "preference.json"
+        path = folder / f"{task}.json"
         path.write_text(json.dumps(records))
-        # ROUGE-L against the chosen response on a few prompts: the generations before and after.
+        # For preference pairs ROUGE-L is against the chosen response, on a few prompts: the generations
+        # before and after.
+        objective = ["train.objective=dpo", "train.dpo.beta=0.1"] if task == "preference" else []
         return [f"data.source={path}", "data.alpaca=true", "data.test_fraction=0.1", "data.group_column=family",
-                "train.objective=dpo", "train.dpo.beta=0.1", "eval.metric=rouge_l"]
-    if task == "instructions":
-        records = json.loads((SHARED / TASK_DATA[task]).read_text())
-        for record in records:
-            record["family"] = instruction_family(record["instruction"])
-        path = folder / "instructions.json"
-        path.write_text(json.dumps(records))
-        return [f"data.source={path}", "data.alpaca=true", "data.test_fraction=0.1", "data.group_column=family",
-                "eval.metric=rouge_l"]
+                "eval.metric=rouge_l", *objective]
     paths = {}
     for split in ("train", "test"):
         with open(SHARED / "agnews" / f"{split}.csv", newline="") as f:
@@ -505,7 +500,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     parser.add_argument("--rows", nargs="+", choices=ROWS, default=ROWS,
                         help="rows to run (zero-shot is every row's round 0)")
-    parser.add_argument("--rounds", type=int, default=None, help="rounds (default 5, quick 2)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="rounds (default 5, quick 2); other counts are kept as rows 'ROW@ROUNDS'")
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--sampled", type=int, default=None, help="clients drawn per round (default 3; agnews 10)")
     parser.add_argument("--local-steps", type=int, default=None, help="per client and round (default 5)")
@@ -520,7 +516,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
                         help="torch threads of the trainer and the evaluation")
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
-    args.rounds = args.rounds or (2 if args.quick else 5)
+    args.rounds = args.rounds or (2 if args.quick else DEFAULT_ROUNDS)
     return args
 
 
@@ -546,7 +542,8 @@ def main(argv: list[str]) -> int:
             setting = settings[task]
             data = prepare_data(task, Path(tmp)) + threads
             for label in dict.fromkeys(order):
-                key = f"{task}/{label}"
+                # A longer (or shorter) run of a row is kept beside the default schedule's.
+                key = f"{task}/{label}" + ("" if args.quick or args.rounds == DEFAULT_ROUNDS else f"@{args.rounds}")
                 if task in TASK_ROWS and label not in TASK_ROWS[task]:
                     if explicit_rows:
                         print(f"== {key}: not a row of this task (rows: {', '.join(TASK_ROWS[task])})")
