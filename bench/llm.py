@@ -6,7 +6,7 @@
 
 The model is SmolLM2-135M-Instruct (``builtin:``, installed from PyPI), prompts rendered with its
 chat template, rank-8 LoRA (α 16) on ``q_proj`` and ``v_proj``, the loss on the response tokens.
-Two tasks from ``../shared/data``:
+Three tasks from ``../shared/data``:
 
 * ``instructions``: the 1,100 Alpaca records of ``instructions/instruction-data.json``; a fixed
   10 % (110, ``data.test_fraction=0.1``, seed 0) is the central test set. Clients are split by
@@ -20,8 +20,7 @@ Two tasks from ``../shared/data``:
   by Dirichlet(α = 0.5) over the topic, the first 100 of the test split (shuffled, seed 0) as
   the central test set, scored by ``choice_accuracy`` on up to 4 generated tokens. Every client
   trains every round, 5 steps of 4 examples (instructions: 3 clients a round, 5 steps of 8; see
-  :func:`setting_of` for why).
-
+  :func:`setting_of` for why);
 * ``preference``: federated DPO (``train.objective=dpo``, β = 0.1) on the 1,100 pairs of
   ``preference/instruction-data-with-preference.json`` (an Alpaca record with a polite ``chosen``
   and an impolite ``rejected`` response); a fixed 10 % (110 pairs) held out, clients split by
@@ -49,7 +48,10 @@ defaults), learning rate ``--lr``, ``--threads`` torch threads (2), one client a
   (r² = 4,096 values a module: a real budget), after its initialisation rounds (counted). FedKSeed
   and FedKSeed-Pro take zeroth-order steps (two forward passes along one of K = 4,096 seeded
   directions) on the LoRA B factors; only seeds and scalars go up. Their recipe (``_ZO``) comes
-  from a probe on the pooled data (see ``STRATEGY_OVERRIDES``).
+  from a probe on the pooled data (see ``STRATEGY_OVERRIDES``). ``ffa-lora-lr2x`` and
+  ``flora-lr2x`` run those two methods at twice ``--lr``.
+
+A run with ``--rounds`` other than 5 keeps its rows as ``TASK/ROW@ROUNDS`` beside the default ones.
 
 The table gives, per row, the final and best score, rounds to reach 90 % of the centralized gain
 over zero-shot, bytes up and down per client in a typical (median) round, all bytes moved in the
@@ -123,6 +125,10 @@ STRATEGY_OVERRIDES: dict[str, list[str]] = {
     "ffa-lora": ["strategy.name=ffa-lora"],
     "flora": ["strategy.name=flora"],
     "flora-ranks": ["strategy.name=flora", "adapter.client_ranks=[4,8,16]"],
+    # Twice the schedule's learning rate: FFA-LoRA trains B alone and FLoRA starts every round
+    # from a fresh LoRA (B = 0), so each moves less per step than FedIT at the same rate.
+    "ffa-lora-lr2x": ["strategy.name=ffa-lora"],
+    "flora-lr2x": ["strategy.name=flora"],
     "lora-fair": ["strategy.name=lora-fair"],
     "fed-sb": ["strategy.name=fed-sb", "adapter.rank=64", "adapter.alpha=64.0",
                f"strategy.options.init_passes={FED_SB_INIT_ROUNDS}", "strategy.options.init_samples=64"],
@@ -253,6 +259,8 @@ def strategy_overrides(task: str, name: str, setting: Setting, quick: bool) -> l
         extra.append(f"federation.num_rounds={setting.rounds + FED_SB_INIT_ROUNDS}")
     if name.startswith("fedkseed"):
         extra.append(f"strategy.options.steps={2 if quick else ZO_STEPS[task]}")
+    if name.endswith("-lr2x"):
+        extra.append(f"train.learning_rate={2 * setting.learning_rate}")
     return extra
 
 
@@ -468,15 +476,20 @@ def print_table(task: str, rows: dict[str, dict]) -> None:
               f"{_cell(s['down'], ',.0f', 13)}{_cell(s['total_mb'], ',.1f', 10)}{_cell(s['round_s'], '.1f', 9)}")
 
 
+def _row_order(label: str) -> int:
+    base = label.split("@")[0]
+    return ROWS.index(base) if base in ROWS else len(ROWS)
+
+
 def print_rounds(rows: dict[str, dict]) -> None:
-    """Held-out preference accuracy / mean reward margin / likelihood accuracy of each row, round by round."""
+    """Held-out preference accuracy, mean reward margin and likelihood accuracy of each row, round by round."""
     width = max(len(row["curve"]) for row in rows.values())
-    print("\npreference (reward) accuracy / reward margin / likelihood accuracy per round")
-    print(f"{'row':<14}" + "".join(f"{f'round {r}':>22}" for r in range(width)))
-    for label in [r for r in ROWS if r in rows]:
-        cells = [f"{p['score']:.2f} / {p['margin']:+.3f} / {p.get('likelihood') or math.nan:.2f}"
-                 if p.get("margin") is not None else "-" for p in rows[label]["curve"]]
-        print(f"{label:<14}" + "".join(f"{c:>22}" for c in cells))
+    for title, key, fmt in (("preference (reward) accuracy", "score", ".2f"), ("mean reward margin", "margin", ".2f"),
+                            ("likelihood accuracy", "likelihood", ".2f")):
+        print(f"\n{title} by round")
+        print(f"{'row':<16}" + "".join(f"{r:>7}" for r in range(width)))
+        for label, row in sorted(rows.items(), key=lambda item: (_row_order(item[0]), item[0])):
+            print(f"{label:<16}" + "".join(_cell(p.get(key), fmt, 7) for p in row["curve"]))
 
 
 def plot(task: str, rows: dict[str, dict], path: Path, metric: str) -> None:
@@ -569,12 +582,16 @@ def main(argv: list[str]) -> int:
     for task in args.tasks:
         current = asdict(settings[task])  # rows of another schedule are not comparable
         rows = {v["row"]: v for v in results["rows"].values() if v["task"] == task and v["setting"] == current}
+        # Curves of the same schedule run for more (or fewer) rounds go beside them, as ROW@ROUNDS.
+        other_lengths = {key.split("/", 1)[1]: v for key, v in results["rows"].items()
+                         if v["task"] == task and v["setting"] != current
+                         and {**v["setting"], "rounds": current["rounds"]} == current}
         if rows:
             print_table(task, rows)
             if task == "preference":
-                print_rounds(rows)
+                print_rounds({**rows, **other_lengths})
             if not args.no_plot:
-                plot(task, rows, path.with_name(f"{path.stem}_{task}.png"), SCORE_KEY[task])
+                plot(task, {**rows, **other_lengths}, path.with_name(f"{path.stem}_{task}.png"), SCORE_KEY[task])
     return 0
 
 

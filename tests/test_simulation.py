@@ -257,10 +257,18 @@ def test_lora_fair_runs_and_reports_its_correction(tiny_bert: str, tmp_path: Pat
     assert 0 < row["error_removed"] < 1
 
 
-def test_fedkseed_sends_only_seeds_and_scalars(tiny_bert: str, tmp_path: Path) -> None:
+def test_fedkseed_pro_sends_only_seeds_and_scalars_and_saves_a_whole_model_that_reproduces_the_evaluation(
+        tiny_bert: str, tmp_path: Path) -> None:
+    """Full-parameter FedKSeed-Pro (plain FedKSeed: the deployment and kill-and-resume tests)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from fedtune.data import load_splits, tokenize
+    from fedtune.models import AdapterHandle
+    from fedtune.training import evaluate
+
     run_dir = simulate(load_config(None, tiny_overrides(tiny_bert, tmp_path, rounds=2) + [
-        "strategy.name=fedkseed-pro", "strategy.options.k=64", "strategy.options.steps=6",
-        "strategy.options.lr=1e-3", "strategy.options.eps=1e-3", "adapter.dropout=0.0"]))
+        "strategy.name=fedkseed-pro", "strategy.options.tune=full", "strategy.options.k=64",
+        "strategy.options.steps=6", "strategy.options.lr=1e-3", "strategy.options.eps=1e-3", "adapter.dropout=0.0"]))
     rows = read_rows(run_dir)
     for row in rows[1:]:
         assert row["clients_aggregated"] == 3 and row["fedkseed_replies_rejected"] == 0
@@ -269,21 +277,6 @@ def test_fedkseed_sends_only_seeds_and_scalars(tiny_bert: str, tmp_path: Path) -
         assert row["bytes_down_per_client"] < 4_000 + 64 * 8
     assert rows[2]["fedkseed_history_length"] > rows[1]["fedkseed_history_length"] > 0
     assert rows[2]["fedkseed_probability_spread"] > 1.0  # Pro: seeds seen with larger |g| are favoured
-
-
-def test_fedkseed_full_parameter_tuning_saves_a_whole_model_that_reproduces_the_evaluation(
-        tiny_bert: str, tmp_path: Path) -> None:
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from fedtune.data import load_splits, tokenize
-    from fedtune.models import AdapterHandle
-    from fedtune.training import evaluate
-
-    run_dir = simulate(load_config(None, tiny_overrides(tiny_bert, tmp_path, rounds=2) + [
-        "strategy.name=fedkseed", "strategy.options.tune=full", "strategy.options.k=64",
-        "strategy.options.steps=6", "strategy.options.lr=1e-3", "strategy.options.eps=1e-3", "adapter.dropout=0.0"]))
-    rows = read_rows(run_dir)
-    assert all(row["bytes_up_per_client"] < 2_000 for row in rows[1:])  # still only seeds and scalars
     tuned = AutoModelForSequenceClassification.from_pretrained(run_dir / MODEL_DIR)
     pretrained = dict(AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=4).named_parameters())
     changed = {n for n, p in tuned.named_parameters() if not torch.equal(p, pretrained[n])}
