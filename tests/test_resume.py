@@ -26,7 +26,9 @@ ROUNDS = 2
 STRATEGIES = {
     "fedit": [],
     # Each client's personal B lives in its own state: the resumed run reads it from the client's disk.
-    "fedsa-lora": ["strategy.name=fedsa-lora"],
+    # 2 of the 3 clients a round: the resumed rounds draw the same partitions (by partition, not
+    # by Flower's node ids, which the resumed simulation draws anew).
+    "fedsa-lora": ["strategy.name=fedsa-lora", "federation.fraction_train=0.67"],
     "fedkseed": ["strategy.name=fedkseed", "strategy.options.tune=full", "strategy.options.k=64", "strategy.options.steps=6",
                  "strategy.options.lr=1e-3", "strategy.options.eps=1e-3", "adapter.dropout=0.0"],
 }

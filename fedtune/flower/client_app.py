@@ -101,6 +101,13 @@ def make_client_app(fixed_run_config: Mapping[str, Any] | None = None) -> Client
     """A ClientApp; ``fixed_run_config`` (our CLI's config) takes precedence over Flower's run_config."""
     app = ClientApp()
 
+    @app.query()
+    def partition(msg: Message, context: Context) -> Message:
+        """Which partition this node holds: the server draws clients by partition, not by node id."""
+        cfg = _config(context, fixed_run_config)
+        metrics = MetricRecord({protocol.PARTITION_ID: _partition_id(context, cfg)})
+        return Message(content=RecordDict({protocol.METRICS: metrics}), reply_to=msg)
+
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         cfg = _config(context, fixed_run_config)

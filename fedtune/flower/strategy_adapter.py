@@ -125,6 +125,8 @@ class FlowerStrategy(FlwrStrategy):
         self._sent: list[tuple[Message, int]] = []  # (message, destination node) of the round in progress
         self.grid: Grid | None = None
         self.rejected: list[dict[str, Any]] = []
+        # Node id -> the partition it holds (None: it did not say), asked once per node and run.
+        self._partition_of: dict[int, int | None] = {}
 
     # ------------------------------------------------------------------ sampling
     def _sample(self, grid: Grid, fraction: float, server_round: int, salt: int) -> list[int]:
@@ -138,7 +140,39 @@ class FlowerStrategy(FlwrStrategy):
             return []
         size = min(len(nodes), max(int(len(nodes) * fraction), min(fed.min_train_clients, len(nodes))))
         rng = random.Random(self.cfg.seed * 1_000_003 + server_round * 2 + salt)
-        return sorted(rng.sample(nodes, size))
+        if size == len(nodes):
+            return nodes
+        # Draw from the nodes in partition order: Flower's node ids are random (a simulation
+        # registers new ones every run), so drawing by id would train other partitions in a
+        # rerun, or in the rounds of a resumed run, than the same seed did before.
+        partition_of = self._partitions(grid, nodes)
+        ordered = sorted(nodes, key=lambda n: (partition_of.get(n) is None, partition_of.get(n) or 0, n))
+        return sorted(rng.sample(ordered, size))
+
+    def _partitions(self, grid: Grid, nodes: list[int]) -> dict[int, int | None]:
+        """Node id -> partition id, asking each node not asked before with one small query message."""
+        unknown = [n for n in nodes if n not in self._partition_of]
+        if unknown:
+            queries = [Message(content=RecordDict({protocol.CONFIG: ConfigRecord({})}),
+                               message_type=MessageType.QUERY, dst_node_id=n) for n in unknown]
+            self._partition_of.update(dict.fromkeys(unknown))
+            on_poll = getattr(grid, "on_poll", None)  # the progress display counts a round's replies, not these
+            if on_poll is not None:
+                grid.on_poll = None
+            try:
+                replies = list(grid.send_and_receive(queries, timeout=self.cfg.federation.round_timeout))
+            finally:
+                if on_poll is not None:
+                    grid.on_poll = on_poll
+            for reply in replies:
+                metrics = None if reply.has_error() else reply.content.metric_records.get(protocol.METRICS)
+                if metrics is not None and protocol.PARTITION_ID in metrics:
+                    self._partition_of[reply.metadata.src_node_id] = int(metrics[protocol.PARTITION_ID])
+            silent = [n for n in unknown if self._partition_of[n] is None]
+            if silent:
+                # Drawn after the others, by node id; a ClientApp that fails says why when it is sent work.
+                log.warning("%d of %d clients did not say which partition they hold", len(silent), len(unknown))
+        return self._partition_of
 
     # ------------------------------------------------------------------ training
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
