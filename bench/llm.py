@@ -28,7 +28,7 @@ Three tasks from ``../shared/data``:
   of 4 pairs. Scored by the held-out preference accuracy (the share of pairs whose chosen response
   gets the larger implicit reward β·log π/π_ref) and the mean reward margin; ROUGE-L against the
   chosen response on 5 prompts keeps the generations before and after. Rows: the base model
-  (round 0), centralized DPO, FedIT, FLoRA and FFA-LoRA (``TASK_ROWS``).
+  (round 0), centralized DPO, FedIT and FLoRA, an exact method (``TASK_ROWS``).
 
 The derived files (the family column, the AG News prompts) are written to a temporary folder,
 never into the repository.
@@ -49,7 +49,7 @@ defaults), learning rate ``--lr``, ``--threads`` torch threads (2), one client a
   and FedKSeed-Pro take zeroth-order steps (two forward passes along one of K = 4,096 seeded
   directions) on the LoRA B factors; only seeds and scalars go up. Their recipe (``_ZO``) comes
   from a probe on the pooled data (see ``STRATEGY_OVERRIDES``). ``ffa-lora-lr2x`` and
-  ``flora-lr2x`` run those two methods at twice ``--lr``.
+  ``flora-lr2x`` run those two methods at twice ``--lr``, ``ffa-lora-r16`` FFA-LoRA at rank 16.
 
 A run with ``--rounds`` other than 5 keeps its rows as ``TASK/ROW@ROUNDS`` beside the default ones.
 
@@ -85,7 +85,7 @@ TASK_DATA = {"instructions": "instructions/instruction-data.json", "agnews": "ag
 # What each task's table and curves score: a generative metric, or DPO's held-out preference accuracy.
 SCORE_KEY = {"instructions": "eval_rouge_l", "agnews": "eval_choice_accuracy", "preference": "eval_accuracy"}
 # DPO rows: the base model (round 0), centralized DPO, FedIT and exact methods; the plain loop is SFT's.
-TASK_ROWS = {"preference": ["centralized", "fedit", "flora", "ffa-lora"]}
+TASK_ROWS = {"preference": ["centralized", "fedit", "flora"]}
 AGNEWS_TOPICS = ["World", "Sports", "Business", "Sci/Tech"]
 AGNEWS_PROMPT = ("Which topic is this news article about? Answer with one of: World, Sports, Business, "
                  "Sci/Tech.\n\n{text}")
@@ -128,6 +128,9 @@ STRATEGY_OVERRIDES: dict[str, list[str]] = {
     # Twice the schedule's learning rate: FFA-LoRA trains B alone and FLoRA starts every round
     # from a fresh LoRA (B = 0), so each moves less per step than FedIT at the same rate.
     "ffa-lora-lr2x": ["strategy.name=ffa-lora"],
+    # Rank 16 (α 32: the same scale 2): B's update lies in the row space of the frozen random A,
+    # r directions of the input; twice as many.
+    "ffa-lora-r16": ["strategy.name=ffa-lora", "adapter.rank=16", "adapter.alpha=32.0"],
     "flora-lr2x": ["strategy.name=flora"],
     "lora-fair": ["strategy.name=lora-fair"],
     "fed-sb": ["strategy.name=fed-sb", "adapter.rank=64", "adapter.alpha=64.0",
