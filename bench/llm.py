@@ -586,7 +586,7 @@ def main(argv: list[str]) -> int:
         current = asdict(settings[task])  # rows of another schedule are not comparable
         rows = {v["row"]: v for v in results["rows"].values() if v["task"] == task and v["setting"] == current}
         # Curves of the same schedule run for more (or fewer) rounds go beside them, as ROW@ROUNDS.
-        other_lengths = {key.split("/", 1)[1]: v for key, v in results["rows"].items()
+        other_lengths = {f"{v['row']}@{v['setting']['rounds']}": v for v in results["rows"].values()
                          if v["task"] == task and v["setting"] != current
                          and {**v["setting"], "rounds": current["rounds"]} == current}
         if rows:
