@@ -6,6 +6,7 @@ import random
 from types import SimpleNamespace
 
 import pytest
+
 from fedtune import protocol
 from fedtune.config import load_config
 from fedtune.flower.strategy_adapter import FlowerStrategy
