@@ -2,7 +2,7 @@
 
     python bench/llm.py [--tasks instructions agnews preference] [--rows fedit ...] [--rounds 5] [--clients 10]
                         [--sampled N] [--local-steps N] [--batch-size N] [--lr 2e-3]
-                        [--gen-examples N] [--quick] [--fresh] [--redo ROW ...] [--no-plot]
+                        [--gen-examples N] [--test-examples N] [--quick] [--fresh] [--redo ROW ...] [--no-plot]
 
 The model is SmolLM2-135M-Instruct (``builtin:``, installed from PyPI), prompts rendered with its
 chat template, rank-8 LoRA (α 16) on ``q_proj`` and ``v_proj``, the loss on the response tokens.
@@ -18,7 +18,8 @@ Three tasks from ``../shared/data``:
 * ``agnews``: AG News as generation: the prompt asks for the topic (World, Sports, Business,
   Sci/Tech) of the article and the response is the topic's name. 2,000 training articles split
   by Dirichlet(α = 0.5) over the topic, the first 100 of the test split (shuffled, seed 0) as
-  the central test set, scored by ``choice_accuracy`` on up to 4 generated tokens. Every client
+  the central test set (``--test-examples 300``: the first 300, kept as rows ``ROW/test300``),
+  scored by ``choice_accuracy`` on up to 4 generated tokens. Every client
   trains every round, 5 steps of 4 examples (instructions: 3 clients a round, 5 steps of 8; see
   :func:`setting_of` for why);
 * ``preference``: federated DPO (``train.objective=dpo``, β = 0.1) on the 1,100 pairs of
@@ -178,6 +179,25 @@ class Setting:
         return out
 
 
+TASK_SETTINGS = {
+    "instructions": dict(sampled=3, local_steps=5, batch_size=8, learning_rate=2e-3, gen_examples=40,
+                         max_length=160, max_new_tokens=48, train_examples=None, test_examples=None),
+    "preference": dict(sampled=3, local_steps=5, batch_size=4, learning_rate=2e-3, gen_examples=5,
+                       max_length=128, max_new_tokens=48, train_examples=None, test_examples=None),
+    "agnews": dict(sampled=10, local_steps=5, batch_size=4, learning_rate=2e-3, gen_examples=100,
+                   max_length=128, max_new_tokens=4, train_examples=2000, test_examples=100)}
+
+
+def row_key(task: str, label: str, setting: Setting, quick: bool) -> str:
+    """Where a row is kept: ``task/ROW``, with ``@ROUNDS`` for another number of rounds and ``/testN`` for
+    another test-set size, so a longer or wider run is kept beside the default schedule's."""
+    if quick:
+        return f"{task}/{label}"
+    rounds = "" if setting.rounds == DEFAULT_ROUNDS else f"@{setting.rounds}"
+    test = "" if setting.test_examples == TASK_SETTINGS[task]["test_examples"] else f"/test{setting.test_examples}"
+    return f"{task}/{label}{rounds}{test}"
+
+
 def setting_of(args: argparse.Namespace, task: str) -> Setting:
     """The schedule the flags give for ``task`` (``--quick``: a small fixed one).
 
@@ -189,14 +209,11 @@ def setting_of(args: argparse.Namespace, task: str) -> Setting:
     2 steps FedIT reached 0.62 in 5 rounds against centralized LoRA's 0.88 (10 sequential steps
     of averaged updates against 100 steps): too few steps, not a gap in aggregation.
     """
-    per_task = {"instructions": dict(sampled=3, local_steps=5, batch_size=8, learning_rate=2e-3, gen_examples=40,
-                                     max_length=160, max_new_tokens=48, train_examples=None, test_examples=None),
-                "preference": dict(sampled=3, local_steps=5, batch_size=4, learning_rate=2e-3, gen_examples=5,
-                                   max_length=128, max_new_tokens=48, train_examples=None, test_examples=None),
-                "agnews": dict(sampled=10, local_steps=5, batch_size=4, learning_rate=2e-3, gen_examples=100,
-                               max_length=128, max_new_tokens=4, train_examples=2000, test_examples=100)}[task]
+    per_task = dict(TASK_SETTINGS[task])
     given = {"sampled": args.sampled, "local_steps": args.local_steps, "batch_size": args.batch_size,
-             "gen_examples": args.gen_examples, "learning_rate": args.lr}
+             "gen_examples": args.gen_examples, "learning_rate": args.lr, "test_examples": args.test_examples}
+    if task == "agnews" and args.test_examples and not args.gen_examples:
+        given["gen_examples"] = args.test_examples  # AG News scores its whole (cut) test set
     per_task.update({k: v for k, v in given.items() if v is not None})
     if args.quick:
         return Setting(rounds=args.rounds, clients=4,
@@ -525,6 +542,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=2e-3, help="learning rate")
     parser.add_argument("--gen-examples", type=int, default=None,
                         help="test prompts generated for and scored (default 40; agnews 100, its whole test set)")
+    parser.add_argument("--test-examples", type=int, default=None,
+                        help="cut the test set to this many records (default: agnews 100, others the held-out 10 %%);"
+                             " rows with another size are kept as 'ROW/testN'")
     parser.add_argument("--quick", action="store_true", help="smoke test: 4 clients, 2 rounds of 2 steps")
     parser.add_argument("--fresh", action="store_true", help="discard finished rows and start over")
     parser.add_argument("--redo", nargs="+", default=[], metavar="ROW", help="run these rows again")
@@ -558,8 +578,7 @@ def main(argv: list[str]) -> int:
             setting = settings[task]
             data = prepare_data(task, Path(tmp)) + threads
             for label in dict.fromkeys(order):
-                # A longer (or shorter) run of a row is kept beside the default schedule's.
-                key = f"{task}/{label}" + ("" if args.quick or args.rounds == DEFAULT_ROUNDS else f"@{args.rounds}")
+                key = row_key(task, label, setting, args.quick)
                 if task in TASK_ROWS and label not in TASK_ROWS[task]:
                     if explicit_rows:
                         print(f"== {key}: not a row of this task (rows: {', '.join(TASK_ROWS[task])})")

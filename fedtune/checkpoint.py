@@ -7,16 +7,21 @@ generators' states and the configuration. The file is written to a temporary nam
 same folder, flushed to disk and renamed over the old one, so a crash at any moment leaves
 either the previous round's checkpoint or this one, never a torn file.
 
-The file is a ``torch.save`` pickle: strategy state is arbitrary Python (tensors, numpy
-arrays, dicts), which safetensors cannot hold. It is the server's own file; load only
-checkpoints you wrote.
+The file is a ``torch.save`` pickle, since strategy state nests tensors, numpy arrays and
+plain Python in ways safetensors cannot hold; but it is read with ``weights_only=True`` and
+only numpy's array and scalar types allowed beyond torch's own, so a crafted checkpoint (a
+shared run directory, a downloaded run) is refused before anything in it runs. Saving checks
+the same rule first: a strategy whose :meth:`~fedtune.strategy.Strategy.state_dict` holds any
+other type fails at the first checkpoint, naming where, instead of at resume time.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import pickle
 import random
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,10 +29,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from numpy._core.multiarray import _reconstruct, scalar
 from omegaconf import OmegaConf
 
 from fedtune.config import FedtuneConfig, flatten, to_yaml
-from fedtune.errors import ConfigError
+from fedtune.errors import CheckpointError, ConfigError
 
 log = logging.getLogger("fedtune.server")
 
@@ -41,6 +47,13 @@ RESUMABLE_KEYS = ("federation.num_rounds", "federation.round_timeout", "federati
                   "federation.min_available_clients", "federation.min_replies", "federation.max_update_norm",
                   "federation.max_message_bytes", "output.", "model.device", "federation.client_gpus",
                   "federation.ray_address", "eval.")
+
+
+# What a checkpoint may hold besides what torch's weights-only unpickler builds by itself.
+NUMPY_GLOBALS = [np.ndarray, np.dtype, _reconstruct, scalar, *(getattr(np.dtypes, n) for n in np.dtypes.__all__)]
+_CONTAINERS = (dict, list, tuple, set)
+_LEAVES = (type(None), bool, int, float, complex, str, bytes, torch.Size, torch.dtype, torch.Tensor,
+           torch.nn.Parameter, np.ndarray)
 
 
 @dataclass
@@ -85,11 +98,40 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
 
 
+def unloadable_values(value: Any, where: str = "checkpoint") -> list[str]:
+    """Where ``value`` holds something a weights-only load refuses, as ``path: type`` lines."""
+    kind = type(value)
+    if kind in _CONTAINERS or isinstance(value, dict) and kind.__module__ == "collections":
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        found = []
+        for key, item in items:
+            if isinstance(value, dict) and type(key) not in (str, int, float, bool, tuple, type(None)):
+                found.append(f"{where}: key {key!r} of type {type(key).__qualname__}")
+            found += unloadable_values(item, f"{where}[{key!r}]")
+        return found
+    if kind in _LEAVES or isinstance(value, np.generic):
+        return []
+    return [f"{where}: {kind.__module__}.{kind.__qualname__}"]
+
+
 def save_checkpoint(run_dir: Path, checkpoint: Checkpoint) -> Path:
-    """Write ``run_dir/checkpoint.pt`` atomically (temporary file, fsync, rename)."""
+    """Write ``run_dir/checkpoint.pt`` atomically (temporary file, fsync, rename).
+
+    Raises
+    ------
+    TypeError
+        When the checkpoint holds a type :func:`load_checkpoint` would refuse (a custom class
+        in a strategy's state): convert it to tensors, arrays or plain Python in ``state_dict``.
+    """
     run_dir = Path(run_dir)
     target = run_dir / CHECKPOINT_FILE
     payload = {"version": FORMAT_VERSION, **vars(checkpoint)}
+    bad = unloadable_values(payload)
+    if bad:
+        raise TypeError("the checkpoint would hold types that a safe (weights-only) load refuses: "
+                        + "; ".join(bad[:5]) + ("; ..." if len(bad) > 5 else "")
+                        + ". A strategy's state_dict() may hold tensors, numpy arrays and numbers, str, bytes, "
+                          "None and dicts, lists, tuples and sets of them")
     fd, tmp = tempfile.mkstemp(prefix=".checkpoint-", suffix=".tmp", dir=run_dir)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -108,7 +150,15 @@ def load_checkpoint(run_dir: Path) -> Checkpoint | None:
     path = Path(run_dir) / CHECKPOINT_FILE
     if not path.is_file():
         return None
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        with torch.serialization.safe_globals(NUMPY_GLOBALS):
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL (\S+)|got (<[^>]+>)", str(err))
+        what = next(g for g in found.groups() if g) if found else str(err).splitlines()[-1][:200]
+        raise CheckpointError(f"{path} is not a checkpoint fedtune can load safely: it holds {what}, which a "
+                              "fedtune checkpoint never does; it was refused and nothing in it ran. Resume only "
+                              "from a run directory fedtune wrote, or start a new run") from None
     version = payload.pop("version", None)
     if version != FORMAT_VERSION:
         raise ConfigError([f"{path} has checkpoint format {version!r}; this fedtune reads format {FORMAT_VERSION}; "

@@ -27,6 +27,10 @@ class ModelLoadError(FedtuneError):
     """A model or tokenizer could not be loaded."""
 
 
+class CheckpointError(FedtuneError):
+    """A checkpoint was refused: content the safe loader does not build, or another format."""
+
+
 class DataError(FedtuneError, ValueError):
     """A data set could not be read or does not have the expected columns."""
 

@@ -22,7 +22,7 @@ from fedtune.checkpoint import (
     set_rng_state,
 )
 from fedtune.config import load_config, to_yaml
-from fedtune.errors import ConfigError
+from fedtune.errors import CheckpointError, ConfigError
 from fedtune.flower.strategy_adapter import update_norm
 from tests.strategies.test_exact_strategies import spec, updates
 
@@ -49,6 +49,43 @@ def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
     back = load_checkpoint(tmp_path)
     assert back is not None and back.round == 1
     assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_FILE]
+
+
+class _Runs:
+    """Unpickling this calls ``open(path, "w")``: what a crafted checkpoint could do instead of loading."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+def test_a_crafted_checkpoint_is_refused_before_anything_in_it_runs(tmp_path: Path) -> None:
+    save_checkpoint(tmp_path, checkpoint(1))
+    marker = tmp_path / "ran"
+    payload = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=False)
+    payload["strategy_state"]["x"] = _Runs(marker)
+    torch.save(payload, tmp_path / CHECKPOINT_FILE)
+    with pytest.raises(CheckpointError, match="not a checkpoint fedtune can load safely: it holds io.open,.*"
+                                              "nothing in it ran"):
+        load_checkpoint(tmp_path)
+    assert not marker.exists()
+
+
+def test_numpy_state_round_trips_under_the_safe_load(tmp_path: Path) -> None:
+    state = {"array": np.arange(4, dtype=np.uint32), "scalar": np.float64(0.5), "generator":
+             np.random.default_rng(3).bit_generator.state, "nested": [(1, b"x", {2, 3}), None, torch.float16]}
+    save_checkpoint(tmp_path, checkpoint(1, state=state))
+    back = load_checkpoint(tmp_path).strategy_state
+    assert back["array"].dtype == np.uint32 and np.array_equal(back["array"], state["array"])
+    assert back["scalar"] == 0.5 and back["generator"] == state["generator"] and back["nested"] == state["nested"]
+
+
+def test_a_state_the_safe_load_would_refuse_fails_at_saving_and_says_where(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match=r"checkpoint\['strategy_state'\]\['extra'\]\[1\]: pathlib\.\w*Path"):
+        save_checkpoint(tmp_path, checkpoint(1, state={"extra": [1, tmp_path]}))
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_no_checkpoint_is_none(tmp_path: Path) -> None:

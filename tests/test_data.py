@@ -169,6 +169,64 @@ def test_missing_file_is_a_data_error(tmp_path: Path) -> None:
         load_splits(DataConfig(source=str(tmp_path / "absent.csv")), "classification")
 
 
+def test_a_label_column_of_blanks_words_and_negatives_is_refused_with_every_record_named(tmp_path: Path) -> None:
+    path = tmp_path / "labels.csv"
+    path.write_text("text,label\ngood,0\nbad,1\nno label,\nwhat,x\nneg,-1\nseven,7\n")
+    with pytest.raises(DataError) as excinfo:
+        load_splits(DataConfig(source=str(path)), "classification")
+    message = str(excinfo.value)
+    assert "3 problems with the labels" in message and "column 'label'" in message
+    assert "no label: '' (record 2, line 4)" in message
+    assert "mixes integer labels with other values; most are integers, these are not: 'x' (record 3, line 5)" \
+        in message
+    assert "negative labels: '-1' (record 4, line 6)" in message and "'7'" not in message
+
+
+def test_a_few_integers_among_class_names_are_the_odd_ones_named(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "a", "label": "pos"}, {"text": "b", "label": "neg"},
+                                              {"text": "c", "label": "pos"}, {"text": "d", "label": 1}])
+    with pytest.raises(DataError, match=r"column 'label' mixes value types \(int, str\); most are str, these are "
+                                        r"not: 1 \(record 3, line 4\)"):
+        load_splits(DataConfig(source=str(path)), "classification")
+    csv_path = tmp_path / "d.csv"  # a CSV column is all strings: the integer-looking one is the odd one
+    csv_path.write_text("text,label\na,pos\nb,neg\nc,pos\nd,1\n")
+    with pytest.raises(DataError, match=r"most are words, these are not: '1' \(record 3, line 5\)"):
+        load_splits(DataConfig(source=str(csv_path)), "classification")
+
+
+def test_a_null_label_in_a_json_list_is_named_by_record(tmp_path: Path) -> None:
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([{"text": "a", "label": 0}, {"text": "b", "label": None}, {"text": "c", "label": 1}]))
+    with pytest.raises(DataError, match=r"1 record\(s\) have no label: .* \(record 1\);"):
+        load_splits(DataConfig(source=str(path)), "classification")
+
+
+def test_blank_responses_are_refused_in_the_training_and_the_test_file(tmp_path: Path) -> None:
+    good = write_jsonl(tmp_path / "good.jsonl", [{"prompt": "p", "response": "r"}])
+    blank = write_jsonl(tmp_path / "blank.jsonl", [{"prompt": "p", "response": "r"}, {"prompt": "q", "response": " "}])
+    with pytest.raises(DataError, match=r"blank.jsonl', column 'response': 1 record\(s\) have no response: "
+                                        r"' ' \(record 1, line 2\)"):
+        load_splits(DataConfig(source=str(blank)), "causal-lm")
+    with pytest.raises(DataError, match="blank.jsonl', column 'response'"):
+        load_splits(DataConfig(source=str(good), test_source=str(blank)), "causal-lm")
+    alpaca = tmp_path / "alpaca.json"
+    alpaca.write_text(json.dumps([{"instruction": "Say hi.", "input": "", "output": ""}]))
+    with pytest.raises(DataError, match=r"column 'output': 1 record\(s\) have no response: '' \(record 0\)"):
+        load_splits(DataConfig(source=str(alpaca), alpaca=True), "causal-lm")
+
+
+def test_a_test_label_no_training_example_has_is_kept_with_a_warning(tmp_path: Path,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    train_path, test_path = tmp_path / "train.csv", tmp_path / "test.csv"
+    train_path.write_text("text,label\na,0\nb,1\nc,0\n")
+    test_path.write_text("text,label\na,0\nb,2\nc,2\nd,1\n")
+    with caplog.at_level("WARNING", logger="fedtune.data"):
+        _, test = load_splits(DataConfig(source=str(train_path), test_source=str(test_path)), "classification")
+    assert list(test["label"]) == [0, 2, 2, 1]
+    warned = [r.getMessage() for r in caplog.records if "no training example has" in r.getMessage()]
+    assert len(warned) == 1 and "test.csv" in warned[0] and "2 (2 examples)" in warned[0]
+
+
 def test_max_examples_and_max_test_examples(tmp_path: Path) -> None:
     rows = [{"text": f"t{i}", "label": i % 2} for i in range(50)]
     path = write_jsonl(tmp_path / "d.jsonl", rows)

@@ -109,11 +109,19 @@ def test_iid_without_label_column_works() -> None:
     assert [len(p) for p in parts] == [10, 10, 10, 10]
 
 
-@pytest.mark.filterwarnings("ignore:The specified min_partition_size:UserWarning")
-def test_dirichlet_that_cannot_meet_min_partition_size_is_a_data_error() -> None:
+def test_a_min_partition_size_the_data_cannot_fill_says_so_before_sampling() -> None:
     cfg = PartitionConfig(method="dirichlet", alpha=1.0, min_partition_size=30)
-    with pytest.raises(DataError, match="min_partition_size"):
-        partition_dataset(pool(100), cfg, 4)  # 4 clients x 30 > 100 examples: impossible
+    with pytest.raises(DataError, match=r"min_partition_size=30 for each of 4 clients needs 120 examples and the "
+                                        r"data has 100; lower partition.min_partition_size \(at most 25\)"):
+        partition_dataset(pool(100), cfg, 4)
+
+
+@pytest.mark.filterwarnings("ignore:The specified min_partition_size:UserWarning")
+def test_a_dirichlet_draw_that_fails_lists_the_examples_by_label() -> None:
+    cfg = PartitionConfig(method="dirichlet", alpha=0.05, min_partition_size=24)
+    with pytest.raises(DataError, match=r"failed for 4 clients: .*The 100 examples by label: .*Lower "
+                                        r"partition.min_partition_size or raise partition.alpha"):
+        partition_dataset(pool(100), cfg, 4)  # 96 of 100 needed at alpha 0.05: no draw meets it
 
 
 # --------------------------------------------------------------------------- pathological

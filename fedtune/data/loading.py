@@ -16,8 +16,10 @@ from pathlib import Path
 
 import datasets
 import pandas as pd
+import pyarrow as pa
 
 from fedtune.config import DataConfig
+from fedtune.data.checks import check_labels, mixed_type_problem, require_values, warn_unseen_labels
 from fedtune.data.generated import GENERATED_LABELS, GENERATED_TASKS, GENERATED_TEST_SIZE, GENERATED_TRAIN_SIZE
 from fedtune.data.preference import standardize_pairs
 from fedtune.data.prompts import join_alpaca
@@ -93,7 +95,11 @@ def _read_source(source: str, cfg: DataConfig) -> tuple[datasets.Dataset, str, s
         frame = _read_frame(path, fmt, cfg.column_names)
     except (ValueError, pd.errors.ParserError) as e:
         raise DataError(f"cannot read {source!r} as {fmt}: {e}") from e
-    return datasets.Dataset.from_pandas(frame, preserve_index=False), fmt, None
+    try:
+        return datasets.Dataset.from_pandas(frame, preserve_index=False), fmt, None
+    except (pa.ArrowTypeError, pa.ArrowInvalid) as e:
+        raise DataError(mixed_type_problem(frame, source, header_lines(fmt, cfg)) or
+                        f"cannot read {source!r} as a table: {e}") from e
 
 
 def _alpaca_to_prompt_response(ds: datasets.Dataset, group_column: str | None) -> datasets.Dataset:
@@ -112,20 +118,37 @@ def _alpaca_to_prompt_response(ds: datasets.Dataset, group_column: str | None) -
     return ds.map(convert, remove_columns=ds.column_names)
 
 
+def header_lines(fmt: str, cfg: DataConfig) -> int | None:
+    """Lines before record 0 in a ``fmt`` file (None: records are not lines, as in a JSON list)."""
+    if fmt in ("csv", "tsv"):
+        return 0 if cfg.column_names else 1
+    return 0 if fmt == "jsonl" else None
+
+
 def standardize(ds: datasets.Dataset, cfg: DataConfig, task: str, source: str,
-                objective: str = "sft") -> datasets.Dataset:
+                objective: str = "sft", fmt: str = "disk") -> datasets.Dataset:
     """Rename the configured columns to fedtune's (``group_column`` to ``group``) and drop the rest.
 
     With ``objective="dpo"`` the records are preference pairs
     (:func:`fedtune.data.preference.standardize_pairs`).
+
+    Raises
+    ------
+    DataError
+        A configured column is missing; a label or response is blank; labels mix integers with
+        other values or are negative (:mod:`fedtune.data.checks`). ``fmt`` (the file's format)
+        lets the message give a table's line numbers.
     """
     if cfg.group_column is not None and cfg.group_column not in ds.column_names:
         raise DataError(f"data.group_column={cfg.group_column!r}: {source!r} has no such column; it has "
                         f"{ds.column_names}")
     if objective == "dpo":
         return standardize_pairs(ds, cfg, source)
+    lines = header_lines(fmt, cfg)
     if task == "causal-lm":
         if cfg.alpaca:
+            if "output" in ds.column_names:
+                require_values(ds["output"], source, "output", "response", lines)
             return _alpaca_to_prompt_response(ds, cfg.group_column)
         wanted = {cfg.prompt_column: "prompt", cfg.response_column: "response"}
     else:
@@ -135,6 +158,10 @@ def standardize(ds: datasets.Dataset, cfg: DataConfig, task: str, source: str,
         keys = "data.prompt_column/response_column" if task == "causal-lm" else "data.text_column/label_column"
         raise DataError(f"{source!r} has no column(s) {missing}; it has {ds.column_names}. "
                         f"Set {keys} (or data.column_names for a file without a header)")
+    if task == "causal-lm":
+        require_values(ds[cfg.response_column], source, cfg.response_column, "response", lines)
+    else:
+        check_labels(ds[cfg.label_column], source, cfg.label_column, lines)
     if cfg.group_column is not None:
         ds = ds.map(lambda row: {"group": str(row[cfg.group_column])})
         wanted["group"] = "group"
@@ -144,13 +171,17 @@ def standardize(ds: datasets.Dataset, cfg: DataConfig, task: str, source: str,
     return ds
 
 
-def encode_labels(train: datasets.Dataset, test: datasets.Dataset | None) -> tuple[datasets.Dataset, datasets.Dataset | None, list[str]]:
+def encode_labels(train: datasets.Dataset, test: datasets.Dataset | None,
+                  test_source: str = "test") -> tuple[datasets.Dataset, datasets.Dataset | None, list[str]]:
     """Map labels to 0..n-1 (ints keep their order, strings sort), the same for both splits.
 
     Returns both splits and the label names by index: a string label is its own name, an
     int label of a ``ClassLabel`` column is named by that feature (``0`` -> ``negative``),
-    any other int by its digits.
+    any other int by its digits. Test labels no training example has are kept, with a warning
+    naming them and their counts (``test_source`` says where the test set came from).
     """
+    if test is not None:
+        warn_unseen_labels(train["label"], test["label"], test_source)
     values = set(train["label"]) | (set(test["label"]) if test is not None else set())
     names = sorted(values, key=lambda v: (isinstance(v, str), v))
     index = {v: i for i, v in enumerate(names)}
@@ -245,7 +276,7 @@ def load_data(cfg: DataConfig, task: str, objective: str = "sft") -> Splits:
                                   generator_seed=cfg.seed + 10_000)
     else:
         raw, fmt, split = _read_source(cfg.source, cfg)
-        train = standardize(raw, cfg, task, cfg.source, objective)
+        train = standardize(raw, cfg, task, cfg.source, objective, fmt)
         test = None
         if cfg.test_fraction is not None:
             if len(train) < 2:
@@ -260,7 +291,7 @@ def load_data(cfg: DataConfig, task: str, objective: str = "sft") -> Splits:
         if cfg.test_source:
             test_cfg = dataclasses.replace(cfg, text_column=cfg.test_text_column or cfg.text_column, group_column=None)
             raw, fmt, split = _read_source(cfg.test_source, cfg)
-            test = standardize(raw, test_cfg, task, cfg.test_source, objective)
+            test = standardize(raw, test_cfg, task, cfg.test_source, objective, fmt)
             selection = CentralTestSet(source=cfg.test_source, format=fmt, split=split, rows_in_source=len(test),
                                       shuffle_seed=None, max_test_examples=cfg.max_test_examples)
     if cfg.max_examples is not None and len(train) > cfg.max_examples:
@@ -269,7 +300,7 @@ def load_data(cfg: DataConfig, task: str, objective: str = "sft") -> Splits:
         test = test.shuffle(seed=cfg.seed).select(range(cfg.max_test_examples))
         selection = dataclasses.replace(selection, shuffle_seed=cfg.seed)
     if task == "classification":
-        train, test, _ = encode_labels(train, test)
+        train, test, _ = encode_labels(train, test, selection.source if selection else "test")
     if len(train) == 0:
         raise DataError(f"data.source={cfg.source!r} holds no examples; add rows to it, or point data.source "
                         "at another file")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import datasets
 from flwr_datasets.partitioner import (
     DirichletPartitioner,
@@ -66,6 +68,11 @@ def partition_dataset(pool: datasets.Dataset, cfg: PartitionConfig, num_partitio
                         "data.group_column")
     if num_partitions > len(pool):
         raise DataError(f"{num_partitions} clients but only {len(pool)} examples; use fewer clients")
+    if cfg.method == "dirichlet" and cfg.min_partition_size * num_partitions > len(pool):
+        raise DataError(f"partition.min_partition_size={cfg.min_partition_size} for each of {num_partitions} clients "
+                        f"needs {cfg.min_partition_size * num_partitions} examples and the data has {len(pool)}; "
+                        f"lower partition.min_partition_size (at most {len(pool) // num_partitions}) or use fewer "
+                        "clients")
     if cfg.method in ("iid", "size-skew"):
         pool = pool.shuffle(seed=cfg.seed)
     try:
@@ -74,8 +81,11 @@ def partition_dataset(pool: datasets.Dataset, cfg: PartitionConfig, num_partitio
         return [partitioner.load_partition(i) for i in range(num_partitions)]
     except ValueError as e:
         reason = str(e).rstrip(".")
+        counts = Counter(pool[partition_by])
         raise DataError(f"partition.method={cfg.method!r} failed for {num_partitions} clients: {reason}. "
-                        "Lower partition.min_partition_size or raise partition.alpha") from e
+                        f"The {len(pool)} examples by {partition_by}: "
+                        + ", ".join(f"{k}: {n}" for k, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+                        + ". Lower partition.min_partition_size or raise partition.alpha") from e
 
 
 def split_train_eval(part: datasets.Dataset, eval_fraction: float, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:

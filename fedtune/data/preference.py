@@ -13,7 +13,6 @@ and ``rejected_input_ids``/``rejected_labels``, labels on the response tokens on
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import datasets
@@ -22,13 +21,10 @@ import torch
 from fedtune.config import DataConfig
 from fedtune.data.prompts import join_alpaca, response_suffix
 from fedtune.data.tokenize import collate, join_prompt_response, prompt_ids
+from fedtune.data.checks import is_blank
 from fedtune.errors import DataError
 
 SIDES = ("chosen", "rejected")
-
-
-def _is_blank(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value)) or not str(value).strip()
 
 
 def standardize_pairs(ds: datasets.Dataset, cfg: DataConfig, source: str) -> datasets.Dataset:
@@ -50,7 +46,7 @@ def standardize_pairs(ds: datasets.Dataset, cfg: DataConfig, source: str) -> dat
                         f"Set {keys}, or give records with a prompt, a chosen and a rejected response")
     for index, row in enumerate(ds.select_columns([*prompt_columns, *columns.values()])):
         for column, value in row.items():
-            if _is_blank(value):
+            if is_blank(value):
                 what = "prompt" if column in prompt_columns else "response"
                 raise DataError(f"{source!r}, record {index} (counting from 0), column {column!r}: the {what} is "
                                 f"empty ({value!r}); every preference pair needs a prompt and two non-empty "
