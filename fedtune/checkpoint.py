@@ -8,9 +8,10 @@ same folder, flushed to disk and renamed over the old one, so a crash at any mom
 either the previous round's checkpoint or this one, never a torn file.
 
 The file is a ``torch.save`` pickle, since strategy state nests tensors, numpy arrays and
-plain Python in ways safetensors cannot hold; but it is read with ``weights_only=True`` and
-only numpy's array and scalar types allowed beyond torch's own, so a crafted checkpoint (a
-shared run directory, a downloaded run) is refused before anything in it runs. Saving checks
+plain Python in ways safetensors cannot hold; but it is read with ``weights_only=True``, with
+only numpy's array and scalar types and fedtune's ``AdapterSpec`` allowed beyond torch's own,
+so a crafted checkpoint (a shared run directory, a downloaded run) is refused before anything
+in it runs. Saving checks
 the same rule first: a strategy whose :meth:`~fedtune.strategy.Strategy.state_dict` holds any
 other type fails at the first checkpoint, naming where, instead of at resume time.
 """
@@ -34,6 +35,7 @@ from omegaconf import OmegaConf
 
 from fedtune.config import FedtuneConfig, flatten, to_yaml
 from fedtune.errors import CheckpointError, ConfigError
+from fedtune.strategy import AdapterSpec
 
 log = logging.getLogger("fedtune.server")
 
@@ -49,11 +51,13 @@ RESUMABLE_KEYS = ("federation.num_rounds", "federation.round_timeout", "federati
                   "federation.ray_address", "eval.")
 
 
-# What a checkpoint may hold besides what torch's weights-only unpickler builds by itself.
-NUMPY_GLOBALS = [np.ndarray, np.dtype, _reconstruct, scalar, *(getattr(np.dtypes, n) for n in np.dtypes.__all__)]
+# What a checkpoint may hold besides what torch's weights-only unpickler builds by itself:
+# numpy arrays and scalars, and the adapter description every strategy keeps (Strategy.spec).
+SAFE_GLOBALS = [np.ndarray, np.dtype, _reconstruct, scalar, *(getattr(np.dtypes, n) for n in np.dtypes.__all__),
+                AdapterSpec]
 _CONTAINERS = (dict, list, tuple, set)
 _LEAVES = (type(None), bool, int, float, complex, str, bytes, torch.Size, torch.dtype, torch.Tensor,
-           torch.nn.Parameter, np.ndarray)
+           torch.nn.Parameter, np.ndarray, AdapterSpec)
 
 
 @dataclass
@@ -77,6 +81,8 @@ class Checkpoint:
     run_key : str
         The run's id, sent to clients, which keep their own state under it
         (:mod:`fedtune.client_state`); a resumed run keeps it.
+    averaging_state : dict
+        The server optimizer's moments (:class:`fedtune.averaging.Averaging`), if any.
     """
 
     round: int
@@ -86,6 +92,7 @@ class Checkpoint:
     rejected: list[dict[str, Any]] = field(default_factory=list)
     rng: dict[str, Any] = field(default_factory=dict)
     run_key: str = ""
+    averaging_state: dict[str, Any] = field(default_factory=dict)
 
 
 def rng_state() -> dict[str, Any]:
@@ -151,7 +158,7 @@ def load_checkpoint(run_dir: Path) -> Checkpoint | None:
     if not path.is_file():
         return None
     try:
-        with torch.serialization.safe_globals(NUMPY_GLOBALS):
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
             payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         found = re.search(r"GLOBAL (\S+)|got (<[^>]+>)", str(err))

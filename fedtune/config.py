@@ -49,6 +49,8 @@ QUANTIZATIONS = ("none", "8bit", "4bit")
 OBJECTIVES = ("sft", "dpo")
 DPO_LOSSES = ("sigmoid", "hinge")
 QUANT_TYPES = ("nf4", "fp4")
+ROBUST_RULES = ("mean", "median", "trimmed-mean", "krum", "multi-krum")
+SERVER_OPTIMIZERS = ("none", "fedavgm", "fedadagrad", "fedadam", "fedyogi")
 
 
 @dataclass
@@ -350,15 +352,83 @@ class TrainConfig:
 
 
 @dataclass
+class RobustConfig:
+    """What replaces the weighted mean of an averaging strategy (:mod:`fedtune.averaging.robust`).
+
+    ``rule``: ``mean`` (plain FedAvg), ``median`` or ``trimmed-mean`` (coordinate-wise, ``trim``
+    of the clients dropped at each end), ``krum`` or ``multi-krum`` (``byzantine`` = f clients
+    assumed hostile; Multi-Krum averages the ``select`` best, default n − f).
+    """
+
+    rule: str = "mean"
+    trim: float = 0.1
+    byzantine: int = 1
+    select: int | None = None
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.rule not in ROBUST_RULES:
+            out.append(f"strategy.robust.rule={self.rule!r} is not a rule; use one of {ROBUST_RULES}")
+        if not 0.0 <= self.trim < 0.5:
+            out.append(f"strategy.robust.trim={self.trim} must be in [0, 0.5): the share trimmed at each end")
+        if self.byzantine < 0:
+            out.append(f"strategy.robust.byzantine={self.byzantine} must be >= 0 (clients assumed hostile)")
+        if self.select is not None and self.select < 1:
+            out.append(f"strategy.robust.select={self.select} must be at least 1, or null for n - byzantine")
+        return out
+
+
+@dataclass
+class ServerOptimizerConfig:
+    """A server optimizer on the averaged pseudo-gradient (:mod:`fedtune.averaging.server_optimizers`).
+
+    ``name``: ``none``, ``fedavgm`` (Hsu et al. 2019: ``momentum`` is β), ``fedadagrad``,
+    ``fedadam`` or ``fedyogi`` (Reddi et al. 2021: ``momentum`` is β₁, ``beta2`` β₂, ``tau`` τ).
+    ``lr`` is η; null takes the optimizer's default (1 for FedAvgM, 1e-2 for the adaptive ones).
+    """
+
+    name: str = "none"
+    lr: float | None = None
+    momentum: float = 0.9
+    beta2: float = 0.99
+    tau: float = 1e-3
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.name not in SERVER_OPTIMIZERS:
+            out.append(f"strategy.server_optimizer.name={self.name!r} is not a server optimizer; use one of "
+                       f"{SERVER_OPTIMIZERS}")
+        if self.lr is not None and not self.lr > 0:
+            out.append(f"strategy.server_optimizer.lr={self.lr} must be positive, or null for the default")
+        for key in ("momentum", "beta2"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                out.append(f"strategy.server_optimizer.{key}={getattr(self, key)} must be in [0, 1)")
+        if not self.tau > 0:
+            out.append(f"strategy.server_optimizer.tau={self.tau} must be positive, e.g. 1e-3")
+        return out
+
+
+@dataclass
 class StrategyConfig:
-    """Which aggregation strategy runs, by registered name or ``package.module:Class``."""
+    """Which aggregation strategy runs, by registered name or ``package.module:Class``, and how an
+    averaging strategy averages (``robust``, ``server_optimizer``)."""
 
     name: str = "fedit"
     # Keyword arguments for the strategy's constructor.
     options: dict[str, Any] = field(default_factory=dict)
+    robust: RobustConfig = field(default_factory=RobustConfig)
+    server_optimizer: ServerOptimizerConfig = field(default_factory=ServerOptimizerConfig)
 
     def problems(self) -> list[str]:
-        return [] if self.name else ["strategy.name is empty; run `fedtune strategies` to list names"]
+        out = [] if self.name else ["strategy.name is empty; run `fedtune strategies` to list names"]
+        return out + self.robust.problems() + self.server_optimizer.problems()
+
+    def averaging_changed(self) -> list[str]:
+        """The settings that change how an averaging strategy averages, as ``key=value``."""
+        out = [] if self.robust.rule == "mean" else [f"strategy.robust.rule={self.robust.rule!r}"]
+        if self.server_optimizer.name != "none":
+            out.append(f"strategy.server_optimizer.name={self.server_optimizer.name!r}")
+        return out
 
 
 @dataclass

@@ -136,6 +136,8 @@ def run_federation(grid: Grid, cfg: FedtuneConfig, control: RunControl | None = 
     glue = FlowerStrategy(strategy, cfg, on_metrics=run_log.add, completed_rounds=done, stop=control.stop,
                           run_key=run_key, progress=progress)
     glue.rejected = list(checkpoint.rejected) if checkpoint else []
+    if checkpoint:
+        glue.averaging.load_state_dict(checkpoint.averaging_state)
     config_yaml = to_yaml(cfg)
 
     def end_of_round(flower_round: int, arrays: ArrayRecord) -> MetricRecord | None:
@@ -163,7 +165,8 @@ def run_federation(grid: Grid, cfg: FedtuneConfig, control: RunControl | None = 
         if server_round > 0:
             save_checkpoint(run_log.run_dir, Checkpoint(
                 round=server_round, config_yaml=config_yaml, strategy_state=strategy.state_dict(),
-                metrics=run_log.rows, rejected=glue.rejected, rng=rng_state(), run_key=run_key))
+                metrics=run_log.rows, rejected=glue.rejected, rng=rng_state(), run_key=run_key,
+                averaging_state=glue.averaging.state_dict()))
             control.completed_round = server_round
         if control.stop.is_set():
             raise RunInterrupted(f"stopped after round {server_round}")

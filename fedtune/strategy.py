@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from fedtune import protocol
+from fedtune.averaging import average
 from fedtune.errors import ConfigError, InvalidUpdateError
 from fedtune.registry import Registry
 
@@ -140,6 +141,11 @@ class Strategy(ABC):
     ``tunes_base_model``
         The global model includes the base model's own weights (full-parameter tuning):
         the server passes them in :attr:`AdapterSpec.base` and saves a whole model.
+    ``averages_updates``
+        The global state is a weighted average of client tensors, computed with
+        :meth:`average` (passing the previous value): ``strategy.robust`` and
+        ``strategy.server_optimizer`` apply. ``averaging_reason`` says why not, for the
+        start-up error.
 
     Hooks with a default: :meth:`configure_evaluation`, :meth:`load_global` (what the
     server's model holds), :meth:`export_adapter` (the saved adapter, when it is not
@@ -154,6 +160,8 @@ class Strategy(ABC):
     quantized_base_reason: ClassVar[str] = ""
     linear_lora_only: ClassVar[bool] = False
     tunes_base_model: bool = False  # an instance attribute where an option decides it
+    averages_updates: ClassVar[bool] = False
+    averaging_reason: ClassVar[str] = ""
 
     def initialize(self, spec: AdapterSpec) -> None:
         """Receive the initial adapter before round 1. Called once, on the server."""
@@ -170,6 +178,14 @@ class Strategy(ABC):
     @abstractmethod
     def global_adapter(self) -> Tensors:
         """The adapter tensors (PEFT state-dict names) that represent the global model."""
+
+    def average(self, tensors: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float],
+                previous: Mapping[str, torch.Tensor] | None = None) -> Tensors:
+        """The clients' ``tensors`` combined as the run says: the weighted mean, a robust rule
+        (``strategy.robust``), then a server optimizer's step from ``previous``
+        (``strategy.server_optimizer``). Call it once per aggregation with every averaged tensor;
+        see :func:`fedtune.averaging.average`."""
+        return average(tensors, weights, previous)
 
     def configure_evaluation(self, server_round: int, client_id: int) -> ClientInstruction:
         """What a client loads to evaluate the global model (default: the global adapter).
@@ -300,6 +316,15 @@ def strategy_problems(cfg: FedtuneConfig) -> list[str]:
     if cfg.privacy.enabled and not strategy.supports_privacy:
         problems.append(f"privacy.enabled=true with strategy.name={cfg.strategy.name!r}: its client routine is "
                         "not DP-SGD; use a gradient-trained strategy such as fed-sb or fedit")
+    changed = cfg.strategy.averaging_changed()
+    if changed and not strategy.averages_updates:
+        able = sorted(n for n, c in registered_strategies().items() if c.averages_updates)
+        reason = f" ({strategy.averaging_reason})" if strategy.averaging_reason else ""
+        problems.append(f"{' and '.join(changed)} {'are' if len(changed) > 1 else 'is'} for strategies whose global "
+                        f"state is an average of client tensors; strategy.name={cfg.strategy.name!r} is not one"
+                        f"{reason}. Use one of {able}, or leave strategy.robust.rule=mean and "
+                        "strategy.server_optimizer.name=none")
+    problems += krum_problems(cfg)
     ranks = cfg.adapter.client_ranks
     if ranks and len(set(ranks)) > 1 and not strategy.accepts_mixed_ranks:
         mixed = sorted(n for n, c in registered_strategies().items() if c.accepts_mixed_ranks)
@@ -316,6 +341,22 @@ def strategy_problems(cfg: FedtuneConfig) -> list[str]:
                         f"it does not support{reason}; use model.quantization=none or a strategy that supports "
                         f"quantized bases: {able}")
     return problems
+
+
+def krum_problems(cfg: FedtuneConfig) -> list[str]:
+    """Krum needs n ≥ 2f + 3 clients a round (Blanchard et al. 2017), Multi-Krum's ``select`` at most n."""
+    robust, fed = cfg.strategy.robust, cfg.federation
+    if robust.rule not in ("krum", "multi-krum"):
+        return []
+    drawn = min(fed.num_clients, max(int(fed.num_clients * fed.fraction_train), fed.min_train_clients))
+    out = []
+    if drawn < 2 * robust.byzantine + 3:
+        out.append(f"strategy.robust.rule={robust.rule!r} with strategy.robust.byzantine={robust.byzantine} needs at "
+                   f"least 2f + 3 = {2 * robust.byzantine + 3} clients a round; this run draws {drawn}: lower "
+                   "byzantine or draw more clients")
+    if robust.select is not None and robust.select > drawn:
+        out.append(f"strategy.robust.select={robust.select} exceeds the {drawn} clients drawn a round")
+    return out
 
 
 __all__ = [

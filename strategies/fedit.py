@@ -22,7 +22,7 @@ from fedtune.strategy import (
     register_strategy,
     shapes_of,
 )
-from fedtune.strategies.aggregation import check_weighting, client_weights, factor_average_error, weighted_average
+from fedtune.strategies.aggregation import check_weighting, client_weights, factor_average_error
 
 
 @register_strategy
@@ -37,6 +37,7 @@ class FedIT(Strategy):
 
     name = "fedit"
     summary_line = "FedAvg of LoRA A and B separately (Zhang et al. 2024); inexact baseline"
+    averages_updates = True
 
     def __init__(self, *, weighting: str = "examples") -> None:
         self.weighting = check_weighting(weighting)
@@ -55,7 +56,7 @@ class FedIT(Strategy):
 
     def aggregate(self, server_round: int, updates: Sequence[ClientUpdate]) -> dict[str, float]:
         weights = client_weights(updates, self.weighting)
-        self._global = weighted_average([u.arrays for u in updates], weights)
+        self._global = self.average([u.arrays for u in updates], weights, previous=self._global)
         return {"aggregation_error": factor_average_error([u.arrays for u in updates], weights, self._global)}
 
     def global_adapter(self) -> Tensors:

@@ -34,7 +34,6 @@ from fedtune.strategies.aggregation import (
     client_weights,
     normalized_weights,
     relative_to,
-    weighted_average,
 )
 
 FROZEN_A = r"\.lora_A\.weight$"
@@ -75,6 +74,7 @@ class FFALoRA(Strategy):
     name = "ffa-lora"
     linear_lora_only = True
     summary_line = "frozen shared A, train and average B only (Sun et al. 2024); exact, half the upload"
+    averages_updates = True
 
     def __init__(self, *, weighting: str = "examples") -> None:
         self.weighting = check_weighting(weighting)
@@ -98,7 +98,7 @@ class FFALoRA(Strategy):
 
     def aggregate(self, server_round: int, updates: Sequence[ClientUpdate]) -> dict[str, float]:
         weights = client_weights(updates, self.weighting)
-        self._trained = weighted_average([u.arrays for u in updates], weights)
+        self._trained = self.average([u.arrays for u in updates], weights, previous=self._trained)
         # Measured, not assumed: float rounding is all that separates it from the ideal.
         return {"aggregation_error": shared_a_error([u.arrays for u in updates], weights, self._trained, self._frozen)}
 

@@ -252,6 +252,8 @@ class LoRAFAIR(Strategy):
     name = "lora-fair"
     linear_lora_only = True
     summary_line = "FedAvg of A and B plus a server residual correction of B (Bian et al. 2025)"
+    averaging_reason = ("it corrects the averaged factors toward Σ p·B·A of every client, which a robust rule or "
+                        "server step would undo")
 
     def __init__(self, *, lam: float = 0.01, steps: int = 50, lr: float = 0.05, weighting: str = "examples") -> None:
         if lam < 0:

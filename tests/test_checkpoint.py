@@ -116,6 +116,17 @@ def test_a_restored_strategy_continues_exactly_like_the_original(make) -> None:
                                             for f, g in zip(x[v][m], y[v][m]))
 
 
+@pytest.mark.parametrize("make", [FedIT, FLoRA, LoRAFAIR, lambda: FedKSeed(k=16, steps=4, tune="adapter")])
+def test_a_strategy_state_goes_through_the_safe_load(make, tmp_path: Path) -> None:
+    strategy = make()
+    strategy.initialize(spec())
+    save_checkpoint(tmp_path, checkpoint(1, state=strategy.state_dict()))
+    restored = make()
+    restored.load_state_dict(load_checkpoint(tmp_path).strategy_state)
+    a, b = strategy.global_adapter(), restored.global_adapter()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_the_state_is_a_copy_not_a_view() -> None:
     strategy = FedIT()
     strategy.initialize(spec())

@@ -25,6 +25,7 @@ from flwr.serverapp.strategy import Strategy as FlwrStrategy
 from flwr.serverapp.strategy.result import Result
 
 from fedtune import protocol
+from fedtune.averaging import Averaging, averaging_in_effect, build_averaging
 from fedtune.codec import record_to_tensors, tensors_to_record, wire_bytes
 from fedtune.config import FedtuneConfig
 from fedtune.errors import AggregationError, ClientAppError, InvalidUpdateError, RunInterrupted
@@ -125,6 +126,7 @@ class FlowerStrategy(FlwrStrategy):
         self._sent: list[tuple[Message, int]] = []  # (message, destination node) of the round in progress
         self.grid: Grid | None = None
         self.rejected: list[dict[str, Any]] = []
+        self.averaging: Averaging = averaging_of(cfg)
         # Node id -> the partition it holds (None: it did not say), asked once per node and run.
         self._partition_of: dict[int, int | None] = {}
 
@@ -292,7 +294,10 @@ class FlowerStrategy(FlwrStrategy):
             self.on_metrics(round_skipped=True)
             return None, None
         start = time.perf_counter()
-        strategy_metrics = self.strategy.aggregate(server_round, updates)
+        partitions = [int(u.metrics.get(protocol.PARTITION_ID, u.client_id)) for u in updates]
+        with averaging_in_effect(self.averaging, partitions):
+            strategy_metrics = self.strategy.aggregate(server_round, updates)
+        strategy_metrics = {**strategy_metrics, **self.averaging.metrics}
         aggregation_seconds = time.perf_counter() - start
         global_tensors = self.strategy.global_adapter()
         bad = [k for k, v in global_tensors.items() if not torch.isfinite(v).all()]
@@ -362,7 +367,8 @@ class FlowerStrategy(FlwrStrategy):
         return self.aggregate_evaluate(server_round, replies)
 
     def summary(self) -> None:
-        params = ", ".join(f"{k}={v}" for k, v in self.strategy.hyperparameters().items()) or "no options"
+        settings = {**self.strategy.hyperparameters(), **self.averaging.hyperparameters()}
+        params = ", ".join(f"{k}={v}" for k, v in settings.items()) or "no options"
         log.info("strategy %s (%s): %s", self.strategy.name or type(self.strategy).__name__, params,
                  self.strategy.summary_line)
 
@@ -377,6 +383,13 @@ class FlowerStrategy(FlwrStrategy):
         train_config = self.shared_config() if train_config is None else train_config
         evaluate_config = self.shared_config() if evaluate_config is None else evaluate_config
         return super().start(grid, initial_arrays, num_rounds, timeout, train_config, evaluate_config, evaluate_fn)
+
+
+def averaging_of(cfg: FedtuneConfig) -> Averaging:
+    """The run's :class:`~fedtune.averaging.Averaging` (``strategy.robust``, ``strategy.server_optimizer``)."""
+    robust, opt = cfg.strategy.robust, cfg.strategy.server_optimizer
+    return build_averaging(robust.rule, robust.trim, robust.byzantine, robust.select,
+                           opt.name, opt.lr, opt.momentum, opt.beta2, opt.tau)
 
 
 def update_norm(reply: Mapping[str, torch.Tensor], sent: Mapping[str, torch.Tensor]) -> float:

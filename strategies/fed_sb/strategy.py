@@ -269,6 +269,7 @@ class FedSB(Strategy):
     quantized_base_reason = ("its initialisation needs gradients with respect to the base weights, which a "
                              "bitsandbytes 4-bit or 8-bit layer does not provide")
     summary_line = "frozen B, A from the first-update SVD; train and average r×r R only (Singhal et al. 2025); exact"
+    averages_updates = True
 
     def __init__(self, *, weighting: str = "examples", init_upload: str = "sketch", init_passes: int = 2,
                  init_samples: int = 64, init_estimator: str = "adam", init_learning_rate: float | None = None,
@@ -436,7 +437,7 @@ class FedSB(Strategy):
 
     def _aggregate_r(self, updates: Sequence[ClientUpdate]) -> dict[str, float]:
         weights = self._weights(updates)
-        self._trained = weighted_average([u.arrays for u in updates], weights)
+        self._trained = self.average([u.arrays for u in updates], weights, previous=self._trained)
         # Measured, not assumed: the ideal is the clients' own updates, averaged.
         error = r_average_error(self._frozen, [u.arrays for u in updates], self._trained, weights, self.spec.scaling)
         return {"aggregation_error": error}

@@ -124,6 +124,7 @@ class FedKSeed(Strategy):
     name = "fedkseed"
     supports_privacy = False
     summary_line = "zeroth-order tuning over K shared seeds, scalars only on the wire (Qin et al. 2024)"
+    averaging_reason = "its clients send one scalar per seed and step, not tensors to average"
 
     def __init__(self, *, k: int = 4096, eps: float = 5e-4, lr: float = 3e-7, steps: int = 200,
                  pro: bool = False, importance_clip: float = 1000.0, weighting: str = "examples",

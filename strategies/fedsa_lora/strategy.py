@@ -50,6 +50,7 @@ class FedSALoRA(Strategy):
 
     name = "fedsa-lora"
     summary_line = "average A, keep each client's B personal (Guo et al. 2025); personal eval per client"
+    averages_updates = True
 
     def __init__(self, *, weighting: str = "examples", upload_b: bool = True) -> None:
         self.weighting = check_weighting(weighting)
@@ -79,7 +80,8 @@ class FedSALoRA(Strategy):
 
     def aggregate(self, server_round: int, updates: Sequence[ClientUpdate]) -> dict[str, float]:
         weights = client_weights(updates, self.weighting)
-        self._shared = weighted_average([{k: u.arrays[k] for k in self._shared} for u in updates], weights)
+        self._shared = self.average([{k: u.arrays[k] for k in self._shared} for u in updates], weights,
+                                    previous=self._shared)
         if self.upload_b:
             self._personal_mean = weighted_average([{k: u.arrays[k] for k in self._personal_mean}
                                                     for u in updates], weights)

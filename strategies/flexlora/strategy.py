@@ -66,6 +66,8 @@ class FlexLoRA(Strategy):
     summary_line = "full update Σ p·s·B·A, truncated SVD per client rank (Bai et al. 2024); from the factors"
     linear_lora_only = True
     accepts_mixed_ranks = True
+    averaging_reason = ("its global update is a truncated SVD of Σ p·s·B·A, not an average of the tensors "
+                        "clients send")
 
     def __init__(self, *, weighting: str = "examples") -> None:
         self.weighting = check_weighting(weighting)

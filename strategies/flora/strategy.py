@@ -99,6 +99,8 @@ class FLoRA(Strategy):
     linear_lora_only = True
     summary_line = "stack heterogeneous-rank LoRA factors, merge exactly (Wang et al. 2024)"
     accepts_mixed_ranks = True
+    averaging_reason = ("it stacks every client's factors into one larger-rank update: nothing is averaged, so "
+                        "there is no mean to replace and no pseudo-gradient to step on")
 
     def __init__(self, *, weighting: str = "examples") -> None:
         self.weighting = check_weighting(weighting)
