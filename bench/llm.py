@@ -284,12 +284,21 @@ def strategy_overrides(task: str, name: str, setting: Setting, quick: bool) -> l
     return extra
 
 
-def run_strategy(task: str, name: str, setting: Setting, quick: bool, data: list[str], tmp: Path) -> dict:
-    """One fedtune simulation; its curve from metrics.jsonl."""
+def run_strategy(task: str, name: str, setting: Setting, quick: bool, data: list[str], tmp: Path,
+                 final_examples: int | None = None) -> dict:
+    """One fedtune simulation; its curve from metrics.jsonl (and its final adapter scored on
+    ``final_examples`` test records, when given)."""
     from fedtune.simulation import simulate
 
-    cfg, overrides = load(task, setting, strategy_overrides(task, name, setting, quick), data, tmp / f"{task}-{name}")
+    extra = strategy_overrides(task, name, setting, quick) + (["output.save_adapter=true"] if final_examples else [])
+    cfg, overrides = load(task, setting, extra, data, tmp / f"{task}-{name}")
     run_dir = simulate(cfg)
+    final = {}
+    if final_examples:
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+        final = {"final_test": score_adapter(task, setting, data, tensors, final_examples, tmp)}
     key = SCORE_KEY[task]
     curve = []
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
@@ -301,7 +310,39 @@ def run_strategy(task: str, name: str, setting: Setting, quick: bool, data: list
                       "clients": r.get("clients_aggregated") or 0,
                       "seconds": r["round_seconds"]})
     samples = [json.loads(line) for line in (run_dir / "generations.jsonl").read_text().splitlines()]
-    return {"overrides": overrides, "curve": curve, "samples": first_and_last_samples(samples)}
+    return {"overrides": overrides, "curve": curve, "samples": first_and_last_samples(samples), **final}
+
+
+def setup_model(task: str, setting: Setting, data: list[str], out_dir: Path):
+    """fedtune's own pieces, as the server uses them: config, adapter handle, raw and tokenized splits."""
+    import torch
+
+    from fedtune.data import load_splits
+    from fedtune.data.prompts import with_resolved_prompt_format
+    from fedtune.models import get_adapter
+    from fedtune.objectives import objective_of
+
+    cfg, overrides = load(task, setting, [], data, out_dir)
+    cfg = with_resolved_prompt_format(cfg)
+    torch.set_num_threads(cfg.train.threads)
+    objective = objective_of(cfg.train)
+    pool, test = load_splits(cfg.data, cfg.model.task, cfg.train.objective)
+    handle = get_adapter(cfg.model, cfg.adapter, None, cfg.seed)
+    handle.load({})
+    tok = lambda ds: objective.tokenize(ds, handle.tokenizer, cfg.model.task, cfg.data.max_length,
+                                        cfg.data.prompt_format)
+    return cfg, overrides, objective, handle, pool, test, tok
+
+
+def score_adapter(task: str, setting: Setting, data: list[str], tensors: dict, examples: int, tmp: Path) -> dict:
+    """Score and eval loss of an adapter on the first ``examples`` test records (all of them generated for)."""
+    wider = replace(setting, test_examples=examples, gen_examples=examples)
+    cfg, _, _, handle, _, test, tok = setup_model(task, wider, data, tmp / f"{task}-final")
+    handle.load(tensors)
+    point = evaluation(handle, tok(test), test, cfg)
+    print(f"  final adapter on {len(test)} test records: score {point['score']:.4f}, loss {point['loss']:.4f}",
+          flush=True)
+    return {"examples": len(test), **point}
 
 
 def first_and_last_samples(samples: list[dict], n: int = 3) -> list[dict]:
@@ -330,24 +371,10 @@ def evaluation(handle, test_tok, test_raw, cfg) -> dict:
 
 def run_centralized(task: str, setting: Setting, data: list[str], tmp: Path) -> dict:
     """LoRA on the pooled data with fedtune's trainer; per round as many steps as a federated round in all."""
-    import torch
-
-    from fedtune.data import load_splits
-    from fedtune.data.prompts import with_resolved_prompt_format
-    from fedtune.models import get_adapter
-    from fedtune.objectives import objective_of
     from fedtune.training import train_adapter
 
-    cfg, overrides = load(task, setting, [], data, tmp / f"{task}-centralized")
-    cfg = with_resolved_prompt_format(cfg)
-    torch.set_num_threads(cfg.train.threads)
-    objective = objective_of(cfg.train)
-    pool, test = load_splits(cfg.data, cfg.model.task, cfg.train.objective)
-    handle = get_adapter(cfg.model, cfg.adapter, None, cfg.seed)
-    handle.load({})
+    cfg, overrides, objective, handle, pool, test, tok = setup_model(task, setting, data, tmp / f"{task}-centralized")
     handle.set_trainable([".*"])
-    tok = lambda ds: objective.tokenize(ds, handle.tokenizer, cfg.model.task, cfg.data.max_length,
-                                        cfg.data.prompt_format)
     train, test_tok = tok(pool), tok(test)
     round_cfg = replace(cfg.train, local_steps=setting.sampled * setting.local_steps)
     curve = [{"round": 0, **evaluation(handle, test_tok, test, cfg), "bytes_up": 0, "bytes_down": 0, "seconds": 0.0}]
@@ -545,6 +572,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--test-examples", type=int, default=None,
                         help="cut the test set to this many records (default: agnews 100, others the held-out 10 %%);"
                              " rows with another size are kept as 'ROW/testN'")
+    parser.add_argument("--final-test-examples", type=int, default=None, metavar="N",
+                        help="also score each strategy row's final adapter on the first N test records "
+                             "(kept in the row as final_test)")
     parser.add_argument("--quick", action="store_true", help="smoke test: 4 clients, 2 rounds of 2 steps")
     parser.add_argument("--fresh", action="store_true", help="discard finished rows and start over")
     parser.add_argument("--redo", nargs="+", default=[], metavar="ROW", help="run these rows again")
@@ -594,7 +624,7 @@ def main(argv: list[str]) -> int:
                 elif label == "plain":
                     row = run_plain(task, setting, data, Path(tmp))
                 else:
-                    row = run_strategy(task, label, setting, args.quick, data, Path(tmp))
+                    row = run_strategy(task, label, setting, args.quick, data, Path(tmp), args.final_test_examples)
                 results["rows"][key] = {**row, "task": task, "row": label, "setting": asdict(setting),
                                         "threads": args.threads,
                                         "wall_seconds": round(time.perf_counter() - start, 1),
