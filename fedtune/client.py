@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fedtune import __version__, protocol
+from fedtune.attacks import attacked_reply, flipped_labels
 from fedtune.codec import tensor_digest
 from fedtune.config import AdapterConfig, FedtuneConfig, ModelConfig, to_yaml
 from fedtune.data import load_splits, num_labels, partition_dataset, resolve_prompt_format, split_train_eval
@@ -154,6 +155,8 @@ class ClientRuntime:
             handle, _ = self.adapter(partition_id)  # its tokenizer; loads no other client's base
             train, held_out = split_train_eval(self._partitions[partition_id], self.cfg.data.eval_fraction,
                                                self.cfg.data.seed + partition_id)
+            if self.cfg.attack.kind == "label-flip" and self.cfg.attack.attacks(partition_id):
+                train = flipped_labels(train, num_labels(self._partitions[partition_id]))  # a simulated attacker
             data = self.cfg.data
             fmt = resolve_prompt_format(handle.tokenizer, data.prompt_format, alpaca=data.alpaca)
             tok = lambda ds: self.objective.tokenize(ds, handle.tokenizer, self.cfg.model.task, data.max_length, fmt)
@@ -241,7 +244,11 @@ class ClientRuntime:
         if self.cfg.privacy.enabled and not runner.supports_privacy:
             raise ValueError(f"privacy.enabled=true but client routine {routine!r} does not apply DP-SGD; use a "
                              "method whose routine does, or set privacy.enabled=false")
-        return runner.train(job)
+        reply = runner.train(job)
+        if self.cfg.attack.attacks(partition_id):  # a simulated attacker (refused outside simulations)
+            seed = self.cfg.seed * 1_000_003 + server_round * 1_009 + partition_id
+            reply = dataclasses.replace(reply, arrays=attacked_reply(self.cfg.attack, job.arrays, reply.arrays, seed))
+        return reply
 
     def evaluate(self, partition_id: int, arrays: Mapping[str, torch.Tensor], routine: str = protocol.DEFAULT_ROUTINE,
                  config: Mapping[str, Any] | None = None, trainable: Sequence[str] = (),

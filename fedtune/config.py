@@ -51,6 +51,7 @@ DPO_LOSSES = ("sigmoid", "hinge")
 QUANT_TYPES = ("nf4", "fp4")
 ROBUST_RULES = ("mean", "median", "trimmed-mean", "krum", "multi-krum")
 SERVER_OPTIMIZERS = ("none", "fedavgm", "fedadagrad", "fedadam", "fedyogi")
+ATTACKS = ("none", "sign-flip", "scale", "noise", "label-flip")
 
 
 @dataclass
@@ -604,6 +605,38 @@ class OutputConfig:
 
 
 @dataclass
+class AttackConfig:
+    """Simulated hostile clients, for testing defences (:mod:`fedtune.attacks`); refused outside a simulation.
+
+    The clients whose partition ids are in ``clients`` train as usual, then send, with Δ their
+    update (trained minus what the server sent): ``sign-flip`` −scale·Δ (scale 1 unless given),
+    ``scale`` scale·Δ (10 unless given), ``noise`` Gaussian noise of standard deviation
+    ``noise_std`` in place of Δ; or, with ``label-flip``, train on labels y → C − 1 − y
+    (classification).
+    """
+
+    kind: str = "none"
+    clients: list[int] = field(default_factory=list)
+    scale: float | None = None
+    noise_std: float = 0.1
+
+    def problems(self) -> list[str]:
+        out = []
+        if self.kind not in ATTACKS:
+            out.append(f"attack.kind={self.kind!r} is not an attack; use one of {ATTACKS}")
+        if self.kind != "none" and not self.clients:
+            out.append(f"attack.kind={self.kind!r} names no attacker: list partition ids in attack.clients, e.g. [0, 3]")
+        if self.scale is not None and not self.scale > 0:
+            out.append(f"attack.scale={self.scale} must be positive (sign-flip sends -scale times the update)")
+        if not self.noise_std > 0:
+            out.append(f"attack.noise_std={self.noise_std} must be positive")
+        return out
+
+    def attacks(self, partition_id: int) -> bool:
+        return self.kind != "none" and partition_id in self.clients
+
+
+@dataclass
 class FedtuneConfig:
     """A whole run: model, adapter, data, partitioning, training, strategy, federation, privacy, eval, output."""
 
@@ -617,6 +650,7 @@ class FedtuneConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
     seed: int = 0
 
     def problems(self) -> list[str]:
@@ -632,6 +666,13 @@ class FedtuneConfig:
             out.append("train.objective=dpo with privacy.enabled=true: DP-SGD's per-example gradients run the model "
                        "functionally, without the adapter switched off for the reference; use train.objective=sft "
                        "for private runs")
+        outside = [c for c in self.attack.clients if not 0 <= c < self.federation.num_clients]
+        if self.attack.kind != "none" and outside:
+            out.append(f"attack.clients={list(self.attack.clients)}: {outside} are not partition ids of "
+                       f"federation.num_clients={self.federation.num_clients} (0..{self.federation.num_clients - 1})")
+        if self.attack.kind == "label-flip" and self.model.task != "classification":
+            out.append("attack.kind=label-flip flips class labels, which model.task='causal-lm' does not have; use "
+                       "sign-flip, scale or noise")
         if is_generative(self.eval.metric) and self.model.task == "classification":
             out.append(f"eval.metric={self.eval.metric!r} scores generated text, which model.task='classification' "
                        "does not produce (it reports label accuracy as eval_accuracy); leave eval.metric at "

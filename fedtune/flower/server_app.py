@@ -12,7 +12,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedtune.config import FedtuneConfig, config_from_run_config
-from fedtune.errors import FedtuneError, RunInterrupted
+from fedtune.errors import ConfigError, FedtuneError, RunInterrupted
 from fedtune.flower.federation_size import (check_federation_size, count_simulated_nodes, is_simulation,
                                             with_federation_size)
 from fedtune.server import RunControl, run_federation
@@ -83,10 +83,16 @@ def server_config(grid: Grid, run_config: Mapping[str, Any]) -> FedtuneConfig:
     """The run's configuration; in a simulation, sized by (or checked against) its SuperNodes.
 
     Raises :class:`~fedtune.errors.ConfigError` before any model loads when the run sets
-    ``federation.num_clients`` to another number than Flower simulates.
+    ``federation.num_clients`` to another number than Flower simulates, or outside a simulation
+    asks for simulated attackers (``attack.kind``).
     """
     if not is_simulation(grid):
-        return config_from_run_config(run_config)
+        cfg = config_from_run_config(run_config)
+        if cfg.attack.kind != "none":
+            raise ConfigError([f"attack.kind={cfg.attack.kind!r} simulates hostile clients and runs only in a "
+                               "simulation (fedtune simulate, flwr run on a simulation federation); a deployment's "
+                               "clients are real: set attack.kind=none"])
+        return cfg
     nodes = count_simulated_nodes(grid)
     cfg = config_from_run_config(with_federation_size(run_config, nodes))
     check_federation_size(cfg.federation.num_clients, nodes)
