@@ -207,9 +207,12 @@ def checkpoint_to_resume(cfg: FedtuneConfig, run_dir: Path) -> Checkpoint | None
         log.warning("output.resume: %s holds no checkpoint (no round completed); starting at round 1", run_dir)
         return None
     problems = resume_problems(to_yaml(cfg), checkpoint)
-    if cfg.privacy.enabled:
-        problems.append("output.resume with privacy.enabled: the clients' privacy ledgers belong to the "
-                        "interrupted run, so ε would restart from 0; start a new run instead")
+    then = OmegaConf.create(checkpoint.config_yaml)
+    rounds_then = OmegaConf.select(then, "federation.num_rounds")
+    if cfg.privacy.enabled and cfg.privacy.target_epsilon is not None and rounds_then != cfg.federation.num_rounds:
+        problems.append(f"federation.num_rounds={cfg.federation.num_rounds} differs from the checkpointed run's "
+                        f"{rounds_then}, and privacy.target_epsilon={cfg.privacy.target_epsilon} calibrated the noise "
+                        "to that many rounds; resume with the original number of rounds")
     if problems:
         raise ConfigError(problems)
     log.info("resuming %s after round %d of %d", run_dir, checkpoint.round, cfg.federation.num_rounds)

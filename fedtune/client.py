@@ -20,6 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from fedtune import __version__, protocol
 from fedtune.attacks import attacked_reply, flipped_labels
+from fedtune.averaging.client_dp import client_dp_of, noised_update
 from fedtune.codec import tensor_digest
 from fedtune.config import AdapterConfig, FedtuneConfig, ModelConfig, to_yaml
 from fedtune.data import load_splits, num_labels, partition_dataset, resolve_prompt_format, split_train_eval
@@ -198,6 +199,11 @@ class ClientRuntime:
                 protocol.LORA_SCALING: adapter_cfg.alpha / adapter_cfg.rank,
                 **self.resource_metrics(partition_id, handle)}
 
+    @cached_property
+    def client_noise_multiplier(self) -> float:
+        """z of DP-FedAvg for ``noise_on: clients``: the configured one, or the server's calibration."""
+        return client_dp_of(self.cfg).noise_multiplier
+
     def routine(self, name: str) -> ClientRoutine:
         """The routine ``name`` (made once per runtime).
 
@@ -241,10 +247,14 @@ class ClientRuntime:
                              "model.quantization=none (node config or model.client_quantization)")
         job = self.job(partition_id, server_round, arrays, trainable, config, state)
         runner = self.routine(routine)
-        if self.cfg.privacy.enabled and not runner.supports_privacy:
+        if self.cfg.privacy.example_level and not runner.supports_privacy:
             raise ValueError(f"privacy.enabled=true but client routine {routine!r} does not apply DP-SGD; use a "
                              "method whose routine does, or set privacy.enabled=false")
         reply = runner.train(job)
+        privacy = self.cfg.privacy
+        if privacy.client_level and privacy.noise_on == "clients":  # DP-FedAvg with the noise added here
+            noised = noised_update(job.arrays, reply.arrays, privacy.clip_norm, self.client_noise_multiplier)
+            reply = dataclasses.replace(reply, arrays=noised)
         if self.cfg.attack.attacks(partition_id):  # a simulated attacker (refused outside simulations)
             seed = self.cfg.seed * 1_000_003 + server_round * 1_009 + partition_id
             reply = dataclasses.replace(reply, arrays=attacked_reply(self.cfg.attack, job.arrays, reply.arrays, seed))

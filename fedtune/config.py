@@ -41,6 +41,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 # fedtune.privacy.ACCOUNTANTS (not imported here: it loads torch and dp_accounting); a test keeps them equal.
 PRIVACY_ACCOUNTANTS = ("pld", "rdp")
+PRIVACY_LEVELS = ("example", "client")
+PRIVACY_NOISE_ON = ("server", "clients")
 PARTITION_METHODS = ("iid", "dirichlet", "pathological", "size-skew")
 DATA_FORMATS = ("auto", "json", "jsonl", "csv", "tsv", "disk")
 PROMPT_FORMATS = ("auto", "chat", "alpaca", "plain")
@@ -463,6 +465,11 @@ class FederationConfig:
     # `ray start --head` prints); None starts a private Ray instance on this machine.
     ray_address: str | None = None
 
+    def clients_per_round(self, available: int | None = None) -> int:
+        """How many of ``available`` clients (default ``num_clients``) a round draws."""
+        n = self.num_clients if available is None else available
+        return min(n, max(int(n * self.fraction_train), min(self.min_train_clients, n)))
+
     def problems(self) -> list[str]:
         out = []
         if self.num_clients < 1:
@@ -500,25 +507,47 @@ class FederationConfig:
 
 @dataclass
 class PrivacyConfig:
-    """Example-level differential privacy on each client: DP-SGD on the trained tensors.
+    """Differential privacy: example-level DP-SGD on each client, or client-level DP-FedAvg.
 
-    Every example's gradient is clipped to ``clip_norm`` and Gaussian noise of standard
-    deviation ``noise_multiplier · clip_norm`` is added to each Poisson-sampled batch's sum.
-    Give ``noise_multiplier`` or ``target_epsilon`` (then σ is chosen so that the whole run,
-    every round's local steps, spends at most that ε at ``delta``). ``accountant`` turns
-    steps into ε (:mod:`fedtune.privacy`): ``pld`` (privacy loss distributions, tight) or
-    ``rdp`` (Rényi DP, Opacus' default analysis; a larger ε for the same noise).
+    ``level: example``: every example's gradient is clipped to ``clip_norm`` and Gaussian noise
+    of standard deviation ``noise_multiplier · clip_norm`` is added to each Poisson-sampled
+    batch's sum. ``level: client`` (McMahan et al. 2018): each client's whole update is clipped
+    to ``clip_norm`` and noise of that standard deviation is added to the round's sum, by the
+    server (``noise_on: server``) or by every client to its own update (``noise_on: clients``,
+    for a server that is not trusted) (:mod:`fedtune.averaging.client_dp`). Give
+    ``noise_multiplier`` or ``target_epsilon`` (then σ is chosen so that the whole run spends
+    at most that ε at ``delta``). ``accountant`` turns steps (or rounds) into ε
+    (:mod:`fedtune.privacy`): ``pld`` (privacy loss distributions, tight) or ``rdp`` (Rényi
+    DP, Opacus' default analysis; a larger ε for the same noise).
     """
 
     enabled: bool = False
+    level: str = "example"
+    noise_on: str = "server"
     clip_norm: float = 1.0
     noise_multiplier: float | None = None
     target_epsilon: float | None = None
     delta: float = 1e-5
     accountant: str = "pld"
 
+    @property
+    def example_level(self) -> bool:
+        """DP-SGD on each client (``level: example``)."""
+        return self.enabled and self.level == "example"
+
+    @property
+    def client_level(self) -> bool:
+        """DP-FedAvg over clients (``level: client``)."""
+        return self.enabled and self.level == "client"
+
     def problems(self) -> list[str]:
         out = []
+        if self.level not in PRIVACY_LEVELS:
+            out.append(f"privacy.level={self.level!r} must be one of {PRIVACY_LEVELS} (example: DP-SGD on each "
+                       "client's examples; client: DP-FedAvg, each client's whole update)")
+        if self.noise_on not in PRIVACY_NOISE_ON:
+            out.append(f"privacy.noise_on={self.noise_on!r} must be one of {PRIVACY_NOISE_ON} (server: a trusted "
+                       "server adds the noise to the sum; clients: each client noises its own update)")
         if self.accountant not in PRIVACY_ACCOUNTANTS:
             out.append(f"privacy.accountant={self.accountant!r} must be one of {', '.join(PRIVACY_ACCOUNTANTS)} "
                        "(pld: privacy loss distributions, the tighter; rdp: Renyi DP as in Opacus)")
@@ -662,7 +691,7 @@ class FedtuneConfig:
         if self.train.objective == "dpo" and self.model.task != "causal-lm":
             out.append(f"train.objective=dpo needs model.task=causal-lm (preference pairs of generated responses), "
                        f"not {self.model.task!r}")
-        if self.train.objective == "dpo" and self.privacy.enabled:
+        if self.train.objective == "dpo" and self.privacy.example_level:
             out.append("train.objective=dpo with privacy.enabled=true: DP-SGD's per-example gradients run the model "
                        "functionally, without the adapter switched off for the reference; use train.objective=sft "
                        "for private runs")

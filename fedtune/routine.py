@@ -159,7 +159,7 @@ class GradientRoutine(ClientRoutine):
         cfg = self.client.cfg
         train_ds, _ = self.client.splits(job.partition_id)
         seed = cfg.train.seed + 1000 * job.server_round + job.partition_id
-        if not cfg.privacy.enabled:
+        if not cfg.privacy.example_level:
             return train_adapter(handle, train_ds, cfg.train, seed, self.regularizer(job, handle),
                                  objective=self.client.objective), {}
         ledger = client_ledger(cfg, job.state.values, len(train_ds), full_batch_steps=self.full_batch_steps)

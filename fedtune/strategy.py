@@ -146,6 +146,10 @@ class Strategy(ABC):
         :meth:`average` (passing the previous value): ``strategy.robust`` and
         ``strategy.server_optimizer`` apply. ``averaging_reason`` says why not, for the
         start-up error.
+    ``supports_client_dp``
+        Everything a client sends goes through :meth:`average`, so clipping and noising it
+        there (``privacy.level: client``) protects the client's whole dataset;
+        ``client_dp_reason`` says why not.
 
     Hooks with a default: :meth:`configure_evaluation`, :meth:`load_global` (what the
     server's model holds), :meth:`export_adapter` (the saved adapter, when it is not
@@ -162,6 +166,8 @@ class Strategy(ABC):
     tunes_base_model: bool = False  # an instance attribute where an option decides it
     averages_updates: ClassVar[bool] = False
     averaging_reason: ClassVar[str] = ""
+    supports_client_dp: ClassVar[bool] = False
+    client_dp_reason: ClassVar[str] = ""
 
     def initialize(self, spec: AdapterSpec) -> None:
         """Receive the initial adapter before round 1. Called once, on the server."""
@@ -313,9 +319,20 @@ def strategy_problems(cfg: FedtuneConfig) -> list[str]:
     except ConfigError as e:
         return e.problems
     problems = strategy.config_problems(cfg)
-    if cfg.privacy.enabled and not strategy.supports_privacy:
+    if cfg.privacy.example_level and not strategy.supports_privacy:
         problems.append(f"privacy.enabled=true with strategy.name={cfg.strategy.name!r}: its client routine is "
                         "not DP-SGD; use a gradient-trained strategy such as fed-sb or fedit")
+    if cfg.privacy.client_level and not strategy.supports_client_dp:
+        able = sorted(n for n, c in registered_strategies().items() if c.supports_client_dp)
+        why = strategy.client_dp_reason or strategy.averaging_reason
+        reason = f" ({why})" if why else ""
+        problems.append(f"privacy.level=client with strategy.name={cfg.strategy.name!r}: DP-FedAvg clips and noises "
+                        f"each client's update where the server averages it, and not all that this method's "
+                        f"clients send is such an update{reason}; use one of {able}, or privacy.level=example")
+    if cfg.privacy.client_level and cfg.strategy.robust.rule != "mean":
+        problems.append(f"privacy.level=client with strategy.robust.rule={cfg.strategy.robust.rule!r}: DP-FedAvg's "
+                        "noise is calibrated to a sum of clipped updates; use strategy.robust.rule=mean (clipping "
+                        "already bounds what one client can do)")
     changed = cfg.strategy.averaging_changed()
     if changed and not strategy.averages_updates:
         able = sorted(n for n, c in registered_strategies().items() if c.averages_updates)
@@ -348,7 +365,7 @@ def krum_problems(cfg: FedtuneConfig) -> list[str]:
     robust, fed = cfg.strategy.robust, cfg.federation
     if robust.rule not in ("krum", "multi-krum"):
         return []
-    drawn = min(fed.num_clients, max(int(fed.num_clients * fed.fraction_train), fed.min_train_clients))
+    drawn = fed.clients_per_round()
     out = []
     if drawn < 2 * robust.byzantine + 3:
         out.append(f"strategy.robust.rule={robust.rule!r} with strategy.robust.byzantine={robust.byzantine} needs at "

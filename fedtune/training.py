@@ -111,6 +111,7 @@ def train_adapter_private(handle: AdapterHandle, train_ds: datasets.Dataset, cfg
         raise ValueError("no adapter tensor is trainable; the strategy's `trainable` patterns matched nothing")
     optimizer = torch.optim.AdamW(params.values(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # dropout, as in train_adapter: a rerun or a resumed round draws the same masks
     per_example_loss = model_loss_fn(handle.model)
     n = len(train_ds)
     steps = steps_per_round(cfg, n)

@@ -38,6 +38,7 @@ class FedIT(Strategy):
     name = "fedit"
     summary_line = "FedAvg of LoRA A and B separately (Zhang et al. 2024); inexact baseline"
     averages_updates = True
+    supports_client_dp = True
 
     def __init__(self, *, weighting: str = "examples") -> None:
         self.weighting = check_weighting(weighting)

@@ -75,6 +75,7 @@ class FFALoRA(Strategy):
     linear_lora_only = True
     summary_line = "frozen shared A, train and average B only (Sun et al. 2024); exact, half the upload"
     averages_updates = True
+    supports_client_dp = True
 
     def __init__(self, *, weighting: str = "examples") -> None:
         self.weighting = check_weighting(weighting)

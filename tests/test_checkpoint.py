@@ -188,12 +188,14 @@ def test_settings_added_since_a_checkpoint_ran_as_their_defaults(tmp_path: Path)
     assert checkpoint_to_resume(moved, tmp_path).round == 1
 
 
-def test_resume_refuses_private_runs(tmp_path: Path) -> None:
-    private = ["privacy.enabled=true", "privacy.noise_multiplier=1.0", "strategy.name=fedit"]
+def test_a_private_run_with_a_target_epsilon_resumes_only_with_its_number_of_rounds(tmp_path: Path) -> None:
+    private = ["privacy.enabled=true", "privacy.target_epsilon=4", "strategy.name=fedit", "federation.num_rounds=5"]
     cfg = load_config(None, [f"output.dir={tmp_path}", "output.resume=true", *private])
     save_checkpoint(tmp_path, checkpoint(1, cfg_yaml=to_yaml(cfg)))
-    with pytest.raises(ConfigError, match="privacy ledgers"):
-        checkpoint_to_resume(cfg, tmp_path)
+    assert checkpoint_to_resume(cfg, tmp_path).round == 1
+    longer = load_config(None, [f"output.dir={tmp_path}", "output.resume=true", *private, "federation.num_rounds=8"])
+    with pytest.raises(ConfigError, match="privacy.target_epsilon=4.0 calibrated the noise to that many rounds"):
+        checkpoint_to_resume(longer, tmp_path)
 
 
 def test_resume_needs_a_run_directory() -> None:

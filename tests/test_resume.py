@@ -175,3 +175,24 @@ def test_resume_refuses_a_different_configuration_before_loading_anything(uninte
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert "train.learning_rate=0.1 differs from the checkpointed run's 0.005" in proc.stderr
+
+
+@pytest.mark.parametrize("level", ["example", "client"])
+def test_a_private_run_resumes_with_its_privacy_ledger_exact(level: str, tiny_bert: str, tmp_path: Path) -> None:
+    """Round 1, then a resume for round 2, equals two rounds in one go: the weights bit for bit, and ε
+    (example-level: the clients' ledgers, kept on their disks; client-level: the server's, in the checkpoint)."""
+    from fedtune.config import load_config
+    from fedtune.simulation import simulate
+
+    private = ["privacy.enabled=true", f"privacy.level={level}", "privacy.noise_multiplier=1.0",
+               "privacy.clip_norm=0.5", "federation.client_cpus=1"]
+    epsilon = "dp_epsilon_max" if level == "example" else "dp_client_epsilon"
+    whole = simulate(load_config(None, [*tiny_overrides(tiny_bert, tmp_path / "whole", rounds=2), *private]))
+    part = tmp_path / "part"
+    simulate(load_config(None, [*tiny_overrides(tiny_bert, part, rounds=1), *private]))
+    simulate(load_config(None, [*tiny_overrides(tiny_bert, part, rounds=2), *private, "output.resume=true"]))
+    a, b = load_file(saved_weights(whole)), load_file(saved_weights(part))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    spent = [[row.get(epsilon) for row in read_rows(run)] for run in (whole, part)]
+    assert spent[0] == spent[1] and spent[0][2] > spent[0][1] > 0
+    assert results(read_rows(part)) == results(read_rows(whole))

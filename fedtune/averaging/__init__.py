@@ -3,12 +3,14 @@
 A strategy whose global state is an average of client tensors (FedIT's adapter, FFA-LoRA's B,
 Fed-SB's R, FedSA-LoRA's A) declares ``averages_updates = True`` and computes that average with
 :meth:`fedtune.strategy.Strategy.average`. Under the run's settings the framework makes that one
-call apply ``strategy.robust`` (median, trimmed mean, Krum: :mod:`fedtune.averaging.robust`) in
-place of the mean, then ``strategy.server_optimizer`` (FedAvgM, FedAdam, ...:
+call apply ``strategy.robust`` (median, trimmed mean, Krum: :mod:`fedtune.averaging.robust`) or
+client-level DP (``privacy.level: client``: :mod:`fedtune.averaging.client_dp`) in place of the
+mean, then ``strategy.server_optimizer`` (FedAvgM, FedAdam, ...:
 :mod:`fedtune.averaging.server_optimizers`) to the step from the previous global value. Outside a
 run (a unit test calling ``aggregate``) it is the plain weighted mean.
 
-This package imports only torch and :mod:`fedtune.errors`; it names no method.
+This package imports torch, :mod:`fedtune.errors`, :mod:`fedtune.privacy` (the ledger) and the
+config's vocabularies; it names no method.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 
 import torch
 
+from fedtune.averaging.client_dp import ClientLevelDP
 from fedtune.averaging.mean import Tensors, normalized_weights, weighted_average
 from fedtune.averaging.robust import ROBUST_RULES, RobustRule, factor_deviation
 from fedtune.averaging.server_optimizers import DEFAULT_LR, SERVER_OPTIMIZERS, ServerOptimizer
@@ -37,16 +40,19 @@ class Averaging:
     holds what the last call measured, for the run log.
     """
 
-    def __init__(self, rule: RobustRule | None = None, optimizer: ServerOptimizer | None = None) -> None:
+    def __init__(self, rule: RobustRule | None = None, optimizer: ServerOptimizer | None = None,
+                 dp: ClientLevelDP | None = None) -> None:
         self.rule = rule or RobustRule()
         self.optimizer = optimizer
+        self.dp = dp
+        self.server_round = 0
         self.client_ids: list[int] = []
         self.metrics: dict[str, float] = {}
         self.calls = 0
 
     @property
     def is_plain(self) -> bool:
-        return self.rule.name == "mean" and self.optimizer is None
+        return self.rule.name == "mean" and self.optimizer is None and self.dp is None
 
     def __call__(self, tensors: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float],
                  previous: Mapping[str, torch.Tensor] | None = None) -> Tensors:
@@ -54,7 +60,12 @@ class Averaging:
             raise AggregationError("Strategy.average was called twice in one aggregation under "
                                    "strategy.robust / strategy.server_optimizer; average every tensor in one call")
         self.calls += 1
-        combined, kept = self.rule.combine(tensors, weights)
+        if self.dp is not None:  # DP-FedAvg: clipped, noised, every client weighted alike
+            combined, measured = self.dp.combine(tensors, previous, self.server_round)
+            self.metrics.update(measured)
+            kept = list(range(len(tensors)))
+        else:
+            combined, kept = self.rule.combine(tensors, weights)
         if self.rule.name != "mean":
             self.metrics["robust_clients_kept"] = float(len(kept))
             left_out = [self.client_ids[i] if i < len(self.client_ids) else i
@@ -82,23 +93,28 @@ class Averaging:
                         "krum": {"robust_byzantine": self.rule.byzantine},
                         "multi-krum": {"robust_byzantine": self.rule.byzantine,
                                        "robust_select": self.rule.select}}.get(self.rule.name, {}))
+        out.update(self.dp.hyperparameters() if self.dp else {})
         return {**out, **(self.optimizer.hyperparameters() if self.optimizer else {})}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizer": self.optimizer.state_dict()} if self.optimizer else {}
+        out: dict[str, Any] = {"optimizer": self.optimizer.state_dict()} if self.optimizer else {}
+        return {**out, "client_dp": self.dp.state_dict()} if self.dp else out
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if self.optimizer is not None and state.get("optimizer"):
             self.optimizer.load_state_dict(state["optimizer"])
+        if self.dp is not None and state.get("client_dp"):
+            self.dp.load_state_dict(state["client_dp"])
 
 
 _ACTIVE: ContextVar[Averaging | None] = ContextVar("fedtune_averaging", default=None)
 
 
 @contextmanager
-def averaging_in_effect(averaging: Averaging, client_ids: Sequence[int] = ()) -> Iterator[Averaging]:
-    """Make :func:`average` use ``averaging`` inside the block (one aggregation)."""
+def averaging_in_effect(averaging: Averaging, client_ids: Sequence[int] = (), server_round: int = 0) -> Iterator[Averaging]:
+    """Make :func:`average` use ``averaging`` inside the block (one aggregation, of ``server_round``)."""
     averaging.client_ids, averaging.metrics, averaging.calls = list(client_ids), {}, 0
+    averaging.server_round = server_round
     token = _ACTIVE.set(averaging)
     try:
         yield averaging
@@ -126,11 +142,12 @@ def average(tensors: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[flo
 
 def build_averaging(rule: str = "mean", trim: float = 0.1, byzantine: int = 1, select: int | None = None,
                     optimizer: str = "none", lr: float | None = None, momentum: float = 0.9, beta2: float = 0.99,
-                    tau: float = 1e-3) -> Averaging:
-    """The :class:`Averaging` that ``strategy.robust`` and ``strategy.server_optimizer`` describe."""
+                    tau: float = 1e-3, dp: ClientLevelDP | None = None) -> Averaging:
+    """The :class:`Averaging` that ``strategy.robust``, ``strategy.server_optimizer`` and client-level
+    ``privacy`` describe."""
     return Averaging(RobustRule(rule, trim, byzantine, select),
-                     None if optimizer == "none" else ServerOptimizer(optimizer, lr, momentum, beta2, tau))
+                     None if optimizer == "none" else ServerOptimizer(optimizer, lr, momentum, beta2, tau), dp)
 
 
-__all__ = ["DEFAULT_LR", "ROBUST_RULES", "SERVER_OPTIMIZERS", "Averaging", "RobustRule", "ServerOptimizer",
+__all__ = ["DEFAULT_LR", "ROBUST_RULES", "SERVER_OPTIMIZERS", "Averaging", "ClientLevelDP", "RobustRule", "ServerOptimizer",
            "average", "averaging_in_effect", "build_averaging", "normalized_weights", "weighted_average"]

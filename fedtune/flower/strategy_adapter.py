@@ -26,6 +26,7 @@ from flwr.serverapp.strategy.result import Result
 
 from fedtune import protocol
 from fedtune.averaging import Averaging, averaging_in_effect, build_averaging
+from fedtune.averaging.client_dp import client_dp_of
 from fedtune.codec import record_to_tensors, tensors_to_record, wire_bytes
 from fedtune.config import FedtuneConfig
 from fedtune.errors import AggregationError, ClientAppError, InvalidUpdateError, RunInterrupted
@@ -295,7 +296,7 @@ class FlowerStrategy(FlwrStrategy):
             return None, None
         start = time.perf_counter()
         partitions = [int(u.metrics.get(protocol.PARTITION_ID, u.client_id)) for u in updates]
-        with averaging_in_effect(self.averaging, partitions):
+        with averaging_in_effect(self.averaging, partitions, server_round):
             strategy_metrics = self.strategy.aggregate(server_round, updates)
         strategy_metrics = {**strategy_metrics, **self.averaging.metrics}
         aggregation_seconds = time.perf_counter() - start
@@ -386,10 +387,11 @@ class FlowerStrategy(FlwrStrategy):
 
 
 def averaging_of(cfg: FedtuneConfig) -> Averaging:
-    """The run's :class:`~fedtune.averaging.Averaging` (``strategy.robust``, ``strategy.server_optimizer``)."""
+    """The run's :class:`~fedtune.averaging.Averaging` (``strategy.robust``, ``strategy.server_optimizer``,
+    client-level ``privacy``)."""
     robust, opt = cfg.strategy.robust, cfg.strategy.server_optimizer
     return build_averaging(robust.rule, robust.trim, robust.byzantine, robust.select,
-                           opt.name, opt.lr, opt.momentum, opt.beta2, opt.tau)
+                           opt.name, opt.lr, opt.momentum, opt.beta2, opt.tau, dp=client_dp_of(cfg))
 
 
 def update_norm(reply: Mapping[str, torch.Tensor], sent: Mapping[str, torch.Tensor]) -> float:

@@ -86,7 +86,7 @@ class LoraSBInitRoutine(ClientRoutine):
         seed = cfg.train.seed * 1_000_003 + job.partition_id
         privacy: dict = {}
         ledger = None
-        if cfg.privacy.enabled:
+        if cfg.privacy.example_level:
             values = job.state.values
             ledger = client_ledger(cfg, values, len(train_ds), full_batch_steps=LoraSBRoutine.full_batch_steps)
             privacy = {"clip_norm": cfg.privacy.clip_norm, "noise_multiplier": ledger.noise_multiplier,

@@ -270,6 +270,8 @@ class FedSB(Strategy):
                              "bitsandbytes 4-bit or 8-bit layer does not provide")
     summary_line = "frozen B, A from the first-update SVD; train and average r×r R only (Singhal et al. 2025); exact"
     averages_updates = True
+    client_dp_reason = ("its initialisation rounds send sketches of each client's first updates, which "
+                        "client-level clipping and noise do not cover; its private variant is example-level")
 
     def __init__(self, *, weighting: str = "examples", init_upload: str = "sketch", init_passes: int = 2,
                  init_samples: int = 64, init_estimator: str = "adam", init_learning_rate: float | None = None,

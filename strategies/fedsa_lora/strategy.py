@@ -51,6 +51,7 @@ class FedSALoRA(Strategy):
     name = "fedsa-lora"
     summary_line = "average A, keep each client's B personal (Guo et al. 2025); personal eval per client"
     averages_updates = True
+    client_dp_reason = "its personal B are trained on each client's data and, with upload_b, sent unnoised"
 
     def __init__(self, *, weighting: str = "examples", upload_b: bool = True) -> None:
         self.weighting = check_weighting(weighting)
