@@ -7,7 +7,9 @@ Run it by naming the class in the config, no registration needed::
 (or ``strategy.name=mypkg.mymodule:MedianLoRA`` when the module is importable).
 
 The median (Yin et al., ICML 2018, "Byzantine-Robust Distributed Learning") ignores a
-minority of arbitrarily bad clients, where the mean is pulled by every one of them.
+minority of arbitrarily bad clients, where the mean is pulled by every one of them. This file
+shows how a strategy is written; for the median itself, any averaging strategy takes
+``strategy.robust.rule=median`` (:mod:`fedtune.averaging.robust`).
 """
 
 from __future__ import annotations
