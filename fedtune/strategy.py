@@ -188,9 +188,9 @@ class Strategy(ABC):
     def average(self, tensors: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float],
                 previous: Mapping[str, torch.Tensor] | None = None) -> Tensors:
         """The clients' ``tensors`` combined as the run says: the weighted mean, a robust rule
-        (``strategy.robust``), then a server optimizer's step from ``previous``
-        (``strategy.server_optimizer``). Call it once per aggregation with every averaged tensor;
-        see :func:`fedtune.averaging.average`."""
+        (``strategy.robust``) or DP-FedAvg (``privacy.level: client``), then a server optimizer's
+        step from ``previous`` (``strategy.server_optimizer``). Call it once per aggregation with
+        every averaged tensor; see :func:`fedtune.averaging.average`."""
         return average(tensors, weights, previous)
 
     def configure_evaluation(self, server_round: int, client_id: int) -> ClientInstruction:
