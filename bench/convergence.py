@@ -99,6 +99,10 @@ VARIANTS: dict[str, list[str]] = {
     # the official code (adapter.alpha_per_rank, s_k = α / adapter.rank = 2 for every client).
     "flora-ranks": ["strategy.name=flora", "adapter.client_ranks=[4,8,16]"],
     "flora-ranks-per-rank": ["strategy.name=flora", "adapter.client_ranks=[4,8,16]", "adapter.alpha_per_rank=true"],
+    # FedIT under a server optimizer (fedtune/averaging/server_optimizers.py), each at its default η.
+    "fedit-fedavgm": ["strategy.server_optimizer.name=fedavgm"],
+    "fedit-fedadam": ["strategy.server_optimizer.name=fedadam"],
+    "fedit-fedyogi": ["strategy.server_optimizer.name=fedyogi"],
 }
 ROW_OVERRIDES = {**STRATEGY_OVERRIDES, **VARIANTS}
 
