@@ -127,6 +127,20 @@ def test_a_strategy_state_goes_through_the_safe_load(make, tmp_path: Path) -> No
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_fedkseeds_history_after_a_round_goes_through_the_safe_load(tmp_path: Path) -> None:
+    from tests.strategies.test_fedkseed import reply, strategy
+
+    original = strategy()
+    pool = original.pool
+    original.aggregate(1, [reply(0, [(pool[0], 1.0), (pool[1], 2.0)], 1, 0), reply(1, [(pool[2], 4.0)], 3, 0)])
+    assert original.history
+    save_checkpoint(tmp_path, checkpoint(1, state=original.state_dict()))
+    restored = strategy()
+    restored.load_state_dict(load_checkpoint(tmp_path).strategy_state)
+    assert restored.history == original.history and type(restored.history[0]) is type(original.history[0])
+    assert original.configure_client(2, 7).config == restored.configure_client(2, 7).config
+
+
 def test_the_state_is_a_copy_not_a_view() -> None:
     strategy = FedIT()
     strategy.initialize(spec())

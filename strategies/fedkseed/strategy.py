@@ -31,7 +31,7 @@ import bisect
 import dataclasses
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -327,6 +327,16 @@ class FedKSeed(Strategy):
         for name, master in self._masters.items():
             result[name] = master.to(self._initial[name].dtype) if name in self._initial else master.clone()
         return result
+
+    def state_dict(self) -> dict[str, Any]:
+        """The attributes, the history as plain ``(round, seed, scalar)`` tuples (what a safe checkpoint holds)."""
+        state = super().state_dict()
+        state["history"] = [tuple(entry) for entry in self.history]
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.history = [HistoryEntry(*entry) for entry in self.history]
 
     def hyperparameters(self) -> dict[str, object]:
         return {"k": self.k, "eps": self.eps, "lr": self.lr, "steps": self.steps, "pro": self.pro,
