@@ -56,9 +56,10 @@ class Averaging:
 
     def __call__(self, tensors: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float],
                  previous: Mapping[str, torch.Tensor] | None = None) -> Tensors:
-        if self.calls:
+        if self.calls and not self.is_plain:  # a second call would step the optimizer or the ledger twice
             raise AggregationError("Strategy.average was called twice in one aggregation under "
-                                   "strategy.robust / strategy.server_optimizer; average every tensor in one call")
+                                   "strategy.robust, strategy.server_optimizer or client-level privacy; average every "
+                                   "tensor in one call")
         self.calls += 1
         if self.dp is not None:  # DP-FedAvg: clipped, noised, every client weighted alike
             combined, measured = self.dp.combine(tensors, previous, self.server_round)
