@@ -50,7 +50,7 @@ def row_overrides(row: str, clip: float) -> list[str]:
 def run_row(row: str, args: argparse.Namespace, tmp: Path) -> dict:
     from fedtune.averaging.client_dp import client_dp_of
     from fedtune.config import load_config
-    from fedtune.simulation import simulate
+    from fedtune.flower.simulation import simulate
 
     run_dir = tmp / row
     cfg = load_config(ROOT / "simulations/fedit_agnews.yaml", [
@@ -85,7 +85,7 @@ def main(argv: list[str]) -> int:
         print(f"skipped: {SHARED / 'agnews'} absent (see ../shared/data/SOURCES.md)")
         return 0
     sys.path.insert(0, str(ROOT))
-    from fedtune.quiet import quiet_libraries
+    from fedtune.reporting.quiet import quiet_libraries
 
     quiet_libraries()
     setting = {"clients": args.clients, "sampled": args.sampled, "rounds": args.rounds, "clip": args.clip}

@@ -7,11 +7,11 @@ Both sides train SmolLM2-135M-Instruct (``builtin:``, from PyPI) with rank-8 LoR
 ``q_proj``/``v_proj``, AdamW at 2e-3, gradient clipping at 1.0, on the Alpaca instruction set in
 ``../shared/data/instructions`` rendered with the chat template (the loss on the response tokens):
 
-* ``fedtune``: :func:`fedtune.training.train_adapter` on the model :func:`fedtune.models.get_adapter`
+* ``fedtune``: :func:`fedtune.client.training.train_adapter` on the model :func:`fedtune.models.loading.get_adapter`
   loads, as a client runs it for one round of ``--steps`` steps;
 * ``plain``: the model built with ``AutoModelForCausalLM.from_pretrained`` and ``get_peft_model``,
   and a bare loop (forward, backward, clip, ``AdamW.step``, ``zero_grad``) over the very batches
-  ``train_adapter`` draws (:func:`fedtune.training.batches` with the same seed).
+  ``train_adapter`` draws (:func:`fedtune.client.training.batches` with the same seed).
 
 Each repeat runs one round of each, alternating (fedtune, plain, fedtune, plain, ...), after one
 warm-up round of two steps each, so that a slower period of the machine falls on both. Tokens
@@ -47,12 +47,12 @@ def main(argv: list[str]) -> int:
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from fedtune.client.training import batches, train_adapter
     from fedtune.config import load_config
     from fedtune.data import load_splits, tokenize
     from fedtune.data.prompts import with_resolved_prompt_format
-    from fedtune.models import get_adapter, lora_config, resolve_model_path
-    from fedtune.quiet import quiet_libraries
-    from fedtune.training import batches, train_adapter
+    from fedtune.models.loading import get_adapter, lora_config, resolve_model_path
+    from fedtune.reporting.quiet import quiet_libraries
 
     quiet_libraries()
     torch.set_num_threads(args.threads)

@@ -49,7 +49,7 @@ writes ``convergence_quick.json``: 3 clients, 2 rounds of 3 steps of 8 examples,
 examples, 35-50 s a row on 2 shared cores), and a rerun skips rows already there with the same
 schedule; ``--fresh`` starts over. A rerun that names only finished rows just prints the tables.
 PNG curves (accuracy against round and against cumulative bytes, drawn by
-:func:`fedtune.plots.comparison_figure`) are written beside the JSON.
+:func:`fedtune.reporting.plots.comparison_figure`) are written beside the JSON.
 """
 
 from __future__ import annotations
@@ -166,7 +166,7 @@ def load(dataset: str, setting: Setting, extra: list[str], out_dir: Path):
 
 def run_strategy(dataset: str, name: str, setting: Setting, quick: bool, tmp: Path) -> dict:
     """One fedtune simulation; its curve from metrics.jsonl."""
-    from fedtune.simulation import simulate
+    from fedtune.flower.simulation import simulate
 
     cfg, overrides = load(dataset, setting, strategy_overrides(name, setting, quick), tmp / f"{dataset}-{name}")
     run_dir = simulate(cfg)
@@ -193,10 +193,10 @@ def run_centralized(dataset: str, setting: Setting, tmp: Path) -> dict:
     """LoRA on the pooled data, as many examples per round as a federated round, fedtune's trainer."""
     import torch
 
+    from fedtune.client.training import evaluate, train_adapter
     from fedtune.data import load_splits, num_labels
     from fedtune.data.prompts import with_resolved_prompt_format
-    from fedtune.models import get_adapter
-    from fedtune.training import evaluate, train_adapter
+    from fedtune.models.loading import get_adapter
 
     cfg, overrides = load(dataset, setting, [], tmp / f"{dataset}-centralized")
     cfg = with_resolved_prompt_format(cfg)
@@ -266,7 +266,7 @@ def plain_model(cfg, num_labels: int):
     from peft import get_peft_model
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from fedtune.models import lora_config, resolve_model_path
+    from fedtune.models.loading import lora_config, resolve_model_path
 
     path = resolve_model_path(cfg.model.name)
     torch.manual_seed(cfg.seed)
@@ -389,7 +389,7 @@ def print_table(dataset: str, rows: dict[str, dict]) -> None:
 
 def plot(dataset: str, rows: dict[str, dict], path: Path) -> None:
     """Accuracy against round and against cumulative bytes, one line per row (fedtune's comparison figure)."""
-    from fedtune.plots import comparison_figure
+    from fedtune.reporting.plots import comparison_figure
 
     def as_metrics(curve: list[dict]) -> list[dict]:
         sent = [0] + [p["bytes"] for p in curve]
@@ -461,7 +461,7 @@ def main(argv: list[str]) -> int:
         print(f"skipped: {', '.join(str(SHARED / d) for d in missing)} absent (see ../shared/data/SOURCES.md)")
         return 0
     sys.path.insert(0, str(ROOT))
-    from fedtune.quiet import quiet_libraries
+    from fedtune.reporting.quiet import quiet_libraries
 
     quiet_libraries()
     path = RESULTS / ("convergence_quick.json" if args.quick else "convergence.json")

@@ -3,7 +3,7 @@
     python bench/dp_accountants.py [--config simulations/fed_sb_private_agnews.yaml] [--examples N]
                                    [--epsilons 1 2 8] [key=value ...]
 
-Calibrates σ the way a client does (:func:`fedtune.ledger.client_ledger`: every round's
+Calibrates σ the way a client does (:func:`fedtune.client.ledger.client_ledger`: every round's
 local steps at q = batch_size / examples, plus Fed-SB's one full-batch initialisation step)
 for each target ε, once with ``privacy.accountant=rdp`` and once with ``pld``, and prints
 both σ, their ratio, and the ε that PLD certifies for the σ RDP asks for. ``examples`` is a
@@ -19,13 +19,13 @@ import sys
 import time
 
 import pandas as pd
+from fedtune.strategies.fed_sb.routine import LoraSBRoutine
 
+from fedtune.client.ledger import client_ledger
+from fedtune.client.training import steps_per_round
 from fedtune.config import load_config
 from fedtune.errors import ConfigError
-from fedtune.ledger import client_ledger
 from fedtune.privacy import epsilon_for
-from fedtune.strategies.fed_sb.routine import LoraSBRoutine
-from fedtune.training import steps_per_round
 
 
 def mean_client_examples(cfg) -> int:

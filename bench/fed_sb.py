@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lora_strategies import SHARED, print_table, run_all  # noqa: E402
+from lora_strategies import SHARED, print_table, run_all
 
 INIT_ROUNDS = 2
 

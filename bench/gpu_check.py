@@ -33,8 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from fedtune.config import load_config
-from fedtune.runlog import ADAPTER_DIR, METRICS_FILE
-from fedtune.simulation import simulate
+from fedtune.flower.simulation import simulate
+from fedtune.reporting.runlog import ADAPTER_DIR, METRICS_FILE
 
 DATA = ROOT.parent / "shared" / "data" / "instructions" / "instruction-data.json"
 

@@ -62,7 +62,7 @@ includes starting the simulation).
 Resumable: each finished row goes into ``bench/results/llm.json`` at once (``--quick``:
 ``llm_quick.json``, 2 rounds of 2 clients × 2 steps of 4 examples, 8 prompts), and a rerun skips
 rows already there with the same schedule; ``--fresh`` starts over. PNG curves
-(``fedtune.plots.comparison_figure``) are written beside the JSON.
+(``fedtune.reporting.plots.comparison_figure``) are written beside the JSON.
 """
 
 from __future__ import annotations
@@ -288,7 +288,7 @@ def run_strategy(task: str, name: str, setting: Setting, quick: bool, data: list
                  final_examples: int | None = None) -> dict:
     """One fedtune simulation; its curve from metrics.jsonl (and its final adapter scored on
     ``final_examples`` test records, when given)."""
-    from fedtune.simulation import simulate
+    from fedtune.flower.simulation import simulate
 
     extra = strategy_overrides(task, name, setting, quick) + (["output.save_adapter=true"] if final_examples else [])
     cfg, overrides = load(task, setting, extra, data, tmp / f"{task}-{name}")
@@ -317,10 +317,10 @@ def setup_model(task: str, setting: Setting, data: list[str], out_dir: Path):
     """fedtune's own pieces, as the server uses them: config, adapter handle, raw and tokenized splits."""
     import torch
 
+    from fedtune.client.objectives import objective_of
     from fedtune.data import load_splits
     from fedtune.data.prompts import with_resolved_prompt_format
-    from fedtune.models import get_adapter
-    from fedtune.objectives import objective_of
+    from fedtune.models.loading import get_adapter
 
     cfg, overrides = load(task, setting, [], data, out_dir)
     cfg = with_resolved_prompt_format(cfg)
@@ -357,9 +357,9 @@ def first_and_last_samples(samples: list[dict], n: int = 3) -> list[dict]:
 def evaluation(handle, test_tok, test_raw, cfg) -> dict:
     """Score, eval loss (and DPO's margin) of the model in ``handle`` on the central test set, as the server
     computes them: DPO's preference accuracy, or the generative metric."""
-    from fedtune.generation import evaluate_generation_on
-    from fedtune.objectives import objective_of
-    from fedtune.training import evaluate
+    from fedtune.client.objectives import objective_of
+    from fedtune.client.training import evaluate
+    from fedtune.evaluation.generation import evaluate_generation_on
 
     scores = evaluate(handle, test_tok, cfg.train.eval_batch_size, objective=objective_of(cfg.train))
     generated = evaluate_generation_on(handle, test_raw, cfg.eval, cfg.data).score
@@ -371,7 +371,7 @@ def evaluation(handle, test_tok, test_raw, cfg) -> dict:
 
 def run_centralized(task: str, setting: Setting, data: list[str], tmp: Path) -> dict:
     """LoRA on the pooled data with fedtune's trainer; per round as many steps as a federated round in all."""
-    from fedtune.training import train_adapter
+    from fedtune.client.training import train_adapter
 
     cfg, overrides, objective, handle, pool, test, tok = setup_model(task, setting, data, tmp / f"{task}-centralized")
     handle.set_trainable([".*"])
@@ -391,15 +391,15 @@ def run_plain(task: str, setting: Setting, data: list[str], tmp: Path) -> dict:
     """FedAvg of LoRA with transformers, PEFT and torch only, on fedtune's partitions."""
     import numpy as np
     import torch
+    from convergence import plain_local_train, weighted_mean
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from convergence import plain_local_train, weighted_mean
     from fedtune.data import load_splits, partition_dataset, tokenize
     from fedtune.data.prompts import with_resolved_prompt_format
-    from fedtune.generation import eval_prompts, generate
-    from fedtune.metrics import build_metric
-    from fedtune.models import lora_config, resolve_model_path
+    from fedtune.evaluation.generation import eval_prompts, generate
+    from fedtune.evaluation.metrics import build_metric
+    from fedtune.models.loading import lora_config, resolve_model_path
 
     cfg, overrides = load(task, setting, [], data, tmp / f"{task}-plain")
     cfg = with_resolved_prompt_format(cfg)
@@ -540,7 +540,7 @@ def print_rounds(rows: dict[str, dict]) -> None:
 
 
 def plot(task: str, rows: dict[str, dict], path: Path, metric: str) -> None:
-    from fedtune.plots import comparison_figure
+    from fedtune.reporting.plots import comparison_figure
 
     def as_metrics(curve: list[dict]) -> list[dict]:
         return [{"round": p["round"], metric: p["score"], "eval_loss": p["loss"], "bytes_up": p["bytes_up"],
@@ -594,7 +594,8 @@ def main(argv: list[str]) -> int:
         return 0
     sys.path.insert(0, str(ROOT))
     from convergence import load_results, save_results
-    from fedtune.quiet import quiet_libraries
+
+    from fedtune.reporting.quiet import quiet_libraries
 
     quiet_libraries()
     path = RESULTS / ("llm_quick.json" if args.quick else "llm.json")

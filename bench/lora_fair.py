@@ -26,8 +26,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout, for tests/ (and fedtune uninstalled)
 
-from fedtune.strategies.lora_fair import IdealProjection, residual_correction  # noqa: E402
-from tests.strategies.dense_reference import dense_residual_correction  # noqa: E402  (the former implementation)
+from fedtune.strategies.lora_fair import IdealProjection, residual_correction
+
+from tests.strategies.dense_reference import dense_residual_correction
 
 LAM, STEPS, LR = 0.01, 50, 0.05
 

@@ -63,8 +63,8 @@ def run_all(runs: list[tuple[str, str, list[str]]], overrides: list[str],
     """Simulate each (label, config, extra overrides) in turn and summarise its metrics."""
     sys.path.insert(0, str(ROOT))
     from fedtune.config import load_config
-    from fedtune.quiet import quiet_libraries
-    from fedtune.simulation import simulate
+    from fedtune.flower.simulation import simulate
+    from fedtune.reporting.quiet import quiet_libraries
 
     quiet_libraries()
     results = []

@@ -103,8 +103,8 @@ def main(argv: list[str]) -> int:
         return 0
     sys.path.insert(0, str(ROOT))
     from fedtune.config import load_config
-    from fedtune.quiet import quiet_libraries
-    from fedtune.simulation import simulate
+    from fedtune.flower.simulation import simulate
+    from fedtune.reporting.quiet import quiet_libraries
 
     quiet_libraries()
     with tempfile.TemporaryDirectory() as tmp:

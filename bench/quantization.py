@@ -14,7 +14,7 @@ Measured in the client (training) process, as the clients report it (``client_re
 * peak RSS: ``getrusage`` ``ru_maxrss`` of the Ray worker that trains every virtual client,
   after the last round (the process loads its base from the pre-quantized copy);
 * base weights: bytes of every base parameter and buffer, packed 4/8-bit storage and
-  quantization state included (``fedtune.quantization.weight_bytes``);
+  quantization state included (``fedtune.models.quantization.weight_bytes``);
 * s/step: mean seconds per optimizer step over every client and round.
 
 Also measured: the peak RSS of the one-off process that quantizes the full-precision
@@ -58,8 +58,8 @@ def overrides(args: argparse.Namespace, setting: str, work: Path) -> list[str]:
 def build(args: argparse.Namespace, setting: str, work: Path) -> dict:
     """Quantize the full-precision checkpoint once (in this process) and report the peak RSS."""
     from fedtune.config import load_config
-    from fedtune.models import load_base_model
-    from fedtune.quantization import peak_rss_bytes
+    from fedtune.models.loading import load_base_model
+    from fedtune.models.quantization import peak_rss_bytes
 
     cfg = load_config(None, overrides(args, setting, work))
     load_base_model(cfg.model.for_client(0), None, cfg.seed)
@@ -70,11 +70,11 @@ def run(args: argparse.Namespace, setting: str, work: Path) -> dict:
     """The federation, then the final adapter evaluated on the clients' own base."""
     from safetensors.torch import load_file
 
+    from fedtune.client.training import evaluate
     from fedtune.config import load_config
     from fedtune.data import load_splits, resolve_prompt_format, tokenize
-    from fedtune.models import get_adapter
-    from fedtune.simulation import simulate
-    from fedtune.training import evaluate
+    from fedtune.flower.simulation import simulate
+    from fedtune.models.loading import get_adapter
 
     cfg = load_config(None, overrides(args, setting, work))
     run_dir = simulate(cfg)
@@ -106,7 +106,7 @@ def child(args: argparse.Namespace) -> int:
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from fedtune.quiet import quiet_libraries
+    from fedtune.reporting.quiet import quiet_libraries
 
     quiet_libraries()
     torch.set_num_threads(1)  # the server's evaluation, like the clients' train.threads=1
@@ -165,8 +165,8 @@ def main(argv: list[str]) -> int:
         print(f"skipped: {INSTRUCTIONS} is absent (see ../shared/data/SOURCES.md)")
         return 0
     sys.path.insert(0, str(ROOT))
-    from fedtune.cache import cache_dir
-    from fedtune.models import resolve_model_path
+    from fedtune.models.cache import cache_dir
+    from fedtune.models.loading import resolve_model_path
 
     resolve_model_path("builtin:SmolLM2-135M-Instruct")  # converts the packaged GGUF once, if needed
     results: dict[str, dict] = {}

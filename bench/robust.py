@@ -6,7 +6,7 @@
 The schedule is bench/convergence.py's AG News one (all-MiniLM-L6-v2, rank-8 LoRA, 10 clients
 split by Dirichlet(α = 0.5) over labels, every client every round, 4 local steps of 16, learning
 rate 5e-3, 2,000 training and 300 test examples), with ``attack.*`` making some clients hostile
-(:mod:`fedtune.attacks`; simulation only). Attack rows (``ATTACKS``), ``KIND-N`` with N attackers:
+(:mod:`fedtune.client.attacks`; simulation only). Attack rows (``ATTACKS``), ``KIND-N`` with N attackers:
 
 * ``none``: every client honest;
 * ``sign-flip-N``: the attackers send −Δ (their update reversed), ``sign-flip4-N`` −4·Δ;
@@ -37,7 +37,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from convergence import SHARED, Setting, load, load_results, save_results  # noqa: E402
+from convergence import SHARED, Setting, load, load_results, save_results
 
 RESULTS = ROOT / "bench" / "results"
 CLIENTS = 10
@@ -74,7 +74,7 @@ def example_shares(setting: Setting) -> list[float]:
 
 
 def run_row(attack: str, defence: str, setting: Setting, tmp: Path) -> dict:
-    from fedtune.simulation import simulate
+    from fedtune.flower.simulation import simulate
 
     extra = [*attack_overrides(attack), *DEFENCES[defence]]
     cfg, overrides = load("agnews", setting, extra, tmp / f"{attack}-{defence}")
@@ -153,7 +153,7 @@ def main(argv: list[str]) -> int:
         print(f"skipped: {SHARED / 'agnews'} absent (see ../shared/data/SOURCES.md)")
         return 0
     sys.path.insert(0, str(ROOT))
-    from fedtune.quiet import quiet_libraries
+    from fedtune.reporting.quiet import quiet_libraries
 
     quiet_libraries()
     if args.quick:

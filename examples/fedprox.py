@@ -17,10 +17,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-
-from fedtune.models import AdapterHandle
-from fedtune.routine import ClientJob, GradientRoutine, register_routine
 from fedtune.strategies.fedit import FedIT
+
+from fedtune.models.loading import AdapterHandle
+from fedtune.routine import ClientJob, GradientRoutine, register_routine
 from fedtune.strategy import ClientInstruction
 
 ROUTINE = "fedprox"

@@ -17,14 +17,14 @@ def _split_config_and_overrides(items: Sequence[str]) -> tuple[str | None, list[
 
 
 def _run(cfg: object, verbose: bool) -> int:
-    """Simulate ``cfg``; Ctrl-C stops it (exit 130) as :mod:`fedtune.interrupt` describes."""
-    from fedtune.quiet import quiet_libraries
+    """Simulate ``cfg``; Ctrl-C stops it (exit 130) as :mod:`fedtune.server.interrupt` describes."""
+    from fedtune.reporting.quiet import quiet_libraries
 
     quiet_libraries()  # only now: a config that fails its checks is reported without loading the stack
     from fedtune.errors import RunInterrupted
-    from fedtune.interrupt import EXIT_CODE, report_interrupted, stop_on_interrupt
-    from fedtune.server import RunControl
-    from fedtune.simulation import simulate
+    from fedtune.flower.simulation import simulate
+    from fedtune.server.interrupt import EXIT_CODE, report_interrupted, stop_on_interrupt
+    from fedtune.server.run import RunControl
 
     control = RunControl()
     try:
@@ -48,7 +48,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from fedtune.config import load_config
-    from fedtune.runlog import CONFIG_FILE
+    from fedtune.reporting.runlog import CONFIG_FILE
 
     run_dir = Path(args.run_dir)
     if not (run_dir / CONFIG_FILE).is_file():
@@ -66,8 +66,8 @@ def cmd_strategies(args: argparse.Namespace) -> int:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from fedtune.compare import read_runs
-    from fedtune.plots import plot_comparison, plot_run
+    from fedtune.reporting.compare import read_runs
+    from fedtune.reporting.plots import plot_comparison, plot_run
 
     read_runs(args.run_dirs)  # every directory without metrics.jsonl is named before anything is drawn
     for run_dir in args.run_dirs:
@@ -81,7 +81,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def cmd_compare(args: argparse.Namespace) -> int:
     import json
 
-    from fedtune.compare import format_table, summarize_runs
+    from fedtune.reporting.compare import format_table, summarize_runs
 
     summaries = summarize_runs(args.run_dirs)
     if args.json:
@@ -146,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = build_parser().parse_args(argv)
     verbose = getattr(args, "verbose", False)
-    from fedtune.quiet import quiet_notices
+    from fedtune.reporting.quiet import quiet_notices
 
     quiet_notices()
     try:

@@ -1,4 +1,15 @@
-"""Names of the records and keys that travel between server and clients, in one place."""
+"""The wire format's names: the records and keys that travel between server and clients, in one place.
+
+With :func:`tensor_digest` (how a client proves it holds the server's frozen tensors). How
+tensors become Flower records is :mod:`fedtune.flower.codec`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+
+import torch
 
 # RecordDict keys
 ARRAYS = "arrays"
@@ -9,11 +20,11 @@ METRICS = "metrics"
 SERVER_ROUND = "server-round"
 ROUTINE = "fedtune.routine"  # the client routine to run (fedtune.routine)
 DEFAULT_ROUTINE = "gradient"
-# The run's id, the same across resumes: clients keep their own state under it (fedtune.client_state).
+# The run's id, the same across resumes: clients keep their own state under it (fedtune.client.state).
 RUN_KEY = "fedtune.run-key"
 TRAINABLE = "fedtune.trainable"  # newline-separated regular expressions
 # Where the client counts its local training steps for the server's progress display
-# (simulation only: a file on the shared disk; fedtune.progress).
+# (simulation only: a file on the shared disk; fedtune.reporting.progress).
 STEP_FILE = "fedtune.step-file"
 STRATEGY_NAME = "fedtune.strategy"
 # False when the strategy cannot train on a quantized base: a quantized client refuses the round.
@@ -47,3 +58,13 @@ PEAK_GPU_BYTES = "peak_gpu_bytes"  # peak GPU memory torch allocated on the clie
 # node_config keys (simulation sets the first two)
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
+
+
+def tensor_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes, in name order: equal iff bitwise equal."""
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()

@@ -9,10 +9,10 @@ its server half:
   :func:`register_routine`;
 * :meth:`ClientRoutine.train` gets a :class:`ClientJob` (the instruction's tensors, trainable
   patterns and options, and this client's :class:`ClientState`) and returns a
-  :class:`~fedtune.client.ClientReply`; :meth:`ClientRoutine.evaluate` scores the global
+  :class:`~fedtune.client.runtime.ClientReply`; :meth:`ClientRoutine.evaluate` scores the global
   model on the client's local eval split;
-* the :class:`~fedtune.client.ClientRuntime` it is built with gives it the client's model,
-  data and settings.
+* the client it is built with (a :class:`ClientContext`: fedtune's
+  :class:`~fedtune.client.runtime.ClientRuntime`) gives it the client's model, data and settings.
 
 One routine object is made per runtime (a process and configuration) and reused by every
 round and virtual client that process serves, so its attributes are a per-process cache.
@@ -30,18 +30,18 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
+import datasets
 import torch
 
 from fedtune import protocol
-from fedtune.ledger import client_ledger, save_ledger
-from fedtune.models import AdapterHandle
+from fedtune.client.ledger import client_ledger, save_ledger
+from fedtune.client.objectives import Objective
+from fedtune.client.training import TrainResult, train_adapter, train_adapter_private
+from fedtune.models.loading import AdapterHandle
 from fedtune.registry import Registry
-from fedtune.training import TrainResult, train_adapter, train_adapter_private
-
-if TYPE_CHECKING:
-    from fedtune.client import ClientRuntime
+from fedtune.schema import AdapterConfig, FedtuneConfig
 
 Value = bool | int | float | str | list[int] | list[float] | list[str]
 
@@ -97,12 +97,48 @@ class ClientJob:
     state: ClientState
 
 
+class ClientContext(Protocol):
+    """What a routine may ask of the client it runs in (fedtune's :class:`~fedtune.client.runtime.ClientRuntime`).
+
+    Attributes
+    ----------
+    cfg : FedtuneConfig
+        The run's configuration.
+    objective : Objective
+        The training loss (SFT, classification or DPO) and its batching.
+    """
+
+    cfg: FedtuneConfig
+    objective: Objective
+
+    def adapter_config(self, partition_id: int) -> AdapterConfig:
+        """The LoRA settings of this client (its rank where ranks differ)."""
+
+    def adapter(self, partition_id: int = 0) -> tuple[AdapterHandle, float]:
+        """The client's model with a fresh adapter, and the seconds it took to get it."""
+
+    def prepare(self, job: ClientJob) -> tuple[AdapterHandle, float]:
+        """The model with the job's tensors loaded and its trainable patterns set, and the seconds taken."""
+
+    def splits(self, partition_id: int) -> tuple[datasets.Dataset, datasets.Dataset]:
+        """The client's training and local evaluation examples."""
+
+    def evaluate_local(self, partition_id: int, handle: AdapterHandle) -> ClientReply:
+        """Loss and metrics of ``handle`` on the client's local evaluation split."""
+
+    def resource_metrics(self, partition_id: int, handle: AdapterHandle) -> dict[str, float]:
+        """Memory and device figures the client reports with its reply."""
+
+    def training_metrics(self, partition_id: int, handle: AdapterHandle, result: TrainResult) -> dict[str, float]:
+        """A training reply's metrics: loss, steps, examples, seconds and resources."""
+
+
 class ClientRoutine(ABC):
     """Base class of every client routine.
 
     Parameters
     ----------
-    client : ClientRuntime
+    client : ClientContext
         The client's model, data and settings (one runtime per process and configuration).
     """
 
@@ -110,7 +146,7 @@ class ClientRoutine(ABC):
     # Whether train() applies DP-SGD when privacy.enabled; a client refuses to run one that does not.
     supports_privacy: ClassVar[bool] = False
 
-    def __init__(self, client: ClientRuntime) -> None:
+    def __init__(self, client: ClientContext) -> None:
         self.client = client
 
     @abstractmethod
@@ -203,11 +239,12 @@ register_routine(GradientRoutine)
 GRADIENT = GradientRoutine.name
 
 __all__ = [
+    "GRADIENT",
+    "ClientContext",
     "ClientJob",
     "ClientReply",
     "ClientRoutine",
     "ClientState",
-    "GRADIENT",
     "GradientRoutine",
     "register_routine",
     "registered_routines",

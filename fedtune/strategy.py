@@ -32,10 +32,11 @@ from fedtune import protocol
 from fedtune.averaging import average
 from fedtune.errors import ConfigError, InvalidUpdateError
 from fedtune.registry import Registry
+from fedtune.schema import to_yaml
 
 if TYPE_CHECKING:
-    from fedtune.config import FedtuneConfig
-    from fedtune.models import AdapterHandle
+    from fedtune.models.loading import AdapterHandle
+    from fedtune.schema import FedtuneConfig
 
 Tensors = dict[str, torch.Tensor]
 Scalar = bool | int | float | str
@@ -312,8 +313,30 @@ def build_strategy(name: str, options: Mapping[str, Any]) -> Strategy:
         raise ConfigError([f"strategy.options for {cls.__name__}: {e}"]) from e
 
 
+# The strategy the last successful config check built, by the config it checked: the run of that
+# config takes it (strategy_for), so a server process builds its strategy once.
+_checked: dict[str, Strategy] = {}
+
+
+def _config_key(cfg: FedtuneConfig) -> str:
+    return to_yaml(cfg)
+
+
+def strategy_for(cfg: FedtuneConfig) -> Strategy:
+    """The strategy of a run of ``cfg``: the one its config check built in this process, else a new one."""
+    strategy = _checked.pop(_config_key(cfg), None)
+    return strategy if strategy is not None else build_strategy(cfg.strategy.name, cfg.strategy.options)
+
+
 def strategy_problems(cfg: FedtuneConfig) -> list[str]:
-    """Problems with ``cfg.strategy``, as config problem strings (empty when fine)."""
+    """Problems with ``cfg.strategy``, as config problem strings (empty when fine).
+
+    A config checked fine before in this process, whose strategy no run has taken yet, is not
+    checked again.
+    """
+    key = _config_key(cfg)
+    if key in _checked:
+        return []
     try:
         strategy = build_strategy(cfg.strategy.name, cfg.strategy.options)
     except ConfigError as e:
@@ -357,6 +380,9 @@ def strategy_problems(cfg: FedtuneConfig) -> list[str]:
         problems.append(f"{where} puts strategy.name={cfg.strategy.name!r} on a {'/'.join(quantized)} base, which "
                         f"it does not support{reason}; use model.quantization=none or a strategy that supports "
                         f"quantized bases: {able}")
+    if not problems:
+        _checked.clear()
+        _checked[key] = strategy
     return problems
 
 
@@ -377,11 +403,11 @@ def krum_problems(cfg: FedtuneConfig) -> list[str]:
 
 
 __all__ = [
+    "GRADIENT_MODE",
     "AdapterSpec",
     "ClientInstruction",
     "ClientUpdate",
     "ExportedAdapter",
-    "GRADIENT_MODE",
     "Strategy",
     "build_strategy",
     "check_update",

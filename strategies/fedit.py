@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from fedtune.strategies.aggregation import check_weighting, client_weights, factor_average_error
+
 from fedtune.strategy import (
     AdapterSpec,
     ClientInstruction,
@@ -22,7 +24,6 @@ from fedtune.strategy import (
     register_strategy,
     shapes_of,
 )
-from fedtune.strategies.aggregation import check_weighting, client_weights, factor_average_error
 
 
 @register_strategy

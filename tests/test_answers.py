@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fedtune.answers import extract_answer, extract_choice, normalize_number, normalize_text
+from fedtune.evaluation.answers import extract_answer, extract_choice, normalize_number, normalize_text
 
 
 @pytest.mark.parametrize(("text", "expected"), [

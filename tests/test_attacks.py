@@ -1,4 +1,4 @@
-"""Simulated attackers (fedtune.attacks): what they send, who attacks, and that deployments refuse them."""
+"""Simulated attackers (fedtune.client.attacks): what they send, who attacks, and that deployments refuse them."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fedtune.attacks import attacked_reply, flipped_labels
-from fedtune.client import ClientRuntime
-from fedtune.config import AttackConfig, load_config, to_run_config
+from fedtune.client.attacks import attacked_reply, flipped_labels
+from fedtune.client.runtime import ClientRuntime
+from fedtune.config import load_config, to_run_config
 from fedtune.errors import ConfigError
 from fedtune.flower.server_app import server_config
+from fedtune.schema import AttackConfig
 
 SENT = {"w": torch.tensor([1.0, 2.0]), "h": torch.tensor([0.5])}
 TRAINED = {"w": torch.tensor([1.5, 1.0]), "h": torch.tensor([0.75]), "fresh": torch.tensor([3.0])}

@@ -12,7 +12,10 @@ import torch
 from fedtune.strategies import FedIT, FLoRA, LoRAFAIR
 from fedtune.strategies.fedkseed.strategy import FedKSeed
 
-from fedtune.checkpoint import (
+from fedtune.config import load_config, to_yaml
+from fedtune.errors import CheckpointError, ConfigError
+from fedtune.flower.strategy_adapter import update_norm
+from fedtune.server.checkpoint import (
     CHECKPOINT_FILE,
     Checkpoint,
     checkpoint_to_resume,
@@ -21,9 +24,6 @@ from fedtune.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from fedtune.config import load_config, to_yaml
-from fedtune.errors import CheckpointError, ConfigError
-from fedtune.flower.strategy_adapter import update_norm
 from tests.strategies.test_exact_strategies import spec, updates
 
 

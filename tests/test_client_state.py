@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedtune.client_state import KEEP_ROUNDS, load_state, save_state, state_dir
+from fedtune.client.state import KEEP_ROUNDS, load_state, save_state, state_dir
 from fedtune.routine import ClientState
 
 KEY = "0123456789abcdef0123456789abcdef"

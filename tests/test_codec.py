@@ -1,4 +1,4 @@
-"""fedtune.codec: bit-exact tensor round trips through ArrayRecord, and wire sizes."""
+"""fedtune.flower.codec: bit-exact tensor round trips through ArrayRecord, and wire sizes."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, RecordDict
 
-from fedtune.codec import BF16_STYPE, record_to_tensors, tensors_to_record, wire_bytes
 from fedtune.errors import InvalidUpdateError
+from fedtune.flower.codec import BF16_STYPE, record_to_tensors, tensors_to_record, wire_bytes
 
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.float64, torch.bfloat16]
 SAME_WIDTH_INT = {torch.float32: torch.int32, torch.float16: torch.int16, torch.float64: torch.int64,

@@ -9,7 +9,6 @@ import pytest
 from omegaconf import OmegaConf
 
 from fedtune.config import (
-    DEFAULT_CONFIG_PATH,
     FedtuneConfig,
     build_config,
     config_from_run_config,
@@ -18,6 +17,7 @@ from fedtune.config import (
     to_run_config,
 )
 from fedtune.errors import ConfigError
+from fedtune.schema import DEFAULT_CONFIG_PATH
 
 
 def problems_of(excinfo: pytest.ExceptionInfo[ConfigError]) -> list[str]:
@@ -358,7 +358,7 @@ def test_alpha_per_rank_keeps_every_clients_scaling_at_alpha_over_rank() -> None
 
 
 def test_a_nodes_rank_gets_its_alpha_under_alpha_per_rank() -> None:
-    from fedtune.client import client_settings
+    from fedtune.client.runtime import client_settings
 
     cfg = load_config(None, ["adapter.rank=8", "adapter.alpha=16", "adapter.alpha_per_rank=true"])
     _, adapter = client_settings(cfg, 0, {"adapter.rank": 4})

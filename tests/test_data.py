@@ -315,7 +315,7 @@ def test_generated_task_is_classification_only() -> None:
 
 @pytest.fixture(scope="module")
 def tokenizer() -> Any:
-    from fedtune.models import load_tokenizer
+    from fedtune.models.loading import load_tokenizer
 
     return load_tokenizer(ModelConfig())  # MiniLM's WordPiece tokenizer, from an installed package
 

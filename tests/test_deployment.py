@@ -23,7 +23,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from fedtune.runlog import ADAPTER_DIR, MODEL_DIR
+from fedtune.reporting.runlog import ADAPTER_DIR, MODEL_DIR
 from tests.test_simulation import read_rows, tiny_overrides
 
 pytestmark = [

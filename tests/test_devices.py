@@ -1,17 +1,17 @@
-"""fedtune.devices and the device settings: model.device, client GPU shares, a Ray cluster address."""
+"""fedtune.models.devices and the device settings: model.device, client GPU shares, a Ray cluster address."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from fedtune.client.training import train_adapter
 from fedtune.config import AdapterConfig, DataConfig, FedtuneConfig, ModelConfig, TrainConfig
 from fedtune.data import load_splits, tokenize
-from fedtune.devices import device_of, resolve_device, to_device
 from fedtune.errors import ConfigError, ModelLoadError
-from fedtune.models import clear_model_cache, get_adapter
-from fedtune.simulation import backend_config
-from fedtune.training import train_adapter
+from fedtune.flower.simulation import backend_config
+from fedtune.models.devices import device_of, resolve_device, to_device
+from fedtune.models.loading import clear_model_cache, get_adapter
 
 needs_no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
 
@@ -103,7 +103,7 @@ def test_simulate_hands_the_shares_to_flower(monkeypatch: pytest.MonkeyPatch) ->
     import flwr.simulation
 
     from fedtune.errors import FedtuneError
-    from fedtune.simulation import simulate
+    from fedtune.flower.simulation import simulate
 
     seen: dict[str, object] = {}
     monkeypatch.setattr(flwr.simulation, "run_simulation", lambda **kwargs: seen.update(kwargs))

@@ -10,14 +10,14 @@ import datasets
 import pytest
 import torch
 
+from fedtune.client.dpo import batch_terms, dpo_terms, sequence_logps
+from fedtune.client.objectives import DirectPreference, objective_of
 from fedtune.config import AdapterConfig, DataConfig, ModelConfig, load_config
 from fedtune.data import load_splits
 from fedtune.data.preference import collate_pairs, tokenize_pairs
 from fedtune.data.tokenize import IGNORE_INDEX
-from fedtune.dpo import batch_terms, dpo_terms, sequence_logps
 from fedtune.errors import ConfigError, DataError
-from fedtune.models import AdapterHandle, base_model_only, get_adapter
-from fedtune.objectives import DirectPreference, objective_of
+from fedtune.models.loading import AdapterHandle, base_model_only, get_adapter
 
 PAIRS = [
     {"instruction": "What is two plus two?", "input": "", "chosen": "Four.", "rejected": "Obviously four, duh."},
@@ -84,7 +84,7 @@ def test_loss_and_gradient_equal_trls(tmp_path: Path, loss: str) -> None:
     from peft import LoraConfig
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from fedtune.models import load_tokenizer
+    from fedtune.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(ModelConfig())
     tokenizer.eos_token = "[SEP]"

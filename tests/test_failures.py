@@ -24,7 +24,7 @@ from fedtune.errors import ConfigError, NothingAggregatedError, RunInterrupted
 from fedtune.flower.federation_size import check_federation_size, sets_num_clients, with_federation_size
 from fedtune.flower.server_app import StoppableGrid
 from fedtune.flower.strategy_adapter import client_error_message
-from fedtune.server import check_progress
+from fedtune.server.run import check_progress
 from tests.test_simulation import read_rows, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,7 +71,7 @@ def test_a_config_error_with_one_message_is_one_problem() -> None:
 def test_a_checkpoint_of_another_format_is_one_problem(tmp_path: Path) -> None:
     import torch
 
-    from fedtune.checkpoint import load_checkpoint
+    from fedtune.server.checkpoint import load_checkpoint
 
     torch.save({"version": 0, "round": 1}, tmp_path / "checkpoint.pt")
     with pytest.raises(ConfigError) as caught:
@@ -131,12 +131,12 @@ def test_json_is_read_without_deprecated_pandas_options(tmp_path: Path) -> None:
 
 def test_an_unexpected_error_is_one_line_and_its_traceback_needs_verbose(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    import fedtune.simulation
+    import fedtune.flower.simulation
 
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("the simulation runtime crashed\nwith a second line")
 
-    monkeypatch.setattr(fedtune.simulation, "simulate", broken)
+    monkeypatch.setattr(fedtune.flower.simulation, "simulate", broken)
     assert main(["simulate"]) == 1
     line = _one_error_line(capsys.readouterr().err)
     assert line == ("fedtune: error: RuntimeError: the simulation runtime crashed "

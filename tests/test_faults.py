@@ -13,12 +13,12 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from fedtune import protocol
-from fedtune.client import ClientReply
-from fedtune.codec import record_to_tensors, tensors_to_record
+from fedtune.client.runtime import ClientReply
 from fedtune.config import load_config
 from fedtune.errors import NothingAggregatedError
 from fedtune.flower.client_app import make_client_app, reply_content
-from fedtune.simulation import simulate
+from fedtune.flower.codec import record_to_tensors, tensors_to_record
+from fedtune.flower.simulation import simulate
 from tests.test_simulation import read_rows, tiny_overrides
 
 # partition id -> what its reply gets wrong (partitions 0 and 1 reply correctly)

@@ -8,8 +8,8 @@ import datasets
 import pytest
 
 from fedtune.config import AdapterConfig, DataConfig, EvalConfig, ModelConfig
-from fedtune.generation import eval_prompts, evaluate_generation, evaluate_generation_on, generate
-from fedtune.models import AdapterHandle, get_adapter
+from fedtune.evaluation.generation import eval_prompts, evaluate_generation, evaluate_generation_on, generate
+from fedtune.models.loading import AdapterHandle, get_adapter
 
 PROMPTS = ["What is two plus two?", "Name a colour.",
            ("A much longer question, with several clauses, about how many apples remain after she gives three of "

@@ -19,8 +19,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 STACK = ["peft", "peft.tuners.lora.layer", "torch._dynamo", "transformers.models.auto.modeling_auto", "fedtune.routine",
          "fedtune.strategies.fed_sb.layer", "fedtune.strategies.fedkseed.routine", "fedtune.strategies.flora.residual"]
-RUN_TIME_MODULES = {"fedtune.flower.server_app": [*STACK, "fedtune.server"],
-                    "fedtune.flower.client_app": [*STACK, "fedtune.client"]}
+RUN_TIME_MODULES = {"fedtune.flower.server_app": [*STACK, "fedtune.server.run"],
+                    "fedtune.flower.client_app": [*STACK, "fedtune.client.runtime"]}
 
 THREADS = """
 import importlib, threading
@@ -30,7 +30,7 @@ def load(name):
         importlib.import_module(name)
     except Exception as e:
         errors.append(f"{name}: {e!r}")
-names = ["fedtune.flower.server_app", "fedtune.flower.client_app", "fedtune.server", "fedtune.client"]
+names = ["fedtune.flower.server_app", "fedtune.flower.client_app", "fedtune.server.run", "fedtune.client.runtime"]
 threads = [threading.Thread(target=load, args=(n,)) for n in names]
 [t.start() for t in threads]
 [t.join() for t in threads]

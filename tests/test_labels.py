@@ -105,8 +105,8 @@ def test_resume_with_another_test_set_warns(reviews: tuple[Path, Path], tmp_path
 
 
 def _trained_handle(reviews: tuple[Path, Path], tmp_path: Path):
-    from fedtune.models import get_adapter
-    from fedtune.training import train_adapter
+    from fedtune.client.training import train_adapter
+    from fedtune.models.loading import get_adapter
 
     cfg = load_config(None, [f"data.source={reviews[0]}", f"data.test_source={reviews[1]}", "data.max_length=16",
                              "adapter.rank=2", "train.local_steps=4", "train.batch_size=4",
@@ -128,7 +128,7 @@ def test_exported_adapter_reloads_with_label_names(reviews: tuple[Path, Path], t
     from peft import PeftModel
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-    from fedtune.server import save_global
+    from fedtune.server.run import save_global
     from fedtune.strategy import AdapterSpec, build_strategy
 
     cfg, splits, handle = _trained_handle(reviews, tmp_path)
@@ -158,7 +158,7 @@ def test_exported_adapter_reloads_with_label_names(reviews: tuple[Path, Path], t
 def test_whole_model_export_names_the_labels(reviews: tuple[Path, Path], tmp_path: Path) -> None:
     from transformers import AutoModelForSequenceClassification
 
-    from fedtune.server import save_whole_model
+    from fedtune.server.run import save_whole_model
     from fedtune.strategy import AdapterSpec, build_strategy
 
     cfg, splits, handle = _trained_handle(reviews, tmp_path)

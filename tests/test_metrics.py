@@ -8,7 +8,7 @@ import pytest
 
 from fedtune.config import load_config
 from fedtune.errors import ConfigError
-from fedtune.metrics import (
+from fedtune.evaluation.metrics import (
     DEFAULT_METRIC,
     ChoiceAccuracy,
     ExactMatch,
@@ -96,7 +96,7 @@ def test_register_metric_checks_the_class_and_the_name() -> None:
 
 
 USER_METRIC = '''
-from fedtune.metrics import GenerativeMetric, register_metric
+from fedtune.evaluation.metrics import GenerativeMetric, register_metric
 
 
 @register_metric

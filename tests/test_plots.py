@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from fedtune.cli import main
-from fedtune.compare import RunDirectoryError, human_bytes, human_seconds, read_metrics, summarize_runs
-from fedtune.plots import (
+from fedtune.reporting.compare import RunDirectoryError, human_bytes, human_seconds, read_metrics, summarize_runs
+from fedtune.reporting.plots import (
     ACCURACY_LOSS_PNG,
     COMPARE_PNG,
     TRAFFIC_PNG,
@@ -19,7 +19,7 @@ from fedtune.plots import (
     plot_run,
     run_figures,
 )
-from fedtune.runlog import METRICS_FILE
+from fedtune.reporting.runlog import METRICS_FILE
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -172,7 +172,7 @@ def test_plot_command_writes_every_run_and_the_comparison_into_out(two_runs: lis
 
 
 def test_runs_with_the_same_directory_name_are_labelled_by_path(tmp_path: Path) -> None:
-    from fedtune.plots import _labels
+    from fedtune.reporting.plots import _labels
 
     dirs = [tmp_path / "a" / "run", tmp_path / "b" / "run"]
     rows = [synthetic_rows("fedit", 1.0), synthetic_rows("flora", 1.0)]

@@ -19,7 +19,6 @@ import math
 import pytest
 import torch
 
-from fedtune.config import PRIVACY_ACCOUNTANTS
 from fedtune.privacy import (
     ACCOUNTANTS,
     PrivacyLedger,
@@ -31,7 +30,8 @@ from fedtune.privacy import (
     per_example_gradients,
     poisson_batch,
 )
-from fedtune.quiet import quiet_notices
+from fedtune.reporting.quiet import quiet_notices
+from fedtune.schema import PRIVACY_ACCOUNTANTS
 
 R = 8  # an r×r matrix R per module
 
@@ -114,10 +114,9 @@ def test_noise_standard_deviation_is_sigma_times_c() -> None:
 
 
 def test_dp_step_through_a_lora_sb_model_trains_only_r(tiny_bert: str) -> None:
+    from fedtune.strategies.fed_sb.layer import attach_r
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import AutoModelForSequenceClassification
-
-    from fedtune.strategies.fed_sb.layer import attach_r
 
     model = get_peft_model(AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=4).eval(),
                            LoraConfig(task_type=TaskType.SEQ_CLS, r=4, lora_alpha=8, lora_dropout=0.0,
@@ -291,7 +290,7 @@ def test_calibration_includes_a_full_batch_initialisation_step(accountant: str) 
 
 
 def test_the_rdp_accountants_dropped_order_notice_is_silenced(caplog: pytest.LogCaptureFixture) -> None:
-    """dp_accounting logs each Rényi order it leaves out; fedtune.quiet drops exactly that notice."""
+    """dp_accounting logs each Rényi order it leaves out; fedtune.reporting.quiet drops exactly that notice."""
     absl = logging.getLogger("absl")
     for f in list(absl.filters):
         absl.removeFilter(f)

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import Progress
 
 from fedtune.flower.server_app import StoppableGrid
-from fedtune.progress import RoundProgress, StepFile, local_steps, read_steps, reporting_steps
+from fedtune.reporting.progress import RoundProgress, StepFile, local_steps, read_steps, reporting_steps
 
 
 class FakeClock:
@@ -59,10 +59,10 @@ def test_steps_count_only_inside_reporting_steps(tmp_path: Path) -> None:
 
 
 def test_training_reports_its_steps(tiny_bert: str, tmp_path: Path) -> None:
+    from fedtune.client.training import evaluate, steps_per_round, train_adapter
     from fedtune.config import AdapterConfig, DataConfig, ModelConfig, TrainConfig
     from fedtune.data import load_splits, tokenize
-    from fedtune.models import get_adapter
-    from fedtune.training import evaluate, steps_per_round, train_adapter
+    from fedtune.models.loading import get_adapter
 
     handle = get_adapter(ModelConfig(name=tiny_bert), AdapterConfig(rank=2), 4, seed=0)
     pool, test = load_splits(DataConfig(max_examples=48, max_test_examples=20, max_length=16), "classification")

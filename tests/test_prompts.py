@@ -39,7 +39,7 @@ def quiet_datasets() -> Any:
 @pytest.fixture(scope="module")
 def smollm2() -> Any:
     """SmolLM2-135M-Instruct's tokenizer (the first use converts the packaged GGUF once, ~20 s)."""
-    from fedtune.models import load_tokenizer
+    from fedtune.models.loading import load_tokenizer
 
     try:
         return load_tokenizer(ModelConfig(name=SMOLLM2, task="causal-lm"))
@@ -50,7 +50,7 @@ def smollm2() -> Any:
 @pytest.fixture(scope="module")
 def minilm() -> Any:
     """A tokenizer without a chat template (MiniLM's WordPiece), from an installed package."""
-    from fedtune.models import load_tokenizer
+    from fedtune.models.loading import load_tokenizer
 
     return load_tokenizer(ModelConfig())
 

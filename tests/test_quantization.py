@@ -13,17 +13,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from fedtune.strategies.flora.residual import residual_of
 
 from fedtune import protocol
-from fedtune.client import ClientRuntime, client_settings
+from fedtune.client.runtime import ClientRuntime, client_settings
+from fedtune.client.training import evaluate, train_adapter
 from fedtune.config import AdapterConfig, DataConfig, ModelConfig, TrainConfig, load_config
 from fedtune.data import load_splits, tokenize
 from fedtune.errors import ConfigError
-from fedtune.models import get_adapter, load_base_model, resolve_model_path
-from fedtune.quantization import bnb_config, checkpoint_folder, weight_bytes
-from fedtune.strategies.flora.residual import residual_of
+from fedtune.models.loading import get_adapter, load_base_model, resolve_model_path
+from fedtune.models.quantization import bnb_config, checkpoint_folder, weight_bytes
 from fedtune.strategy import AdapterSpec, ClientUpdate, build_strategy, check_update, registered_strategies
-from fedtune.training import evaluate, train_adapter
 
 SETTINGS = ("none", "8bit", "4bit")
 LORA = r"\.lora_[AB]\.weight$"
@@ -260,8 +260,9 @@ def test_a_base_that_fell_behind_catches_up_from_another_base_of_the_run() -> No
 
 def test_zeroth_order_steps_tune_the_adapter_of_a_quantized_base(tiny_bert: str, data) -> None:
     """FedKSeed's mode (forward passes only, on adapter tensors): replaying the steps gives the same adapter."""
-    from fedtune.data.tokenize import collate
     from fedtune.strategies.fedkseed.zeroth_order import replay, seed_pool, zo_train
+
+    from fedtune.data.tokenize import collate
 
     train, _ = data
     handle = handle_for(tiny_bert, "4bit")
@@ -400,9 +401,9 @@ def test_a_4bit_an_8bit_and_a_full_precision_client_federate(tiny_bert: str, tmp
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
-    from fedtune.models import AdapterHandle
-    from fedtune.runlog import ADAPTER_DIR, CONFIG_FILE, METRICS_FILE
-    from fedtune.simulation import simulate
+    from fedtune.flower.simulation import simulate
+    from fedtune.models.loading import AdapterHandle
+    from fedtune.reporting.runlog import ADAPTER_DIR, CONFIG_FILE, METRICS_FILE
 
     overrides = [f"model.name={tiny_bert}", "model.task=classification", "federation.num_clients=3",
                  "federation.num_rounds=2", "federation.client_cpus=1", "data.max_examples=240",

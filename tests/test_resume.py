@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fedtune.checkpoint import load_checkpoint
+from fedtune.server.checkpoint import load_checkpoint
 from tests.test_simulation import read_rows, tiny_overrides
 
 pytestmark = pytest.mark.integration
@@ -105,7 +105,7 @@ class UninterruptedRuns(dict):
 
     def __missing__(self, strategy: str) -> Path:
         from fedtune.config import load_config
-        from fedtune.simulation import simulate
+        from fedtune.flower.simulation import simulate
 
         # In this process (the stack is loaded already): the same code as `fedtune simulate`.
         run_dir = self[strategy] = self.tmp_path_factory.mktemp(f"whole-{strategy}")
@@ -182,7 +182,7 @@ def test_a_private_run_resumes_with_its_privacy_ledger_exact(level: str, tiny_be
     """Round 1, then a resume for round 2, equals two rounds in one go: the weights bit for bit, and ε
     (example-level: the clients' ledgers, kept on their disks; client-level: the server's, in the checkpoint)."""
     from fedtune.config import load_config
-    from fedtune.simulation import simulate
+    from fedtune.flower.simulation import simulate
 
     private = ["privacy.enabled=true", f"privacy.level={level}", "privacy.noise_multiplier=1.0",
                "privacy.clip_norm=0.5", "federation.client_cpus=1"]

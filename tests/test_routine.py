@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fedtune.routine as routine_module
-from fedtune.client import ClientRuntime
+from fedtune.client.runtime import ClientRuntime
 from fedtune.config import load_config
 from fedtune.errors import ConfigError
 from fedtune.routine import ClientRoutine, GradientRoutine, register_routine, registered_routines, resolve_routine

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from fedtune.config import FedtuneConfig
-from fedtune.runlog import GENERATIONS_FILE, RunLog
+from fedtune.reporting.runlog import GENERATIONS_FILE, RunLog
 
 
 def test_an_extra_metric_column_follows_the_eval_accuracy(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -14,7 +14,7 @@ from flwr.app import Context, MetricRecord, RecordDict
 from flwr.compat.common import recorddict_compat
 from flwr.server.workflow import SecAggPlusWorkflow
 
-from fedtune.codec import tensors_to_record
+from fedtune.flower.codec import tensors_to_record
 
 
 def test_the_secagg_plus_server_workflow_needs_the_legacy_context() -> None:

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from fedtune.config import load_config
-from fedtune.plots import ACCURACY_LOSS_PNG, TRAFFIC_PNG
-from fedtune.runlog import ADAPTER_DIR, CONFIG_FILE, METRICS_FILE, MODEL_DIR
-from fedtune.simulation import simulate
+from fedtune.flower.simulation import simulate
+from fedtune.reporting.plots import ACCURACY_LOSS_PNG, TRAFFIC_PNG
+from fedtune.reporting.runlog import ADAPTER_DIR, CONFIG_FILE, METRICS_FILE, MODEL_DIR
 
 pytestmark = pytest.mark.integration
 
@@ -63,7 +63,7 @@ def test_run_directory_has_config_metrics_adapter_and_plots(fedit_run: Path) -> 
 def test_the_run_logged_every_round_to_tensorboard(fedit_run: Path) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from fedtune.trackers import TENSORBOARD_DIR
+    from fedtune.reporting.trackers import TENSORBOARD_DIR
 
     events = EventAccumulator(str(fedit_run / TENSORBOARD_DIR))
     events.Reload()
@@ -91,9 +91,9 @@ def test_saved_adapter_loads_and_reproduces_the_last_evaluation(fedit_run: Path,
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from fedtune.client.training import evaluate
     from fedtune.data import load_splits, tokenize
-    from fedtune.models import AdapterHandle
-    from fedtune.training import evaluate
+    from fedtune.models.loading import AdapterHandle
 
     cfg = load_config(fedit_run / CONFIG_FILE)
     base = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=4)
@@ -213,9 +213,9 @@ def test_flora_with_mixed_ranks_runs_exactly_and_exports_a_loadable_adapter(tiny
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from fedtune.client.training import evaluate
     from fedtune.data import load_splits, tokenize
-    from fedtune.models import AdapterHandle
-    from fedtune.training import evaluate
+    from fedtune.models.loading import AdapterHandle
 
     run_dir = simulate(load_config(None, tiny_overrides(tiny_bert, tmp_path, rounds=2)
                                    + ["strategy.name=flora", "adapter.client_ranks=[2,4,8]"]))
@@ -262,9 +262,9 @@ def test_fedkseed_pro_sends_only_seeds_and_scalars_and_saves_a_whole_model_that_
     """Full-parameter FedKSeed-Pro (plain FedKSeed: the deployment and kill-and-resume tests)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from fedtune.client.training import evaluate
     from fedtune.data import load_splits, tokenize
-    from fedtune.models import AdapterHandle
-    from fedtune.training import evaluate
+    from fedtune.models.loading import AdapterHandle
 
     run_dir = simulate(load_config(None, tiny_overrides(tiny_bert, tmp_path, rounds=2) + [
         "strategy.name=fedkseed-pro", "strategy.options.tune=full", "strategy.options.k=64",
@@ -373,7 +373,7 @@ def test_a_simulation_attaches_to_an_existing_ray_cluster(ray_cluster, tiny_bert
 
 def test_exact_match_by_generation_is_logged_every_round(smollm2: str, shared_data: Path, tmp_path: Path) -> None:
     """SmolLM2 on 3 GSM8K test questions: eval_exact_match from the server and from the clients' splits."""
-    from fedtune.runlog import GENERATIONS_FILE
+    from fedtune.reporting.runlog import GENERATIONS_FILE
 
     gsm8k = shared_data / "gsm8k"
     cfg = load_config(None, [

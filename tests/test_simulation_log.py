@@ -1,4 +1,4 @@
-"""fedtune.simulation and Flower's log: only the run_simulation deprecation record is hidden.
+"""fedtune.flower.simulation and Flower's log: only the run_simulation deprecation record is hidden.
 
 ``fedtune simulate`` calls Flower's deprecated ``run_simulation`` (the one entry point that runs
 in-process ServerApp and ClientApp objects). Flower reports the deprecation as a record of its
@@ -17,7 +17,7 @@ import pytest
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 
-from fedtune.simulation import RUN_SIMULATION_DEPRECATION, without_run_simulation_deprecation
+from fedtune.flower.simulation import RUN_SIMULATION_DEPRECATION, without_run_simulation_deprecation
 
 
 class Collect(logging.Handler):

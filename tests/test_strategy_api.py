@@ -7,10 +7,11 @@ import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
+import fedtune.strategies
 import pytest
 import torch
+from fedtune.strategies.fedit import FedIT
 
-import fedtune.strategies
 import fedtune.strategy as strategy_module
 from fedtune.errors import ConfigError, InvalidUpdateError
 from fedtune.strategy import (
@@ -25,7 +26,6 @@ from fedtune.strategy import (
     select,
     shapes_of,
 )
-from fedtune.strategies.fedit import FedIT
 
 fedtune.strategies.import_all()  # registers the built-ins in the real registry before any test patches it
 

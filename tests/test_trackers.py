@@ -12,7 +12,7 @@ import pytest
 
 from fedtune.config import FedtuneConfig, load_config
 from fedtune.errors import ConfigError
-from fedtune.trackers import (
+from fedtune.reporting.trackers import (
     MLFLOW_DIR,
     TENSORBOARD_DIR,
     TRACKERS,
@@ -236,7 +236,7 @@ def test_a_failing_tracker_is_warned_about_once_and_the_others_go_on(tmp_path: P
                                                                      caplog: pytest.LogCaptureFixture) -> None:
     broken, fine = Recorder("broken", fail_in="log_metrics"), Recorder("fine")
     trackers = Trackers([broken, fine])
-    with caplog.at_level(logging.WARNING, logger="fedtune.trackers"):
+    with caplog.at_level(logging.WARNING, logger="fedtune.reporting.trackers"):
         for row in rows():
             trackers.log_metrics(row["round"], row)
         trackers.log_artifact(tmp_path)

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
+from fedtune.client.training import evaluate, train_adapter
 from fedtune.config import AdapterConfig, DataConfig, ModelConfig, TrainConfig
 from fedtune.data import load_splits, tokenize
-from fedtune.models import clear_model_cache, get_adapter
-from fedtune.training import evaluate, train_adapter
+from fedtune.models.loading import clear_model_cache, get_adapter
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ from fedtune.averaging.robust import ROBUST_RULES, RobustRule, factor_deviation
 from fedtune.averaging.server_optimizers import DEFAULT_LR, SERVER_OPTIMIZERS, ServerOptimizer
 from fedtune.errors import AggregationError
 
-log = logging.getLogger("fedtune.server")
+log = logging.getLogger("fedtune.server.run")
 
 
 class Averaging:

@@ -35,9 +35,9 @@ from typing import Any
 import torch
 
 from fedtune.averaging.mean import Tensors, check_same_keys
-from fedtune.config import FedtuneConfig
 from fedtune.errors import AggregationError
 from fedtune.privacy import PrivacyLedger, noise_multiplier_for
+from fedtune.schema import FedtuneConfig
 
 
 def update_norm(update: Mapping[str, torch.Tensor]) -> float:

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import torch
 
 from fedtune.averaging.mean import Tensors, check_same_keys, weighted_average
-from fedtune.config import ROBUST_RULES
 from fedtune.errors import AggregationError
+from fedtune.schema import ROBUST_RULES
 
 LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
 # factor_deviation forms each module's m×n products for every client: skipped above this many numbers.

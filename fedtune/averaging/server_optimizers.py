@@ -23,8 +23,8 @@ from typing import Any
 import torch
 
 from fedtune.averaging.mean import Tensors
-from fedtune.config import SERVER_OPTIMIZERS
 from fedtune.errors import AggregationError
+from fedtune.schema import SERVER_OPTIMIZERS
 
 # η when strategy.server_optimizer.lr is not given: FedAvgM's 1 keeps FedAvg's step; the adaptive
 # optimizers move every coordinate by about η a round, so η is of the size of a round's change.

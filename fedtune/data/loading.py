@@ -18,12 +18,12 @@ import datasets
 import pandas as pd
 import pyarrow as pa
 
-from fedtune.config import DataConfig
 from fedtune.data.checks import check_labels, mixed_type_problem, require_values, warn_unseen_labels
 from fedtune.data.generated import GENERATED_LABELS, GENERATED_TASKS, GENERATED_TEST_SIZE, GENERATED_TRAIN_SIZE
 from fedtune.data.preference import standardize_pairs
 from fedtune.data.prompts import join_alpaca
 from fedtune.errors import DataError
+from fedtune.schema import DataConfig
 
 
 def _format_of(path: Path, declared: str) -> str:

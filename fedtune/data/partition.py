@@ -13,8 +13,8 @@ from flwr_datasets.partitioner import (
     SizePartitioner,
 )
 
-from fedtune.config import PartitionConfig
 from fedtune.errors import DataError
+from fedtune.schema import PartitionConfig
 
 
 def size_skew_sizes(total: int, num_partitions: int, power: float) -> list[int]:

@@ -18,11 +18,11 @@ from typing import Any
 import datasets
 import torch
 
-from fedtune.config import DataConfig
+from fedtune.data.checks import is_blank
 from fedtune.data.prompts import join_alpaca, response_suffix
 from fedtune.data.tokenize import collate, join_prompt_response, prompt_ids
-from fedtune.data.checks import is_blank
 from fedtune.errors import DataError
+from fedtune.schema import DataConfig
 
 SIDES = ("chosen", "rejected")
 

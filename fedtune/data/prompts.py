@@ -21,8 +21,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from fedtune.config import PROMPT_FORMATS, FedtuneConfig
 from fedtune.errors import ConfigError
+from fedtune.schema import PROMPT_FORMATS, FedtuneConfig
 
 ALPACA_TEMPLATE = "### Instruction:\n{instruction}\n{input_block}\n### Response:\n"
 # An Alpaca record's prompt is its instruction, then this and its input (when it has one).
@@ -174,7 +174,7 @@ def with_resolved_prompt_format(cfg: FedtuneConfig, tokenizer: Any | None = None
     if cfg.model.task != "causal-lm":
         return cfg
     if tokenizer is None:
-        from fedtune.models import load_tokenizer
+        from fedtune.models.loading import load_tokenizer
 
         tokenizer = load_tokenizer(cfg.model)
     resolved = resolve_prompt_format(tokenizer, cfg.data.prompt_format, alpaca=cfg.data.alpaca)

@@ -9,24 +9,24 @@ file runs first, in one thread, under Python's import lock for the package, and 
 whole stack before either app module goes on.
 """
 
-from fedtune.quiet import quiet_libraries
+from fedtune.reporting.quiet import quiet_libraries
 
 quiet_libraries()  # its filters must be in place before bitsandbytes (via peft) is imported
 
-import datasets  # noqa: E402, F401
-import flwr.app  # noqa: E402, F401
-import peft  # noqa: E402, F401
-import torch  # noqa: E402, F401
-import transformers  # noqa: E402, F401
+import datasets  # noqa: F401
+import flwr.app  # noqa: F401
+import peft  # noqa: F401
+import torch  # noqa: F401
+import transformers  # noqa: F401
 
 # transformers resolves these lazily on first use; resolve them here, in one thread.
-from transformers import (  # noqa: E402, F401
+from transformers import (  # noqa: F401
     AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
 )
 
-from fedtune.registry import import_built_ins  # noqa: E402
+from fedtune.registry import import_built_ins
 
 import_built_ins()

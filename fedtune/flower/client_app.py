@@ -9,22 +9,23 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 # fedtune.flower (this package) has quietened the libraries and loaded the stack already.
-from fedtune import client_state, protocol
-from fedtune.client import runtime_for
-from fedtune.codec import record_to_tensors, tensors_to_record, wire_bytes
+from fedtune import protocol
+from fedtune.client import state as client_state
+from fedtune.client.runtime import runtime_for
 from fedtune.config import FedtuneConfig, config_from_run_config
+from fedtune.flower.codec import record_to_tensors, tensors_to_record, wire_bytes
 from fedtune.flower.federation_size import with_federation_size
-from fedtune.progress import reporting_steps
+from fedtune.reporting.progress import reporting_steps
 from fedtune.routine import ClientReply, ClientState
 
 # Where a client's own state lives in Flower's context.state (it follows the client across processes).
-STATE_VALUES = "fedtune.client-state"
-STATE_TENSORS = "fedtune.client-tensors"
+STATE_VALUES = "fedtune.client.runtime-state"
+STATE_TENSORS = "fedtune.client.runtime-tensors"
 
 
 def load_state(context: Context, config: ConfigRecord, partition_id: int) -> ClientState:
     """This client's :class:`~fedtune.routine.ClientState`: from ``context.state``, or from its
-    disk when this Flower run has none yet (a resumed run; :mod:`fedtune.client_state`)."""
+    disk when this Flower run has none yet (a resumed run; :mod:`fedtune.client.state`)."""
     records = context.state
     if STATE_VALUES in records.config_records or STATE_TENSORS in records.array_records:
         values = dict(records.config_records.get(STATE_VALUES, ConfigRecord()))
@@ -52,13 +53,25 @@ def store_state(context: Context, config: ConfigRecord, partition_id: int, state
                                 state)
 
 
-def _config(context: Context, fixed_run_config: Mapping[str, Any] | None) -> FedtuneConfig:
+# Checked configs by the run config they came from: a process parses and checks a run's config once,
+# however many messages (rounds, virtual clients) it serves. A few runs at most share a process.
+_CONFIGS: dict[str, FedtuneConfig] = {}
+_CONFIGS_KEPT = 8
+
+
+def _config(context: Context, fixed_run_config: Mapping[str, Any] | None) -> tuple[FedtuneConfig, str]:
+    """The run's checked config, and the run config's key it is cached under."""
     run_config = {**dict(context.run_config), **dict(fixed_run_config or {})}
     if protocol.NUM_PARTITIONS in context.node_config:
         # A run config without federation.num_clients takes the federation's size, as the server does.
         run_config = with_federation_size(run_config, int(context.node_config[protocol.NUM_PARTITIONS]))
-    # The strategy runs on the server only: clients need not be able to import it.
-    return config_from_run_config(run_config, check_strategy=False)
+    key = repr(sorted((str(k), repr(v)) for k, v in run_config.items()))
+    if key not in _CONFIGS:
+        if len(_CONFIGS) >= _CONFIGS_KEPT:
+            del _CONFIGS[next(iter(_CONFIGS))]
+        # The strategy runs on the server only: clients need not be able to import it.
+        _CONFIGS[key] = config_from_run_config(run_config, check_strategy=False)
+    return _CONFIGS[key], key
 
 
 def _partition_id(context: Context, cfg: FedtuneConfig) -> int:
@@ -104,18 +117,18 @@ def make_client_app(fixed_run_config: Mapping[str, Any] | None = None) -> Client
     @app.query()
     def partition(msg: Message, context: Context) -> Message:
         """Which partition this node holds: the server draws clients by partition, not by node id."""
-        cfg = _config(context, fixed_run_config)
+        cfg, _ = _config(context, fixed_run_config)
         metrics = MetricRecord({protocol.PARTITION_ID: _partition_id(context, cfg)})
         return Message(content=RecordDict({protocol.METRICS: metrics}), reply_to=msg)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        cfg = _config(context, fixed_run_config)
+        cfg, key = _config(context, fixed_run_config)
         config: ConfigRecord = msg.content[protocol.CONFIG]
         partition_id = _partition_id(context, cfg)
         state = load_state(context, config, partition_id)
         with reporting_steps(str(config.get(protocol.STEP_FILE, ""))):
-            reply = runtime_for(cfg, context.run_id, context.node_config).train(
+            reply = runtime_for(cfg, context.run_id, context.node_config, config_key=key).train(
                 partition_id=partition_id,
                 server_round=int(config[protocol.SERVER_ROUND]),
                 arrays=_arrays(msg),
@@ -129,10 +142,10 @@ def make_client_app(fixed_run_config: Mapping[str, Any] | None = None) -> Client
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
-        cfg = _config(context, fixed_run_config)
+        cfg, key = _config(context, fixed_run_config)
         config: ConfigRecord = msg.content[protocol.CONFIG]
         partition_id = _partition_id(context, cfg)
-        reply = runtime_for(cfg, context.run_id, context.node_config).evaluate(
+        reply = runtime_for(cfg, context.run_id, context.node_config, config_key=key).evaluate(
             partition_id, _arrays(msg), routine=str(config.get(protocol.ROUTINE, protocol.DEFAULT_ROUTINE)),
             config=dict(config), trainable=str(config.get(protocol.TRAINABLE, "")).splitlines(),
             server_round=int(config[protocol.SERVER_ROUND]), state=load_state(context, config, partition_id))

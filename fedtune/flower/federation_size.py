@@ -17,8 +17,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from fedtune.config import PROJECT_ROOT, RUN_CONFIG_FILE_KEY, RUN_CONFIG_OVERRIDES_KEY, parse_overrides
 from fedtune.errors import ConfigError
+from fedtune.schema import PROJECT_ROOT, RUN_CONFIG_FILE_KEY, RUN_CONFIG_OVERRIDES_KEY, parse_overrides
 
 NUM_CLIENTS_KEY = "federation.num_clients"
 

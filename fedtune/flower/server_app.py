@@ -1,4 +1,4 @@
-"""Flower's ServerApp: read the run's configuration, then run the federation (:mod:`fedtune.server`)."""
+"""Flower's ServerApp: read the run's configuration, then run the federation (:mod:`fedtune.flower.server_loop`)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,14 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedtune.config import FedtuneConfig, config_from_run_config
 from fedtune.errors import ConfigError, FedtuneError, RunInterrupted
-from fedtune.flower.federation_size import (check_federation_size, count_simulated_nodes, is_simulation,
-                                            with_federation_size)
-from fedtune.server import RunControl, run_federation
+from fedtune.flower.federation_size import (
+    check_federation_size,
+    count_simulated_nodes,
+    is_simulation,
+    with_federation_size,
+)
+from fedtune.flower.server_loop import run_federation
+from fedtune.server.run import RunControl
 
 
 class StoppableGrid(Grid):
@@ -23,7 +28,7 @@ class StoppableGrid(Grid):
 
     Everything else is the wrapped grid's: messages, node ids and replies are the same.
     While it waits for replies it calls ``on_poll(arrived, sent)`` after every poll, when
-    set (the server's progress display sets it: :mod:`fedtune.progress`).
+    set (the server's progress display sets it: :mod:`fedtune.reporting.progress`).
     """
 
     def __init__(self, inner: Grid, stop: threading.Event, poll_interval: float = 0.1) -> None:
@@ -111,7 +116,7 @@ def make_server_app(fixed_run_config: Mapping[str, Any] | None = None,
         configuration this way).
     on_finish : callable, optional
         Receives the run directory, or the exception that ended the run.
-    control : fedtune.server.RunControl, optional
+    control : fedtune.server.run.RunControl, optional
         Shares a stop request (Ctrl-C) and the run's progress with the caller.
     """
     app = ServerApp()

@@ -27,14 +27,14 @@ from flwr.serverapp.strategy.result import Result
 from fedtune import protocol
 from fedtune.averaging import Averaging, averaging_in_effect, build_averaging
 from fedtune.averaging.client_dp import client_dp_of
-from fedtune.codec import record_to_tensors, tensors_to_record, wire_bytes
-from fedtune.config import FedtuneConfig
 from fedtune.errors import AggregationError, ClientAppError, InvalidUpdateError, RunInterrupted
-from fedtune.metrics import generative_key
-from fedtune.progress import RoundProgress
+from fedtune.evaluation.metrics import generative_key
+from fedtune.flower.codec import record_to_tensors, tensors_to_record, wire_bytes
+from fedtune.reporting.progress import RoundProgress
+from fedtune.schema import FedtuneConfig
 from fedtune.strategy import ClientInstruction, ClientUpdate, Strategy, check_update
 
-log = logging.getLogger("fedtune.server")
+log = logging.getLogger("fedtune.server.run")
 
 # A ClientApp that raised, or could not be loaded, fails the same way next round: the run
 # stops with the client's reason. Other error replies (a node gone, a crashed ClientApp

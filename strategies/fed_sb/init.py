@@ -69,7 +69,7 @@ from fedtune.strategies.fed_sb.layer import lora_layers
 from peft.utils.other import transpose
 from torch import nn
 
-from fedtune.devices import device_of, to_device
+from fedtune.models.devices import device_of, to_device
 
 
 class LoraSBFactors(NamedTuple):

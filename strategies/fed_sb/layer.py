@@ -23,12 +23,10 @@ from typing import Any
 
 import peft  # noqa: F401  (the package first: peft's submodules import each other through it)
 import torch
+from fedtune.strategies.fed_sb.keys import LORA_A, LORA_B, LORA_R, R_LAYER
 from peft.tuners.lora.layer import LoraLayer, LoraVariant
 from peft.utils.other import transpose
 from torch import nn
-
-from fedtune.strategies.fed_sb.keys import LORA_A, LORA_B, LORA_R, R_LAYER
-
 
 
 def _delta_weight(module: LoraLayer, adapter: str) -> torch.Tensor:
@@ -190,7 +188,7 @@ def r_identity(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def prepare_handle(handle: Any, rank: int | None = None) -> list[str]:
-    """Attach R to an :class:`fedtune.models.AdapterHandle` and register it as an adapter tensor.
+    """Attach R to an :class:`fedtune.models.loading.AdapterHandle` and register it as an adapter tensor.
 
     R joins ``handle.params`` (so ``load``/``state``/``set_trainable`` see it) with the
     identity as its initial value. Idempotent. Returns the R wire names.

@@ -20,10 +20,10 @@ from fedtune.strategies.fed_sb.keys import (
 from fedtune.strategies.fed_sb.layer import adopt_frozen, lora_layers, prepare_handle
 
 from fedtune import protocol
-from fedtune.ledger import client_ledger, save_ledger
-from fedtune.models import AdapterHandle
+from fedtune.client.ledger import client_ledger, save_ledger
+from fedtune.client.training import TrainResult, batches, steps_per_round
+from fedtune.models.loading import AdapterHandle
 from fedtune.routine import ClientJob, ClientReply, ClientRoutine, GradientRoutine, register_routine
-from fedtune.training import TrainResult, batches, steps_per_round
 
 # State value: the client's noisy initialisation estimate is accounted once, however many passes read it.
 INIT_ACCOUNTED = "fed_sb.dp_init_accounted"

@@ -85,8 +85,8 @@ from fedtune.strategies.fed_sb.keys import (
 from fedtune.strategies.fed_sb.layer import fold_r_into_a
 
 from fedtune import protocol
-from fedtune.codec import tensor_digest
 from fedtune.errors import AggregationError
+from fedtune.protocol import tensor_digest
 from fedtune.strategy import (
     AdapterSpec,
     ClientInstruction,

@@ -15,11 +15,11 @@ from fedtune.strategies.fedkseed.wire import (
 from fedtune.strategies.fedkseed.zeroth_order import TUNE_FULL, seed_pool, tunable_tensors, zo_train
 
 from fedtune import protocol
-from fedtune.devices import device_of, to_device
-from fedtune.models import AdapterHandle
+from fedtune.client.training import batches
+from fedtune.models.devices import device_of, to_device
+from fedtune.models.loading import AdapterHandle
 from fedtune.routine import ClientJob, ClientReply, ClientRoutine, register_routine
 from fedtune.strategy import select
-from fedtune.training import batches
 
 
 @register_routine

@@ -37,16 +37,7 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from fedtune.strategy import (
-    AdapterSpec,
-    ClientInstruction,
-    ClientUpdate,
-    Strategy,
-    Tensors,
-    register_strategy,
-    select,
-)
+from fedtune.strategies.aggregation import check_weighting, normalized_weights
 from fedtune.strategies.fedkseed.wire import (
     ZEROTH_ORDER_ROUTINE,
     CatchUp,
@@ -70,7 +61,16 @@ from fedtune.strategies.fedkseed.zeroth_order import (
     seed_pool,
     tunable_tensors,
 )
-from fedtune.strategies.aggregation import check_weighting, normalized_weights
+
+from fedtune.strategy import (
+    AdapterSpec,
+    ClientInstruction,
+    ClientUpdate,
+    Strategy,
+    Tensors,
+    register_strategy,
+    select,
+)
 
 log = logging.getLogger(__name__)
 
@@ -321,7 +321,7 @@ class FedKSeed(Strategy):
         """The initial adapter with the tuned tensors replaced by the replayed masters.
 
         With ``tune="full"`` the masters of the base weights are included, under their
-        base names (:meth:`fedtune.models.AdapterHandle.load` accepts them).
+        base names (:meth:`fedtune.models.loading.AdapterHandle.load` accepts them).
         """
         result = {name: t.clone() for name, t in self._initial.items()}
         for name, master in self._masters.items():

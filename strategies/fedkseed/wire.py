@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
-
 from fedtune.strategies.fedkseed.zeroth_order import (
     DIRECTION_VERSION,
     TUNE_ADAPTER,
@@ -284,10 +283,10 @@ def _list_field(record: Mapping[str, Any], key: str, kind: type) -> list[Any]:
 
 
 __all__ = [
+    "ZEROTH_ORDER_ROUTINE",
     "CatchUp",
     "HistoryEntry",
     "RoundPlan",
-    "ZEROTH_ORDER_ROUTINE",
     "apply_catch_up",
     "decode_history",
     "decode_round_config",

@@ -38,9 +38,9 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from fedtune.progress import local_steps
 from fedtune.strategies.fedkseed.gaussian import NormalTarget, fill_normal
+
+from fedtune.reporting.progress import local_steps
 
 Params = Mapping[str, torch.Tensor]
 Step = tuple[int, float]  # (seed, scalar) of one update

@@ -5,10 +5,11 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from fedtune.models import AdapterHandle
-from fedtune.routine import ClientJob, ClientReply, GradientRoutine, register_routine
 from fedtune.strategies.fedsa_lora.keys import FEDSA_ROUTINE, OPT_PERSONAL, OPT_UPLOAD_PERSONAL
-from fedtune.training import TrainResult
+
+from fedtune.client.training import TrainResult
+from fedtune.models.loading import AdapterHandle
+from fedtune.routine import ClientJob, ClientReply, GradientRoutine, register_routine
 
 
 @register_routine

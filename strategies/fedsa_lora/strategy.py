@@ -21,6 +21,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from fedtune.strategies.aggregation import check_weighting, client_weights, weighted_average
+from fedtune.strategies.fedsa_lora.keys import FEDSA_ROUTINE, OPT_PERSONAL, OPT_UPLOAD_PERSONAL, PERSONAL_B
+
 from fedtune.strategy import (
     AdapterSpec,
     ClientInstruction,
@@ -31,8 +34,6 @@ from fedtune.strategy import (
     select,
     shapes_of,
 )
-from fedtune.strategies.aggregation import check_weighting, client_weights, weighted_average
-from fedtune.strategies.fedsa_lora.keys import FEDSA_ROUTINE, OPT_PERSONAL, OPT_UPLOAD_PERSONAL, PERSONAL_B
 
 
 @register_strategy

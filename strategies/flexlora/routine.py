@@ -6,10 +6,10 @@ import dataclasses
 from collections.abc import Mapping
 
 import torch
-
-from fedtune.models import AdapterHandle
-from fedtune.routine import ClientJob, GradientRoutine, register_routine
 from fedtune.strategies.aggregation import LORA_A, LORA_B
+
+from fedtune.models.loading import AdapterHandle
+from fedtune.routine import ClientJob, GradientRoutine, register_routine
 
 FLEXLORA_ROUTINE = "flexlora"
 

@@ -24,16 +24,6 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
-
-from fedtune.strategy import (
-    AdapterSpec,
-    ClientInstruction,
-    ClientUpdate,
-    Strategy,
-    Tensors,
-    register_strategy,
-    select,
-)
 from fedtune.strategies.aggregation import (
     LORA_A,
     LORA_B,
@@ -48,8 +38,18 @@ from fedtune.strategies.aggregation import (
 )
 from fedtune.strategies.flexlora.routine import FLEXLORA_ROUTINE
 
+from fedtune.strategy import (
+    AdapterSpec,
+    ClientInstruction,
+    ClientUpdate,
+    Strategy,
+    Tensors,
+    register_strategy,
+    select,
+)
+
 if TYPE_CHECKING:
-    from fedtune.config import FedtuneConfig
+    from fedtune.schema import FedtuneConfig
 
 
 @register_strategy

@@ -35,7 +35,7 @@ from contextlib import contextmanager
 import torch
 
 from fedtune.errors import InvalidUpdateError
-from fedtune.models import extension
+from fedtune.models.loading import extension
 
 PREFIX = "residual."
 _KEY = re.compile(r"^residual\.(\d+)\.(.+)\.lora_([AB])\.weight$")

@@ -10,7 +10,7 @@ import torch
 from fedtune.strategies.aggregation import LORA_A, LORA_B
 from fedtune.strategies.flora.residual import residual_of, split_residual
 
-from fedtune.models import AdapterHandle
+from fedtune.models.loading import AdapterHandle
 from fedtune.routine import ClientJob, GradientRoutine, register_routine
 
 FLORA_ROUTINE = "flora"

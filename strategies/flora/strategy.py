@@ -46,7 +46,7 @@ from fedtune.strategies.aggregation import (
 from fedtune.strategies.flora.residual import residual_key, residual_of
 from fedtune.strategies.flora.routine import FLORA_ROUTINE
 
-from fedtune.models import AdapterHandle
+from fedtune.models.loading import AdapterHandle
 from fedtune.strategy import (
     AdapterSpec,
     ClientInstruction,

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
-
 from fedtune.strategies.aggregation import LORA_A, LORA_B, lora_modules, normalized_weights
 from fedtune.strategies.fed_sb.keys import LORA_R
 

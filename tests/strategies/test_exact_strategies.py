@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from fedtune.errors import AggregationError, ConfigError, InvalidUpdateError
-from fedtune.config import load_config
+from fedtune.strategies import FedIT, FFALoRA, FLoRA, LoRAFAIR
 from fedtune.strategies.flora.residual import Residual, residual_key, split_residual
+
+from fedtune.config import load_config
+from fedtune.errors import AggregationError, ConfigError, InvalidUpdateError
 from fedtune.strategy import AdapterSpec, ClientUpdate
-from fedtune.strategies import FFALoRA, FLoRA, FedIT, LoRAFAIR
 
 M, N = 12, 10
 MODULES = ("layer0.q", "layer1.v")
@@ -299,8 +299,9 @@ def test_a_new_run_in_the_same_process_starts_from_an_empty_residual() -> None:
 
 def test_flora_stack_error_from_the_factors_equals_the_dense_error() -> None:
     from fedtune.strategies.aggregation import ideal_terms, stack_factors
-    from tests.strategies.dense_reference import ideal_updates, relative_error
     from fedtune.strategies.flora.strategy import stack_error
+
+    from tests.strategies.dense_reference import ideal_updates, relative_error
 
     lora = [{k: v for k, v in u.arrays.items() if "lora_" in k} for u in updates([2, 4, 3], [1, 2, 3])]
     weights, scalings = [1.0, 2.0, 3.0], [4.0, 2.0, 8.0 / 3.0]
@@ -315,8 +316,9 @@ def test_flora_stack_error_from_the_factors_equals_the_dense_error() -> None:
 
 
 def test_ffa_lora_error_through_the_shared_a_equals_the_dense_error() -> None:
-    from tests.strategies.dense_reference import ideal_updates, relative_error
     from fedtune.strategies.ffa_lora import shared_a_error
+
+    from tests.strategies.dense_reference import ideal_updates, relative_error
 
     s = spec()
     frozen = {k: v for k, v in s.initial.items() if "lora_A" in k}

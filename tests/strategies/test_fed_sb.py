@@ -26,8 +26,9 @@ from fedtune.strategies.fed_sb.strategy import FedSB, federated_init, r_average_
 from peft import LoraConfig, TaskType, get_peft_model
 from transformers import AutoModelForSequenceClassification
 
-from fedtune.codec import record_to_tensors, tensor_digest, tensors_to_record
 from fedtune.errors import AggregationError, ConfigError
+from fedtune.flower.codec import record_to_tensors, tensors_to_record
+from fedtune.protocol import tensor_digest
 from fedtune.strategy import AdapterSpec, ClientUpdate, build_strategy, resolve_strategy
 from tests.strategies.dense_reference import dense_updates, ideal_updates, relative_error
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fedtune.strategies.aggregation import normalized_weights, weighted_average
+from fedtune.strategies.fedit import FedIT
 
 from fedtune.errors import AggregationError
 from fedtune.strategy import AdapterSpec, ClientUpdate
-from fedtune.strategies.aggregation import normalized_weights, weighted_average
-from fedtune.strategies.fedit import FedIT
 
 A_KEY = "base_model.model.layer.0.query.lora_A.weight"
 B_KEY = "base_model.model.layer.0.query.lora_B.weight"
@@ -265,6 +265,7 @@ def test_fedit_is_exact_for_one_client() -> None:
 def test_factor_average_error_from_the_factors_equals_the_dense_computation() -> None:
     """The factored metric against the dense one (m×n per module) on small shapes, and at 0."""
     from fedtune.strategies.aggregation import factor_average_error, gram_norm, low_rank_norm
+
     from tests.strategies.dense_reference import ideal_updates, relative_error
 
     g = torch.Generator().manual_seed(3)

@@ -7,15 +7,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord
-from flwr.common import serde
-
-from fedtune.config import load_config
-from fedtune.errors import ConfigError
-from fedtune.strategy import AdapterSpec, ClientUpdate, build_strategy
+from fedtune.strategies.fedkseed.strategy import FedKSeed, FedKSeedPro
 from fedtune.strategies.fedkseed.wire import (
-    HistoryEntry,
     ZEROTH_ORDER_ROUTINE,
+    HistoryEntry,
     apply_catch_up,
     decode_round_config,
     encode_steps,
@@ -28,7 +23,12 @@ from fedtune.strategies.fedkseed.zeroth_order import (
     seed_pool,
     zo_train,
 )
-from fedtune.strategies.fedkseed.strategy import FedKSeed, FedKSeedPro
+from flwr.app import ConfigRecord
+from flwr.common import serde
+
+from fedtune.config import load_config
+from fedtune.errors import ConfigError
+from fedtune.strategy import AdapterSpec, ClientUpdate, build_strategy
 
 A_KEY = "base_model.model.layer.0.query.lora_A.weight"
 B_KEY = "base_model.model.layer.0.query.lora_B.weight"

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fedtune.strategies.fedsa_lora import FedSALoRA
 
-from fedtune.client import ClientRuntime
+from fedtune.client.runtime import ClientRuntime
 from fedtune.config import load_config
 from fedtune.routine import ClientState
-from fedtune.strategies.fedsa_lora import FedSALoRA
 from fedtune.strategy import AdapterSpec, ClientUpdate, check_update
 
 A, B, HEAD = "q.lora_A.weight", "q.lora_B.weight", "classifier.weight"

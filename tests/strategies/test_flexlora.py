@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fedtune.strategies.aggregation import truncated_svd
+from fedtune.strategies.flexlora import FlexLoRA
+from fedtune.strategies.flexlora.routine import client_factors
 
 from fedtune import protocol
 from fedtune.config import load_config
-from fedtune.strategies.aggregation import truncated_svd
-from tests.strategies.dense_reference import ideal_updates
-from fedtune.strategies.flexlora import FlexLoRA
-from fedtune.strategies.flexlora.routine import client_factors
 from fedtune.strategy import AdapterSpec, ClientUpdate
+from tests.strategies.dense_reference import ideal_updates
 
 M, N = 12, 9
 MODULE = "layer"

@@ -10,7 +10,7 @@ from fedtune.strategies.aggregation import LORA_A, LORA_B
 from fedtune.strategies.flora.routine import draw_fresh_lora, fresh_lora_seed
 
 from fedtune.config import AdapterConfig, ModelConfig
-from fedtune.models import clear_model_cache, get_adapter
+from fedtune.models.loading import clear_model_cache, get_adapter
 
 
 @pytest.fixture

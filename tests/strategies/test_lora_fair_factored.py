@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from fedtune.strategies.lora_fair import IdealProjection, LoRAFAIR, residual_correction
+
 from fedtune.strategy import AdapterSpec, ClientUpdate
 from tests.strategies.dense_reference import dense_cosine_distance, dense_residual_correction
 

@@ -12,10 +12,6 @@ import math
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, TaskType, get_peft_model, set_peft_model_state_dict
-from transformers import AutoModelForSequenceClassification
-
-from fedtune.config import AdapterConfig, ModelConfig
 from fedtune.strategies.fed_sb.init import (
     client_sketch,
     estimate_update,
@@ -39,7 +35,11 @@ from fedtune.strategies.fed_sb.layer import (
     lora_layers,
     prepare_handle,
 )
-from fedtune.models import clear_model_cache, get_adapter
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model, set_peft_model_state_dict
+from transformers import AutoModelForSequenceClassification
+
+from fedtune.config import AdapterConfig, ModelConfig
+from fedtune.models.loading import clear_model_cache, get_adapter
 
 RANK, ALPHA = 4, 8.0
 SCALE = ALPHA / RANK

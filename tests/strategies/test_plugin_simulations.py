@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from fedtune.config import load_config
-from fedtune.runlog import ADAPTER_DIR, METRICS_FILE
-from fedtune.simulation import simulate
+from fedtune.flower.simulation import simulate
+from fedtune.reporting.runlog import ADAPTER_DIR, METRICS_FILE
 
 pytestmark = pytest.mark.integration
 

@@ -12,9 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord, MetricRecord
-from flwr.common import serde
-
 from fedtune.strategies.fedkseed.wire import (
     CatchUp,
     HistoryEntry,
@@ -27,7 +24,6 @@ from fedtune.strategies.fedkseed.wire import (
     encode_round_config,
     encode_steps,
 )
-
 from fedtune.strategies.fedkseed.zeroth_order import (
     DIRECTION_VERSION,
     SEED_LIMIT,
@@ -43,6 +39,8 @@ from fedtune.strategies.fedkseed.zeroth_order import (
     zo_step,
     zo_train,
 )
+from flwr.app import ConfigRecord, MetricRecord
+from flwr.common import serde
 
 REPO = Path(__file__).resolve().parents[2]
 SHAPES = {"layer.weight": (64, 33), "layer.bias": (64,), "head.weight": (3, 64)}

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 import datasets
 import torch
 
-from fedtune.config import AttackConfig
+from fedtune.schema import AttackConfig
 
 DEFAULT_SCALE = {"sign-flip": 1.0, "scale": 10.0}
 

@@ -13,7 +13,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fedtune.config import FedtuneConfig, to_yaml
+from fedtune.schema import FedtuneConfig, to_yaml
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
@@ -99,7 +99,7 @@ class RunLog:
 
     @property
     def bar(self) -> Progress | None:
-        """The live bars (``output.progress``), for more tasks under the rounds' (:mod:`fedtune.progress`)."""
+        """The live bars (``output.progress``), for more tasks under the rounds' (:mod:`fedtune.reporting.progress`)."""
         return self._progress
 
     def _keep_generations(self, last_round: int) -> None:

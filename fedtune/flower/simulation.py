@@ -10,13 +10,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedtune.config import FedtuneConfig, to_run_config
 from fedtune.errors import ConfigError, FedtuneError, RunInterrupted
+from fedtune.schema import FedtuneConfig, to_run_config
 
 if TYPE_CHECKING:
     from flwr.clientapp import ClientApp
 
-    from fedtune.server import RunControl
+    from fedtune.server.run import RunControl
 
 
 def simulate(cfg: FedtuneConfig, verbose: bool = False,
@@ -36,7 +36,7 @@ def simulate(cfg: FedtuneConfig, verbose: bool = False,
     client_app_factory : callable, optional
         Run config -> ClientApp, replacing fedtune's, e.g. to inject faults in tests.
     control : RunControl, optional
-        Shared with the ServerApp: set its ``stop`` to end the run (see :mod:`fedtune.interrupt`).
+        Shared with the ServerApp: set its ``stop`` to end the run (see :mod:`fedtune.server.interrupt`).
 
     Raises
     ------
@@ -52,7 +52,7 @@ def simulate(cfg: FedtuneConfig, verbose: bool = False,
 
     from fedtune.flower.client_app import make_client_app
     from fedtune.flower.server_app import make_server_app
-    from fedtune.server import RunControl
+    from fedtune.server.run import RunControl
 
     control = control or RunControl()
     preflight(cfg)
@@ -95,7 +95,7 @@ def backend_config(cfg: FedtuneConfig, verbose: bool = False) -> dict[str, Any]:
     ConfigError
         CUDA clients without a GPU share, or GPU shares for clients on the CPU.
     """
-    from fedtune.devices import resolve_device
+    from fedtune.models.devices import resolve_device
 
     federation = cfg.federation
     on_gpu = resolve_device(cfg.model.device).type == "cuda"  # as this machine sees it
@@ -136,7 +136,7 @@ class RunSimulationDeprecationFilter(logging.Filter):
 
     ``fedtune simulate`` calls ``flwr.simulation.run_simulation`` because it is the only
     Flower entry point that runs ServerApp and ClientApp objects in this process (with
-    fedtune's ``on_finish`` and :class:`~fedtune.server.RunControl`); ``flwr run`` loads the apps
+    fedtune's ``on_finish`` and :class:`~fedtune.server.run.RunControl`); ``flwr run`` loads the apps
     by name in other processes. The user did not call it, so ``--verbose`` should not tell
     them it is deprecated.
     """
@@ -163,12 +163,12 @@ def preflight(cfg: FedtuneConfig) -> None:
     """Fail fast, before Ray starts, on a model that cannot be found or data that cannot be read or split."""
     from transformers import AutoConfig
 
-    from fedtune.checkpoint import checkpoint_to_resume
     from fedtune.data import load_splits
     from fedtune.data.partition import partition_dataset
     from fedtune.data.prompts import with_resolved_prompt_format
     from fedtune.errors import ModelLoadError
-    from fedtune.models import resolve_model_path
+    from fedtune.models.loading import resolve_model_path
+    from fedtune.server.checkpoint import checkpoint_to_resume
 
     if cfg.output.resume:  # output.dir is then set (a config check)
         # The checkpoint records the resolved prompt format, so compare against that.

@@ -37,9 +37,9 @@ from typing import Any
 
 import torch
 
-from fedtune.cache import cache_dir
-from fedtune.config import ModelConfig
 from fedtune.errors import ModelLoadError
+from fedtune.models.cache import cache_dir
+from fedtune.schema import ModelConfig
 
 # Task heads: kept in full precision, trained and exchanged like any adapter tensor (PEFT's
 # modules_to_save for sequence classification), or tied to the embeddings (lm_head).
@@ -109,7 +109,7 @@ def load_quantized(cfg: ModelConfig, path: str, num_labels: int | None, seed: in
     """The quantized model on ``device`` (the CPU by default), read from its pre-quantized copy.
 
     ``from_pretrained(path, **kwargs)`` loads a model for ``cfg.task`` (with the head, dtype
-    and error handling of :func:`fedtune.models.load_base_model`). The copy is written on
+    and error handling of :func:`fedtune.models.loading.load_base_model`). The copy is written on
     first use, quantized on the CPU, so every device loads the same quantized weights.
     """
     folder = checkpoint_folder(cfg, path, num_labels, seed)

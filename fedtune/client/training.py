@@ -11,13 +11,13 @@ import datasets
 import torch
 from torch.utils.data import DataLoader
 
-from fedtune.config import TrainConfig
+from fedtune.client.objectives import SUPERVISED, Objective
 from fedtune.data.tokenize import collate
-from fedtune.devices import device_of, to_device
-from fedtune.models import AdapterHandle
-from fedtune.objectives import SUPERVISED, Objective
+from fedtune.models.devices import device_of, to_device
+from fedtune.models.loading import AdapterHandle
 from fedtune.privacy import PrivacyLedger, dp_step, model_loss_fn, poisson_batch
-from fedtune.progress import local_steps
+from fedtune.reporting.progress import local_steps
+from fedtune.schema import TrainConfig
 
 
 @dataclass(frozen=True)

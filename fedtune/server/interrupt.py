@@ -1,6 +1,6 @@
 """Ctrl-C during ``fedtune simulate``/``resume``: stop within seconds, keep the checkpoint, exit 130.
 
-The first Ctrl-C asks the ServerApp to stop (:class:`~fedtune.server.RunControl`): it stops
+The first Ctrl-C asks the ServerApp to stop (:class:`~fedtune.server.run.RunControl`): it stops
 waiting for replies at once, or finishes the round it is checkpointing. Ray's worker
 threads in this process may still be blocked on tasks whose processes the same Ctrl-C
 killed, so once the ServerApp has stopped (or after ``grace`` seconds) this process ends
@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from fedtune.server import RunControl
+    from fedtune.server.run import RunControl
 
 EXIT_CODE = 130  # 128 + SIGINT, as shells report a Ctrl-C
 _report_lock = threading.Lock()

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fedtune.errors import FedtuneError
-from fedtune.runlog import METRICS_FILE
+from fedtune.reporting.runlog import METRICS_FILE
 
 
 class RunDirectoryError(FedtuneError, ValueError):

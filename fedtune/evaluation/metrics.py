@@ -1,13 +1,13 @@
 """Evaluation metrics by name (``eval.metric``): the default from logits, the rest from generated text.
 
-``next_token_accuracy`` (the default) is what :func:`fedtune.training.evaluate` always reports
+``next_token_accuracy`` (the default) is what :func:`fedtune.client.training.evaluate` always reports
 as ``eval_accuracy``: next-token accuracy on the response tokens of a causal LM, label
 accuracy for classification. Every other metric is a :class:`GenerativeMetric`: the global
 model greedily generates an answer for each held-out prompt
-(:mod:`fedtune.generation`) and the metric scores the answers against the references; it
+(:mod:`fedtune.evaluation.generation`) and the metric scores the answers against the references; it
 is logged as ``eval_<name>`` next to the loss and the accuracy.
 
-Built-ins: ``exact_match`` and ``choice_accuracy`` (rules in :mod:`fedtune.answers`) and
+Built-ins: ``exact_match`` and ``choice_accuracy`` (rules in :mod:`fedtune.evaluation.answers`) and
 ``rouge_l`` (Google's ``rouge-score``). A user
 metric subclasses :class:`GenerativeMetric`, sets ``name`` and registers with
 :func:`register_metric`, or is named by path (``mypkg.mymodule:MyMetric``,
@@ -22,11 +22,10 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
-from fedtune.answers import extract_answer, extract_choice, normalize_text
 from fedtune.errors import ConfigError
+from fedtune.evaluation.answers import extract_answer, extract_choice, normalize_text
 from fedtune.registry import Registry
-
-DEFAULT_METRIC = "next_token_accuracy"
+from fedtune.schema import DEFAULT_METRIC
 
 
 class GenerativeMetric(ABC):
@@ -57,7 +56,7 @@ class GenerativeMetric(ABC):
 
 
 class ExactMatch(GenerativeMetric):
-    """Fraction of generations whose extracted answer equals the reference's (:func:`~fedtune.answers.extract_answer`)."""
+    """Fraction of generations whose extracted answer equals the reference's (:func:`~fedtune.evaluation.answers.extract_answer`)."""
 
     name = "exact_match"
 
@@ -68,7 +67,7 @@ class ExactMatch(GenerativeMetric):
 
 
 class ChoiceAccuracy(GenerativeMetric):
-    """Fraction of generations whose first named choice is the reference (:func:`~fedtune.answers.extract_choice`).
+    """Fraction of generations whose first named choice is the reference (:func:`~fedtune.evaluation.answers.extract_choice`).
 
     Parameters
     ----------
@@ -168,7 +167,7 @@ def build_metric(name: str, options: Mapping[str, Any] | None = None) -> Generat
         Keyword arguments for the metric's constructor (``eval.options``).
     """
     if not is_generative(name):
-        raise ConfigError([(f"eval.metric={name!r} is computed from logits by fedtune.training.evaluate, "
+        raise ConfigError([(f"eval.metric={name!r} is computed from logits by fedtune.client.training.evaluate, "
                             "not from generated text")])
     try:
         cls = _REGISTRY.resolve(name)

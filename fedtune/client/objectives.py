@@ -10,7 +10,7 @@ An :class:`Objective` turns rows into tokenized examples and batches, gives a ba
 * ``sft`` (:class:`Supervised`): the cross-entropy of the response tokens (the label for
   classification); scored by loss and accuracy;
 * ``dpo`` (:class:`DirectPreference`): preference pairs, the DPO loss against the base
-  model as reference (:mod:`fedtune.dpo`); scored by the DPO loss, the preference accuracy
+  model as reference (:mod:`fedtune.client.dpo`); scored by the DPO loss, the preference accuracy
   (``accuracy``: the share of pairs whose chosen response gets the larger implicit reward)
   and the mean reward margin.
 """
@@ -26,11 +26,11 @@ import datasets
 import torch
 from torch.utils.data import DataLoader
 
-from fedtune.config import DPOConfig, TrainConfig
+from fedtune.client.dpo import batch_terms
 from fedtune.data.preference import collate_pairs, tokenize_pairs
 from fedtune.data.tokenize import IGNORE_INDEX, collate, tokenize
-from fedtune.devices import device_of, to_device
-from fedtune.dpo import batch_terms
+from fedtune.models.devices import device_of, to_device
+from fedtune.schema import DPOConfig, TrainConfig
 
 OnBatch = Callable[[int, int], None]
 
@@ -109,7 +109,7 @@ class Supervised(Objective):
 
 
 class DirectPreference(Objective):
-    """DPO on preference pairs (:mod:`fedtune.dpo`); the reference is the base with the adapter off.
+    """DPO on preference pairs (:mod:`fedtune.client.dpo`); the reference is the base with the adapter off.
 
     Parameters
     ----------

@@ -7,7 +7,6 @@ serialisation). ``ArrayRecord`` rejects bfloat16, so bfloat16 tensors travel as 
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 
 import numpy as np
@@ -61,13 +60,3 @@ def wire_bytes(content: RecordDict) -> int:
     metadata header (a few hundred bytes) is not counted.
     """
     return sum(len(obj.deflate()) for obj in get_all_nested_objects(content).values())
-
-
-def tensor_digest(tensors: Mapping[str, torch.Tensor]) -> str:
-    """SHA-256 over names, dtypes, shapes and bytes, in name order: equal iff bitwise equal."""
-    h = hashlib.sha256()
-    for key in sorted(tensors):
-        t = tensors[key].detach().cpu().contiguous()
-        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()

@@ -19,22 +19,22 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from fedtune import __version__, protocol
-from fedtune.attacks import attacked_reply, flipped_labels
 from fedtune.averaging.client_dp import client_dp_of, noised_update
-from fedtune.codec import tensor_digest
-from fedtune.config import AdapterConfig, FedtuneConfig, ModelConfig, to_yaml
+from fedtune.client.attacks import attacked_reply, flipped_labels
+from fedtune.client.objectives import Objective, objective_of
+from fedtune.client.training import TrainResult, evaluate
 from fedtune.data import load_splits, num_labels, partition_dataset, resolve_prompt_format, split_train_eval
-from fedtune.devices import device_of
 from fedtune.errors import ConfigError
-from fedtune.generation import evaluate_generation_on
-from fedtune.metrics import is_generative
-from fedtune.models import AdapterHandle, claim_extensions, get_adapter
-from fedtune.objectives import Objective, objective_of
-from fedtune.quantization import bits_of, peak_rss_bytes, weight_bytes
+from fedtune.evaluation.generation import evaluate_generation_on
+from fedtune.evaluation.metrics import is_generative
+from fedtune.models.devices import device_of
+from fedtune.models.loading import AdapterHandle, claim_extensions, get_adapter
+from fedtune.models.quantization import bits_of, peak_rss_bytes, weight_bytes
+from fedtune.protocol import tensor_digest
 from fedtune.registry import import_by_path
 from fedtune.routine import ClientJob, ClientReply, ClientRoutine, ClientState, resolve_routine
+from fedtune.schema import AdapterConfig, FedtuneConfig, ModelConfig, to_yaml
 from fedtune.strategy import select
-from fedtune.training import TrainResult, evaluate
 
 # Settings a SuperNode may give its own client in a real deployment, e.g.
 # flower-supernode --node-config "partition-id=0 num-partitions=4 model.quantization='4bit' model.device='cuda:1'"
@@ -271,14 +271,17 @@ class ClientRuntime:
 _RUNTIMES: dict[tuple, ClientRuntime] = {}
 
 
-def runtime_for(cfg: FedtuneConfig, run_id: int = 0, node_config: Mapping[str, Any] | None = None) -> ClientRuntime:
+def runtime_for(cfg: FedtuneConfig, run_id: int = 0, node_config: Mapping[str, Any] | None = None, *,
+                config_key: str | None = None) -> ClientRuntime:
     """The process's runtime for ``cfg``, run and node settings (created once, reused by later messages).
 
     Only the node's ``model.*`` / ``adapter.*`` keys tell runtimes apart: the virtual clients
     a simulation process serves (different ``partition-id``) share one runtime and its data.
+    ``config_key`` stands for ``cfg`` where the caller has one (the ClientApp's: the run config
+    ``cfg`` was read from); else ``cfg``'s YAML is the key.
     """
     node = {k: v for k, v in (node_config or {}).items() if k.startswith(("model.", "adapter."))}
-    key = (to_yaml(cfg), run_id, tuple(sorted((k, str(v)) for k, v in node.items())))
+    key = (config_key or to_yaml(cfg), run_id, tuple(sorted((k, str(v)) for k, v in node.items())))
     if key not in _RUNTIMES:
         _RUNTIMES[key] = ClientRuntime(cfg, run_id, node)
     return _RUNTIMES[key]

@@ -1,7 +1,7 @@
 """Direct preference optimisation's arithmetic (Rafailov et al. 2023), as TRL computes it.
 
 For a pair (prompt x, chosen y_w, rejected y_l), with π the model with its adapter and
-π_ref the same base without it (:func:`fedtune.models.base_model_only`):
+π_ref the same base without it (:func:`fedtune.models.loading.base_model_only`):
 
     Δ = [log π(y_w|x) − log π_ref(y_w|x)] − [log π(y_l|x) − log π_ref(y_l|x)]
     sigmoid loss: −log σ(β·Δ)          hinge loss: max(0, 1 − β·Δ)
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from fedtune.data.tokenize import IGNORE_INDEX
-from fedtune.models import base_model_only
+from fedtune.models.loading import base_model_only
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

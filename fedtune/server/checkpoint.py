@@ -33,11 +33,11 @@ import torch
 from numpy._core.multiarray import _reconstruct, scalar
 from omegaconf import OmegaConf
 
-from fedtune.config import FedtuneConfig, flatten, to_yaml
 from fedtune.errors import CheckpointError, ConfigError
+from fedtune.schema import FedtuneConfig, flatten, to_yaml
 from fedtune.strategy import AdapterSpec
 
-log = logging.getLogger("fedtune.server")
+log = logging.getLogger("fedtune.server.run")
 
 CHECKPOINT_FILE = "checkpoint.pt"
 FORMAT_VERSION = 1
@@ -80,7 +80,7 @@ class Checkpoint:
         States of Python's, numpy's and torch's global generators.
     run_key : str
         The run's id, sent to clients, which keep their own state under it
-        (:mod:`fedtune.client_state`); a resumed run keeps it.
+        (:mod:`fedtune.client.state`); a resumed run keeps it.
     averaging_state : dict
         The server optimizer's moments (:class:`fedtune.averaging.Averaging`), if any.
     """

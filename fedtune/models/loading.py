@@ -27,11 +27,11 @@ from typing import Any, Protocol
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 
-from fedtune import quantization
-from fedtune.cache import cache_dir
-from fedtune.config import AdapterConfig, ModelConfig
-from fedtune.devices import resolve_device
 from fedtune.errors import ModelLoadError
+from fedtune.models import quantization
+from fedtune.models.cache import cache_dir
+from fedtune.models.devices import resolve_device
+from fedtune.schema import AdapterConfig, ModelConfig
 
 BUILTIN_PREFIX = "builtin:"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -144,10 +144,10 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
 def load_base_model(cfg: ModelConfig, num_labels: int | None, seed: int = 0) -> torch.nn.Module:
     """The pretrained model with a task head, frozen, in eval mode, ready for adapters.
 
-    The model is on ``cfg.device`` (:func:`fedtune.devices.resolve_device`). Unquantized,
+    The model is on ``cfg.device`` (:func:`fedtune.models.devices.resolve_device`). Unquantized,
     the weights are in ``cfg.dtype``. With ``cfg.quantization`` the linear
     layers (all but the head) are bitsandbytes 8-bit or 4-bit layers, read from a
-    pre-quantized copy in the cache (:func:`fedtune.quantization.load_quantized`), and the
+    pre-quantized copy in the cache (:func:`fedtune.models.quantization.load_quantized`), and the
     model is prepared for k-bit training as PEFT recommends. A fresh head is initialised
     under ``seed``.
     """

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from fedtune.cache import cache_dir
+from fedtune.models.cache import cache_dir
 from fedtune.routine import ClientState
 
 KEEP_ROUNDS = 2  # the last complete round's state and the one in progress

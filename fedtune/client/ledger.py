@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Mapping, MutableMapping
 from typing import Any
 
-from fedtune.config import FedtuneConfig
+from fedtune.client.training import steps_per_round
 from fedtune.privacy import PrivacyLedger, noise_multiplier_for
-from fedtune.training import steps_per_round
+from fedtune.schema import FedtuneConfig
 
 # Keys of the ledger in a client's state values.
 LEDGER_SIGMAS, LEDGER_RATES, LEDGER_STEPS = "dp.sigmas", "dp.rates", "dp.steps"

@@ -16,10 +16,10 @@ from typing import Any
 import datasets
 import torch
 
-from fedtune.config import DataConfig, EvalConfig
 from fedtune.data.prompts import render_prompt, resolve_prompt_format
-from fedtune.metrics import build_metric, metric_key
-from fedtune.models import AdapterHandle
+from fedtune.evaluation.metrics import build_metric, metric_key
+from fedtune.models.loading import AdapterHandle
+from fedtune.schema import DataConfig, EvalConfig
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedtune.compare import cumulative_bytes, read_metrics, read_runs, value
+from fedtune.reporting.compare import cumulative_bytes, read_metrics, read_runs, value
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

@@ -38,9 +38,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 from fedtune.errors import FedtuneError
 
 if TYPE_CHECKING:
-    from fedtune.config import FedtuneConfig
+    from fedtune.schema import FedtuneConfig
 
-log = logging.getLogger("fedtune.trackers")
+log = logging.getLogger("fedtune.reporting.trackers")
 
 TENSORBOARD_DIR = "tensorboard"
 MLFLOW_DIR = "mlflow"  # the default MLflow store: mlflow/mlflow.db and mlflow/artifacts/
@@ -105,7 +105,7 @@ def flat_params(cfg: FedtuneConfig) -> dict[str, Any]:
     """The resolved configuration as dotted keys to str, int, float or bool (lists, dicts, None as JSON)."""
     from omegaconf import OmegaConf
 
-    from fedtune.config import flatten
+    from fedtune.schema import flatten
 
     tree = OmegaConf.to_container(OmegaConf.structured(cfg))
     assert isinstance(tree, dict)
