@@ -58,10 +58,19 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 
 def cmd_strategies(args: argparse.Namespace) -> int:
-    from fedtune.strategy import registered_strategies
+    from fedtune.options import describe_options
+    from fedtune.strategy import registered_strategies, resolve_strategy
 
-    for name, cls in registered_strategies().items():
-        print(f"{name:<12} {cls.summary_line}")
+    if args.name is None:
+        for name, cls in registered_strategies().items():
+            print(f"{name:<12} {cls.summary_line}")
+        return 0
+    cls = resolve_strategy(args.name)
+    print(f"{args.name}: {cls.summary_line}".rstrip(": "))
+    options = describe_options(cls)
+    print("\noptions (strategy.options.NAME=VALUE):" if options else "\nno options")
+    for line in options:
+        print(f"  {line}")
     return 0
 
 
@@ -111,8 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("overrides", nargs="*", metavar="key=value")
     resume.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     resume.set_defaults(func=cmd_resume)
-    strat = sub.add_parser("strategies", help="list the built-in aggregation strategies",
-                           description="List the registered strategies, one line each.")
+    strat = sub.add_parser("strategies", help="list the strategies, or describe one's options",
+                           description="List the strategies (built-in and installed), one line each; with NAME, "
+                                       "the options of that strategy with their types, defaults and help.")
+    strat.add_argument("name", nargs="?", default=None, metavar="NAME",
+                       help="a strategy's name or path (path/to/file.py:Class)")
     strat.set_defaults(func=cmd_strategies)
     plot = sub.add_parser(
         "plot", help="draw PNG figures of runs, and one comparing them",

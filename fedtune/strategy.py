@@ -19,7 +19,6 @@ named by a dotted path, ``package.module:ClassName``.
 from __future__ import annotations
 
 import copy
-import inspect
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -31,7 +30,8 @@ import torch
 from fedtune import protocol
 from fedtune.averaging import average
 from fedtune.errors import ConfigError, InvalidUpdateError
-from fedtune.registry import Registry
+from fedtune.options import build_plugin
+from fedtune.registry import STRATEGY_GROUP, Registry
 from fedtune.schema import to_yaml
 
 if TYPE_CHECKING:
@@ -279,7 +279,7 @@ def check_update(arrays: Mapping[str, torch.Tensor], expects: Mapping[str, tuple
 # --------------------------------------------------------------------------- registry
 
 _REGISTRY: Registry[type[Strategy]] = Registry("strategy", Strategy, "strategy.name", decorator="register_strategy",
-                                               example="mypkg.mymodule:MyStrategy")
+                                               example="mypkg.mymodule:MyStrategy", group=STRATEGY_GROUP)
 
 
 def register_strategy(cls: type[Strategy]) -> type[Strategy]:
@@ -288,7 +288,8 @@ def register_strategy(cls: type[Strategy]) -> type[Strategy]:
 
 
 def registered_strategies() -> dict[str, type[Strategy]]:
-    """Registered strategies by name, the built-ins (:mod:`fedtune.strategies`) included."""
+    """Every strategy by name: entry points of ``fedtune.strategies`` (the built-ins and installed packages'),
+    and classes registered with :func:`register_strategy`."""
     return _REGISTRY.registered()
 
 
@@ -298,19 +299,12 @@ def resolve_strategy(name: str) -> type[Strategy]:
 
 
 def build_strategy(name: str, options: Mapping[str, Any]) -> Strategy:
-    """Instantiate a strategy; bad options raise :class:`ConfigError` naming them."""
-    cls = resolve_strategy(name)
-    params = inspect.signature(cls.__init__).parameters
-    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    unknown = [k for k in options if k not in params and not takes_kwargs]
-    if unknown:
-        accepted = [p for p in params if p != "self"]
-        raise ConfigError([f"strategy.options.{k} is not an option of {cls.__name__} "
-                           f"(accepted: {accepted or 'none'})" for k in unknown])
-    try:
-        return cls(**dict(options))
-    except (TypeError, ValueError) as e:
-        raise ConfigError([f"strategy.options for {cls.__name__}: {e}"]) from e
+    """Instantiate a strategy; unknown or wrongly typed options raise :class:`ConfigError` naming them.
+
+    A strategy's options are its constructor's keyword arguments (types, defaults) described in
+    its docstring's ``Parameters`` (:mod:`fedtune.options`).
+    """
+    return build_plugin(resolve_strategy(name), options, "strategy.options")
 
 
 # The strategy the last successful config check built, by the config it checked: the run of that

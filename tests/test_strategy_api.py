@@ -13,6 +13,7 @@ import torch
 from fedtune.strategies.fedit import FedIT
 
 import fedtune.strategy as strategy_module
+from fedtune.config import load_config
 from fedtune.errors import ConfigError, InvalidUpdateError
 from fedtune.strategy import (
     ClientInstruction,
@@ -180,10 +181,19 @@ def test_resolve_attribute_that_is_not_a_strategy(tmp_path: Path, monkeypatch: p
     module = "fedtune_test_file_strategy_bad"
     monkeypatch.delitem(sys.modules, module, raising=False)
     path = write_strategy_file(tmp_path, module)
-    for attr in ("NOT_A_STRATEGY", "Missing"):
+    with pytest.raises(ConfigError) as excinfo:
+        resolve_strategy(f"{path}:NOT_A_STRATEGY")
+    assert "'NOT_A_STRATEGY'" in excinfo.value.problems[0] and "not a subclass" in excinfo.value.problems[0]
+    with pytest.raises(ConfigError) as excinfo:  # a class that is not there: the ones that are, listed
+        resolve_strategy(f"{path}:Missing")
+    assert "has no 'Missing'; the Strategy classes defined there: ['FileStrategy']" in excinfo.value.problems[0]
+
+
+def test_a_file_without_its_class_is_told_both_forms() -> None:
+    for name in ("examples/fedprox.py",):
         with pytest.raises(ConfigError) as excinfo:
-            resolve_strategy(f"{path}:{attr}")
-        assert f"{attr!r}" in excinfo.value.problems[0] and "not a subclass" in excinfo.value.problems[0]
+            load_config(None, [f"strategy.name={name}"])
+        assert "path/to/file.py:MyStrategy" in excinfo.value.problems[0], excinfo.value.problems
 
 
 def test_resolve_unimportable_module() -> None:

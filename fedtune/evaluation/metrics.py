@@ -17,14 +17,14 @@ This module imports no torch, so the config check can use it.
 
 from __future__ import annotations
 
-import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 from fedtune.errors import ConfigError
 from fedtune.evaluation.answers import extract_answer, extract_choice, normalize_text
-from fedtune.registry import Registry
+from fedtune.options import build_plugin
+from fedtune.registry import METRIC_GROUP, Registry
 from fedtune.schema import DEFAULT_METRIC
 
 
@@ -138,7 +138,7 @@ def _check_lengths(predictions: Sequence[str], references: Sequence[str]) -> Non
 
 _REGISTRY: Registry[type[GenerativeMetric]] = Registry(
     "metric", GenerativeMetric, "eval.metric", decorator="register_metric", example="mypkg.mymodule:MyMetric",
-    load_built_ins=lambda: None)  # the built-ins register below
+    group=METRIC_GROUP, load_all=lambda: None)  # found by entry point (the built-ins also register below)
 
 
 def register_metric(cls: type[GenerativeMetric]) -> type[GenerativeMetric]:
@@ -174,19 +174,7 @@ def build_metric(name: str, options: Mapping[str, Any] | None = None) -> Generat
     except ConfigError as e:
         raise ConfigError([p.replace("; use one of [", f"; use {DEFAULT_METRIC!r} or one of [", 1)
                            for p in e.problems]) from None
-    options = dict(options or {})
-    # A metric without its own constructor takes no options (object.__init__ shows *args, **kwargs).
-    params = inspect.signature(cls.__init__).parameters if cls.__init__ is not object.__init__ else {}
-    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    unknown = [k for k in options if k not in params and not takes_kwargs]
-    if unknown:
-        accepted = [p for p in params if p not in ("self", "args", "kwargs")]
-        raise ConfigError([f"eval.options.{k} is not an option of {cls.__name__} (accepted: {accepted or 'none'})"
-                           for k in unknown])
-    try:
-        return cls(**options)
-    except (TypeError, ValueError) as e:
-        raise ConfigError([f"eval.options for {cls.__name__}: {e}"]) from e
+    return build_plugin(cls, dict(options or {}), "eval.options")
 
 
 def metric_key(metric: GenerativeMetric) -> str:

@@ -27,6 +27,6 @@ from transformers import (  # noqa: F401
     AutoTokenizer,
 )
 
-from fedtune.registry import import_built_ins
+from fedtune.registry import import_all_methods
 
-import_built_ins()
+import_all_methods()
