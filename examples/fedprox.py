@@ -66,10 +66,10 @@ class FedProx(FedIT):
         super().__init__(weighting=weighting)
         self.mu = float(mu)
 
-    def configure_client(self, server_round: int, client_id: int) -> ClientInstruction:
-        plain = super().configure_client(server_round, client_id)
+    def configure_client(self, server_round: int, node_id: int) -> ClientInstruction:
+        plain = super().configure_client(server_round, node_id)
         return ClientInstruction(arrays=plain.arrays, trainable=plain.trainable, expects=plain.expects,
-                                 routine=ROUTINE, config={MU: self.mu})
+                                 routine=ROUTINE, options={MU: self.mu})
 
     def hyperparameters(self) -> dict[str, object]:
         return {**super().hyperparameters(), "mu": self.mu}

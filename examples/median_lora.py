@@ -44,7 +44,7 @@ class MedianLoRA(Strategy):
         super().initialize(spec)
         self._global = {k: v.detach().clone() for k, v in spec.initial.items()}
 
-    def configure_client(self, server_round: int, client_id: int) -> ClientInstruction:
+    def configure_client(self, server_round: int, node_id: int) -> ClientInstruction:
         # Send everything, train everything, expect every tensor back with its shape.
         return ClientInstruction(arrays=self._global, trainable=(".*",), expects=shapes_of(self._global))
 

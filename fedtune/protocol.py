@@ -19,14 +19,13 @@ METRICS = "metrics"
 # ConfigRecord keys, server -> client
 SERVER_ROUND = "server-round"
 ROUTINE = "fedtune.routine"  # the client routine to run (fedtune.routine)
-DEFAULT_ROUTINE = "gradient"
+DEFAULT_ROUTINE = "gradient"  # the routine an instruction names unless it says otherwise (GradientRoutine)
 # The run's id, the same across resumes: clients keep their own state under it (fedtune.client.state).
 RUN_KEY = "fedtune.run-key"
 TRAINABLE = "fedtune.trainable"  # newline-separated regular expressions
 # Where the client counts its local training steps for the server's progress display
 # (simulation only: a file on the shared disk; fedtune.reporting.progress).
 STEP_FILE = "fedtune.step-file"
-STRATEGY_NAME = "fedtune.strategy"
 # False when the strategy cannot train on a quantized base: a quantized client refuses the round.
 QUANTIZED_BASE_OK = "fedtune.quantized-base-ok"
 STRATEGY_PREFIX = "strategy."  # strategy-specific settings are sent under this prefix

@@ -84,7 +84,7 @@ class ClientJob:
     trainable : tuple of str
         Regular expressions over adapter tensor names: what to train (and send back).
     options : dict of str to value
-        The strategy's settings for this instruction (``ClientInstruction.config``).
+        The strategy's settings for this instruction (``ClientInstruction.options``).
     state : ClientState
         This client's own state.
     """
@@ -236,10 +236,8 @@ def resolve_routine(name: str) -> type[ClientRoutine]:
 
 register_routine(GradientRoutine)
 
-GRADIENT = GradientRoutine.name
 
 __all__ = [
-    "GRADIENT",
     "ClientContext",
     "ClientJob",
     "ClientReply",

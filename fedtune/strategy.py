@@ -43,9 +43,6 @@ Scalar = bool | int | float | str
 # What a Flower ConfigRecord / MetricRecord holds: scalars and lists of them.
 Value = Scalar | list[int] | list[float] | list[str]
 
-# The client routine an instruction names unless it says otherwise (fedtune.routine.GradientRoutine).
-GRADIENT_MODE = protocol.DEFAULT_ROUTINE
-
 
 @dataclass(frozen=True)
 class AdapterSpec:
@@ -96,23 +93,28 @@ class ClientInstruction:
         The client routine that carries it out (:mod:`fedtune.routine`): a registered name
         (``"gradient"``, AdamW on the trainable tensors, by default) or a
         ``module:Class`` path.
-    config : dict of str to scalar or list
-        Extra strategy-specific settings sent to the client (sent under the
-        ``strategy.`` prefix).
+    options : dict of str to scalar or list
+        Method-specific settings for the client's routine, which reads them as
+        :attr:`fedtune.routine.ClientJob.options` (sent under the ``strategy.`` prefix).
     """
 
     arrays: Mapping[str, torch.Tensor]
     trainable: tuple[str, ...]
     expects: Mapping[str, tuple[int, ...]]
-    routine: str = GRADIENT_MODE
-    config: Mapping[str, Value] = field(default_factory=dict)
+    routine: str = protocol.DEFAULT_ROUTINE
+    options: Mapping[str, Value] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class ClientUpdate:
-    """A validated reply from one client."""
+    """A validated reply from one client.
 
-    client_id: int
+    ``node_id`` is Flower's id of the client's node (what :meth:`Strategy.configure_client` was
+    given for it); the data partition the client trained on, the ``partition_id`` its routine
+    saw, is ``metrics[fedtune.protocol.PARTITION_ID]``.
+    """
+
+    node_id: int
     arrays: Mapping[str, torch.Tensor]
     num_examples: int
     metrics: Mapping[str, Value] = field(default_factory=dict)
@@ -175,8 +177,13 @@ class Strategy(ABC):
         self.spec = spec
 
     @abstractmethod
-    def configure_client(self, server_round: int, client_id: int) -> ClientInstruction:
-        """Return the instruction for one sampled client in ``server_round``."""
+    def configure_client(self, server_round: int, node_id: int) -> ClientInstruction:
+        """Return the instruction for one sampled client in ``server_round``.
+
+        ``node_id`` is Flower's id of the client's node, stable within a run; it is not the
+        data partition the client's routine sees (``ClientJob.partition_id``), which the reply
+        reports (:class:`ClientUpdate`).
+        """
 
     @abstractmethod
     def aggregate(self, server_round: int, updates: Sequence[ClientUpdate]) -> dict[str, float]:
@@ -194,10 +201,10 @@ class Strategy(ABC):
         every averaged tensor; see :func:`fedtune.averaging.average`."""
         return average(tensors, weights, previous)
 
-    def configure_evaluation(self, server_round: int, client_id: int) -> ClientInstruction:
+    def configure_evaluation(self, server_round: int, node_id: int) -> ClientInstruction:
         """What a client loads to evaluate the global model (default: the global adapter).
 
-        Only ``arrays``, ``routine`` and ``config`` are used: nothing is trained or sent back.
+        Only ``arrays``, ``routine`` and ``options`` are used: nothing is trained or sent back.
         """
         return ClientInstruction(arrays=self.global_adapter(), trainable=(), expects={})
 
@@ -397,7 +404,6 @@ def krum_problems(cfg: FedtuneConfig) -> list[str]:
 
 
 __all__ = [
-    "GRADIENT_MODE",
     "AdapterSpec",
     "ClientInstruction",
     "ClientUpdate",

@@ -32,7 +32,7 @@ def client_weights(updates: Sequence[ClientUpdate], weighting: str) -> list[floa
 
 def client_scalings(updates: Sequence[ClientUpdate]) -> list[float]:
     """Each update's LoRA scaling s_k = α / r_k, as its client reported it (mixed-rank methods need it)."""
-    missing = [u.client_id for u in updates if protocol.LORA_SCALING not in u.metrics]
+    missing = [u.node_id for u in updates if protocol.LORA_SCALING not in u.metrics]
     if missing:
         raise AggregationError(f"clients {missing} did not report {protocol.LORA_SCALING}")
     return [float(u.metrics[protocol.LORA_SCALING]) for u in updates]

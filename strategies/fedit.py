@@ -49,7 +49,7 @@ class FedIT(Strategy):
         super().initialize(spec)
         self._global = {k: v.detach().clone() for k, v in spec.initial.items()}
 
-    def configure_client(self, server_round: int, client_id: int) -> ClientInstruction:
+    def configure_client(self, server_round: int, node_id: int) -> ClientInstruction:
         return ClientInstruction(
             arrays=self._global,
             trainable=(".*",),

@@ -89,12 +89,12 @@ class FFALoRA(Strategy):
         self._trained = select(initial, [NOT_A])
         self._digest = tensor_digest(self._frozen)
 
-    def configure_client(self, server_round: int, client_id: int) -> ClientInstruction:
+    def configure_client(self, server_round: int, node_id: int) -> ClientInstruction:
         return ClientInstruction(
             arrays=self._trained,
             trainable=(NOT_A,),
             expects=shapes_of(self._trained),
-            config={protocol.FROZEN_PATTERN: FROZEN_A, protocol.FROZEN_DIGEST: self._digest},
+            options={protocol.FROZEN_PATTERN: FROZEN_A, protocol.FROZEN_DIGEST: self._digest},
         )
 
     def aggregate(self, server_round: int, updates: Sequence[ClientUpdate]) -> dict[str, float]:

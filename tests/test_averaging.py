@@ -174,7 +174,7 @@ def test_an_optimizer_restored_from_its_state_continues_bit_for_bit() -> None:
 def fedit_round(averaging: Averaging | None, clients: list[dict[str, torch.Tensor]]) -> FedIT:
     strategy = FedIT()
     strategy.initialize(spec())
-    ups = [ClientUpdate(client_id=i, arrays=c, num_examples=i + 1) for i, c in enumerate(clients)]
+    ups = [ClientUpdate(node_id=i, arrays=c, num_examples=i + 1) for i, c in enumerate(clients)]
     if averaging is None:
         strategy.aggregate(1, ups)
     else:
@@ -199,7 +199,7 @@ def test_a_server_optimizer_steps_from_the_previous_global_state() -> None:
     strategy.initialize(spec())
     before = strategy.global_adapter()
     averaging = build_averaging(optimizer="fedavgm", lr=2.0, momentum=0.0)
-    ups = [ClientUpdate(client_id=i, arrays=c, num_examples=1) for i, c in enumerate(clients)]
+    ups = [ClientUpdate(node_id=i, arrays=c, num_examples=1) for i, c in enumerate(clients)]
     with averaging_in_effect(averaging, [0, 1]):
         metrics = strategy.aggregate(1, ups)
     after = strategy.global_adapter()

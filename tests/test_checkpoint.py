@@ -138,7 +138,7 @@ def test_fedkseeds_history_after_a_round_goes_through_the_safe_load(tmp_path: Pa
     restored = strategy()
     restored.load_state_dict(load_checkpoint(tmp_path).strategy_state)
     assert restored.history == original.history and type(restored.history[0]) is type(original.history[0])
-    assert original.configure_client(2, 7).config == restored.configure_client(2, 7).config
+    assert original.configure_client(2, 7).options == restored.configure_client(2, 7).options
 
 
 def test_the_state_is_a_copy_not_a_view() -> None:
@@ -157,7 +157,7 @@ def test_fedkseed_seed_history_survives_the_round_trip() -> None:
     original.initialize(spec())
     restored = FedKSeed(k=16, steps=4, tune="adapter")
     restored.load_state_dict(original.state_dict())
-    assert original.configure_client(1, 7).config == restored.configure_client(1, 7).config
+    assert original.configure_client(1, 7).options == restored.configure_client(1, 7).options
 
 
 def test_resume_refuses_a_changed_setting_and_names_it(tmp_path: Path) -> None:

@@ -200,8 +200,8 @@ from fedtune.strategy import registered_strategies
 class FailsInRoundTwo(registered_strategies()["fedit"]):
     """FedIT, except that with FAIL_ROUND=2 the clients are sent a routine they do not know in round 2."""
 
-    def configure_client(self, server_round, client_id):
-        instruction = super().configure_client(server_round, client_id)
+    def configure_client(self, server_round, node_id):
+        instruction = super().configure_client(server_round, node_id)
         if os.environ.get("FAIL_ROUND") == str(server_round):
             return dataclasses.replace(instruction, routine="no-such-routine")
         return instruction

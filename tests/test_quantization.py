@@ -343,7 +343,7 @@ def test_every_registered_strategy_runs_on_quantized_clients(tiny_bert: str, nam
         updates = []
         for client in (0, 1):
             instruction = strategy.configure_client(server_round, client)
-            config = {protocol.STRATEGY_PREFIX + k: v for k, v in instruction.config.items()}
+            config = {protocol.STRATEGY_PREFIX + k: v for k, v in instruction.options.items()}
             reply = runtime.train(client, server_round, instruction.arrays, instruction.trainable, instruction.routine,
                                   {**config, protocol.QUANTIZED_BASE_OK: strategy.supports_quantized_base})
             check_update(reply.arrays, instruction.expects)
@@ -381,11 +381,10 @@ def test_a_strategy_that_cannot_use_a_quantized_base_is_refused_at_start_up(tiny
     assert "use model.quantization=none or a strategy that supports quantized bases: ['fedit'" in problem
     load_config(None, [f"strategy.name={name}"])  # unquantized: fine
     # A node quantized by its own node config is not known at start-up: it refuses the round itself.
-    runtime = ClientRuntime(load_config(None, [f"model.name={tiny_bert}", "data.max_examples=64"],
+    runtime = ClientRuntime(load_config(None, [f"model.name={tiny_bert}", "data.max_examples=64", "strategy.name=fed-sb"],
                                         check_strategy=False), node_config={"model.quantization": "8bit"})
-    with pytest.raises(ValueError, match=r"strategy.name='x' does not support a quantized base.*'8bit'"):
-        runtime.train(0, 1, {}, (".*",), "gradient", {protocol.QUANTIZED_BASE_OK: False,
-                                                       protocol.STRATEGY_NAME: "x"})
+    with pytest.raises(ValueError, match=r"strategy.name='fed-sb' does not support a quantized base.*'8bit'"):
+        runtime.train(0, 1, {}, (".*",), "gradient", {protocol.QUANTIZED_BASE_OK: False})
 
 
 # --------------------------------------------------------------------------- a Flower federation

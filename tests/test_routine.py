@@ -113,8 +113,8 @@ class Constant(ClientRoutine):
 class PlusOne(FedIT):
     name = "plus-one"
 
-    def configure_client(self, server_round, client_id):
-        plain = super().configure_client(server_round, client_id)
+    def configure_client(self, server_round, node_id):
+        plain = super().configure_client(server_round, node_id)
         return ClientInstruction(arrays=plain.arrays, trainable=plain.trainable, expects=plain.expects,
                                  routine="plus-one")
 '''

@@ -171,11 +171,11 @@ from fedtune.strategies.fedit import FedIT
 class ExpectsWrongShapeFromOne(FedIT):
     """FedIT, but the first sampled client's reply is expected with a shape it cannot have."""
 
-    def configure_client(self, server_round, client_id):
-        instruction = super().configure_client(server_round, client_id)
+    def configure_client(self, server_round, node_id):
+        instruction = super().configure_client(server_round, node_id)
         if not hasattr(self, "victim"):
-            self.victim = client_id
-        if client_id != self.victim:
+            self.victim = node_id
+        if node_id != self.victim:
             return instruction
         expects = dict(instruction.expects)
         key = sorted(expects)[0]

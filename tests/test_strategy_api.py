@@ -34,7 +34,7 @@ fedtune.strategies.import_all()  # registers the built-ins in the real registry 
 class _Minimal(Strategy):
     """A do-nothing strategy to register under test names."""
 
-    def configure_client(self, server_round: int, client_id: int) -> ClientInstruction:
+    def configure_client(self, server_round: int, node_id: int) -> ClientInstruction:
         return ClientInstruction(arrays={}, trainable=(), expects={})
 
     def aggregate(self, server_round: int, updates: Sequence[ClientUpdate]) -> dict[str, float]:
@@ -112,7 +112,7 @@ def write_strategy_file(folder: Path, module: str) -> Path:
             def __init__(self, *, mu: float = 0.0):
                 self.mu = mu
 
-            def configure_client(self, server_round, client_id):
+            def configure_client(self, server_round, node_id):
                 return ClientInstruction(arrays={}, trainable=(), expects={})
 
             def aggregate(self, server_round, updates):
@@ -155,7 +155,7 @@ def test_file_strategy_with_register_decorator_resolves_twice(tmp_path: Path, mo
         class Registered(Strategy):
             name = "registered-from-file"
 
-            def configure_client(self, server_round, client_id):
+            def configure_client(self, server_round, node_id):
                 return ClientInstruction(arrays={}, trainable=(), expects={})
 
             def aggregate(self, server_round, updates):

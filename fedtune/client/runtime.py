@@ -241,8 +241,7 @@ class ClientRuntime:
         config = config or {}
         model_cfg, _ = self.settings(partition_id)
         if model_cfg.quantization != "none" and config.get(protocol.QUANTIZED_BASE_OK) is False:
-            strategy = config.get(protocol.STRATEGY_NAME, "this strategy")
-            raise ValueError(f"strategy.name={strategy!r} does not support a quantized base, and this client "
+            raise ValueError(f"strategy.name={self.cfg.strategy.name!r} does not support a quantized base, and this client "
                              f"loads its base as model.quantization={model_cfg.quantization!r}; give it "
                              "model.quantization=none (node config or model.client_quantization)")
         job = self.job(partition_id, server_round, arrays, trainable, config, state)

@@ -188,9 +188,8 @@ class FlowerStrategy(FlwrStrategy):
             instruction = self.strategy.configure_client(server_round, node_id)
             self._expects[node_id] = instruction
             content = _instruction_content(server_round, instruction, self.run_key)
-            # A node quantized by its own node config checks the strategy accepts that.
-            content[protocol.CONFIG][protocol.STRATEGY_NAME] = self.cfg.strategy.name
             content[protocol.CONFIG].update(config)  # what every training message carries
+            # A node quantized by its own node config checks the strategy accepts that.
             content[protocol.CONFIG][protocol.QUANTIZED_BASE_OK] = bool(self.strategy.supports_quantized_base)
             down.append(wire_bytes(content))
             # Added after measuring: a local side channel (simulation), not part of the method's traffic.
@@ -237,7 +236,7 @@ class FlowerStrategy(FlwrStrategy):
             if not norm <= bound:
                 raise InvalidUpdateError(f"update norm {norm:.4g} exceeds federation.max_update_norm={bound:g}")
         # Ints (e.g. 63-bit seeds) and lists stay as they are: a float would round them.
-        return ClientUpdate(client_id=node_id, arrays=arrays, num_examples=int(num_examples), metrics=metrics)
+        return ClientUpdate(node_id=node_id, arrays=arrays, num_examples=int(num_examples), metrics=metrics)
 
     def _check_replies(self, server_round: int, replies: list[Message], step: str) -> None:
         """Stop the run on Ctrl-C, or on the first reply of a ClientApp that raised."""
@@ -289,13 +288,13 @@ class FlowerStrategy(FlwrStrategy):
             return None, None
         # Replies arrive in any order: aggregate in partition order, so that a rerun (or a
         # resumed run, whose nodes may have new ids) sums in the same order, bit for bit.
-        updates.sort(key=lambda u: (u.metrics.get(protocol.PARTITION_ID, -1), u.client_id))
+        updates.sort(key=lambda u: (u.metrics.get(protocol.PARTITION_ID, -1), u.node_id))
         if sum(u.num_examples for u in updates) <= 0:
             log.warning("round %d: every reply has zero examples; the global adapter is unchanged", server_round)
             self.on_metrics(round_skipped=True)
             return None, None
         start = time.perf_counter()
-        partitions = [int(u.metrics.get(protocol.PARTITION_ID, u.client_id)) for u in updates]
+        partitions = [int(u.metrics.get(protocol.PARTITION_ID, u.node_id)) for u in updates]
         with averaging_in_effect(self.averaging, partitions, server_round):
             strategy_metrics = self.strategy.aggregate(server_round, updates)
         strategy_metrics = {**strategy_metrics, **self.averaging.metrics}
@@ -374,8 +373,9 @@ class FlowerStrategy(FlwrStrategy):
                  self.strategy.summary_line)
 
     def shared_config(self) -> ConfigRecord:
-        """What every training and evaluation message carries besides its instruction."""
-        return ConfigRecord({protocol.STRATEGY_NAME: self.cfg.strategy.name})
+        """What every training and evaluation message carries besides its instruction: nothing of its own
+        (the clients read the strategy's name from the run's config)."""
+        return ConfigRecord({})
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
               train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
@@ -411,7 +411,7 @@ def _instruction_content(server_round: int, instruction: ClientInstruction, run_
         protocol.RUN_KEY: run_key,
         protocol.ROUTINE: instruction.routine,
         protocol.TRAINABLE: "\n".join(instruction.trainable),
-        **{protocol.STRATEGY_PREFIX + k: v for k, v in instruction.config.items()},
+        **{protocol.STRATEGY_PREFIX + k: v for k, v in instruction.options.items()},
     })})
     if instruction.arrays:
         content[protocol.ARRAYS] = tensors_to_record(instruction.arrays)

@@ -11,7 +11,7 @@ R_LAYER = "lora_R"
 LORA_SB_INIT_ROUTINE = "lora-sb-init"  # estimate the first update, reply with its sketch
 LORA_SB_ROUTINE = "lora-sb"  # AdamW on R (and the head) with B and A frozen
 
-# ClientInstruction.config keys (sent under protocol.STRATEGY_PREFIX by the glue).
+# ClientInstruction.options keys (sent under protocol.STRATEGY_PREFIX by the glue).
 CFG_ROUND = "round"
 CFG_INIT_SEED = "init_seed"
 CFG_INIT_RANK = "init_rank"

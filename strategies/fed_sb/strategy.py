@@ -354,21 +354,21 @@ class FedSB(Strategy):
             config[CFG_INIT_LEARNING_RATE] = self.init_learning_rate
         arrays = {module + SKETCH_BASIS: basis for module, basis in self._bases.items()}
         return ClientInstruction(arrays=arrays, trainable=(), expects=self._init_expects(), routine=LORA_SB_INIT_ROUTINE,
-                                 config=config)
+                                 options=config)
 
-    def configure_client(self, server_round: int, client_id: int) -> ClientInstruction:
+    def configure_client(self, server_round: int, node_id: int) -> ClientInstruction:
         if not self.initialized:
             return self._init_instruction(server_round)
         arrays = dict(self._trained)
-        if self.resend_frozen or client_id not in self._has_frozen:
+        if self.resend_frozen or node_id not in self._has_frozen:
             arrays.update(self._frozen)
-            self._has_frozen.add(client_id)
+            self._has_frozen.add(node_id)
         return ClientInstruction(
             arrays=arrays,
             trainable=(NOT_FROZEN,),
             expects=shapes_of(self._trained),
             routine=LORA_SB_ROUTINE,
-            config={CFG_ROUND: server_round, protocol.FROZEN_PATTERN: FROZEN, protocol.FROZEN_DIGEST: self._digest},
+            options={CFG_ROUND: server_round, protocol.FROZEN_PATTERN: FROZEN, protocol.FROZEN_DIGEST: self._digest},
         )
 
     # ------------------------------------------------------------------ aggregation
@@ -395,7 +395,7 @@ class FedSB(Strategy):
         for u in updates:
             got = u.metrics.get(METRIC_SKETCH_FINGERPRINT)
             if got is not None and got != expected:
-                raise AggregationError(f"client {u.client_id} drew other sketch test matrices (fingerprint {got!r}, "
+                raise AggregationError(f"client {u.node_id} drew other sketch test matrices (fingerprint {got!r}, "
                                        f"server {expected!r}); every party needs the same NumPy random streams")
 
     def _aggregate_init(self, updates: Sequence[ClientUpdate]) -> dict[str, float]:

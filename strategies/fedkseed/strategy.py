@@ -79,7 +79,7 @@ log = logging.getLogger(__name__)
 class ClientSteps:
     """One client's reply in a round, decoded: what :meth:`FedKSeed.aggregate_steps` takes."""
 
-    client_id: int
+    node_id: int
     num_examples: int
     history: Sequence[Step]
     state_round: int
@@ -187,8 +187,8 @@ class FedKSeed(Strategy):
 
     # ------------------------------------------------------------------ server -> client
 
-    def catch_up(self, client_id: int, server_round: int) -> CatchUp:
-        """The history entries ``client_id`` lacks before training in ``server_round``.
+    def catch_up(self, node_id: int, server_round: int) -> CatchUp:
+        """The history entries ``node_id`` lacks before training in ``server_round``.
 
         A client's state is the global state of the last round it trained from (0, the
         initial adapter, for a client not seen yet); the entries after it bring the client
@@ -196,7 +196,7 @@ class FedKSeed(Strategy):
         """
         # From the least up-to-date known client: a process may serve several clients
         # (simulation) and skips the entries it has already replayed.
-        base = min([self.last_seen.get(client_id, 0), *self.last_seen.values()])
+        base = min([self.last_seen.get(node_id, 0), *self.last_seen.values()])
         through = max(base, server_round - 1)
         start = bisect.bisect_right(self._history_rounds, base)
         stop = bisect.bisect_right(self._history_rounds, through)
@@ -220,30 +220,30 @@ class FedKSeed(Strategy):
         probabilities = self.sampling_probabilities()
         return 1.0 if probabilities is None else max(probabilities) / min(probabilities)
 
-    def round_plan(self, client_id: int, server_round: int, *, sampling: bool = True) -> RoundPlan:
-        """Everything ``client_id`` needs in ``server_round``; encode it with ``encode_round_config``.
+    def round_plan(self, node_id: int, server_round: int, *, sampling: bool = True) -> RoundPlan:
+        """Everything ``node_id`` needs in ``server_round``; encode it with ``encode_round_config``.
 
         ``sampling=False`` (an evaluation) leaves out FedKSeed-Pro's importance: nothing is sampled.
         """
         return RoundPlan(run_seed=int(self.spec.seed), k=self.k, eps=self.eps, lr=self.lr, steps=self.steps,
                          fingerprint=direction_fingerprint(), importance=self.importance() if sampling else None,
-                         catch_up=self.catch_up(client_id, server_round), tune=self.tune)
+                         catch_up=self.catch_up(node_id, server_round), tune=self.tune)
 
-    def configure_client(self, server_round: int, client_id: int) -> ClientInstruction:
+    def configure_client(self, server_round: int, node_id: int) -> ClientInstruction:
         """No tensors: the catch-up history, the importance levels and the settings, in ``config``.
 
         ``config`` holds lists (``ConfigRecord`` accepts them, and the current server glue
-        passes ``config`` through unchanged), though ``ClientInstruction.config`` is typed
+        passes ``config`` through unchanged), though ``ClientInstruction.options`` is typed
         as scalars only. ``expects`` is empty: the reply's payload is in its metrics, which
         :meth:`aggregate` reads (see :func:`fedtune.strategies.fedkseed.wire.encode_steps`).
         """
         return ClientInstruction(arrays={}, trainable=self.trainable, expects={}, routine=ZEROTH_ORDER_ROUTINE,
-                                 config=encode_round_config(self.round_plan(client_id, server_round)))
+                                 options=encode_round_config(self.round_plan(node_id, server_round)))
 
-    def configure_evaluation(self, server_round: int, client_id: int) -> ClientInstruction:
+    def configure_evaluation(self, server_round: int, node_id: int) -> ClientInstruction:
         """Evaluation needs no tensors either: the client replays the history it lacks."""
         return ClientInstruction(arrays={}, trainable=self.trainable, expects={}, routine=ZEROTH_ORDER_ROUTINE,
-                                 config=encode_round_config(self.round_plan(client_id, server_round + 1, sampling=False)))
+                                 options=encode_round_config(self.round_plan(node_id, server_round + 1, sampling=False)))
 
     # ------------------------------------------------------------------ client -> server
 
@@ -261,10 +261,10 @@ class FedKSeed(Strategy):
                 self._check_reply(server_round, history, state_round)
             except ValueError as e:
                 rejected += 1
-                log.warning("round %d: FedKSeed left out client %d's reply: %s", server_round, update.client_id, e)
+                log.warning("round %d: FedKSeed left out client %d's reply: %s", server_round, update.node_id, e)
                 continue
             skipped += skipped_steps
-            replies.append(ClientSteps(update.client_id, update.num_examples, history, state_round))
+            replies.append(ClientSteps(update.node_id, update.num_examples, history, state_round))
         metrics = self.aggregate_steps(server_round, replies)
         return {**metrics, "fedkseed_replies_rejected": float(rejected), "fedkseed_skipped_steps": float(skipped)}
 
@@ -276,7 +276,7 @@ class FedKSeed(Strategy):
         order replies arrive in). The round's entries are appended in pool order, zeros
         dropped, and replayed onto the server's fp32 masters.
         """
-        replies = sorted(replies, key=lambda r: r.client_id)
+        replies = sorted(replies, key=lambda r: r.node_id)
         weights = [r.num_examples if self.weighting == "examples" else 1.0 for r in replies]
         if not replies or sum(weights) <= 0:
             return {"fedkseed_entries": 0.0, "fedkseed_history_length": float(len(self.history))}
@@ -286,7 +286,7 @@ class FedKSeed(Strategy):
             for seed, per_client_sum in group_history(reply.history):
                 terms.setdefault(seed, []).append(p * per_client_sum)
             self._record_magnitudes(reply.history)
-            self.last_seen[reply.client_id] = reply.state_round
+            self.last_seen[reply.node_id] = reply.state_round
         round_entries = [HistoryEntry(server_round, seed, math.fsum(terms[seed]))
                          for seed in sorted(terms, key=self._pool_index.__getitem__)]
         round_entries = [e for e in round_entries if e.scalar != 0.0]

@@ -71,13 +71,13 @@ class FedSALoRA(Strategy):
     def _instruction(self, trainable: tuple[str, ...], expects: Tensors) -> ClientInstruction:
         return ClientInstruction(arrays=self._shared, trainable=trainable, expects=shapes_of(expects),
                                  routine=FEDSA_ROUTINE,
-                                 config={OPT_PERSONAL: PERSONAL_B, OPT_UPLOAD_PERSONAL: self.upload_b})
+                                 options={OPT_PERSONAL: PERSONAL_B, OPT_UPLOAD_PERSONAL: self.upload_b})
 
-    def configure_client(self, server_round: int, client_id: int) -> ClientInstruction:
+    def configure_client(self, server_round: int, node_id: int) -> ClientInstruction:
         back = {**self._shared, **self._personal_mean} if self.upload_b else self._shared
         return self._instruction((".*",), back)
 
-    def configure_evaluation(self, server_round: int, client_id: int) -> ClientInstruction:
+    def configure_evaluation(self, server_round: int, node_id: int) -> ClientInstruction:
         return self._instruction((), {})
 
     def aggregate(self, server_round: int, updates: Sequence[ClientUpdate]) -> dict[str, float]:

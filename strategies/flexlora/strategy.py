@@ -89,12 +89,12 @@ class FlexLoRA(Strategy):
                     f"sends adapter.rank components, so set adapter.rank={max(ranks)} (the largest client rank)"]
         return []
 
-    def configure_client(self, server_round: int, client_id: int) -> ClientInstruction:
+    def configure_client(self, server_round: int, node_id: int) -> ClientInstruction:
         expects = {k: ((-1, v.shape[1]) if k.endswith(LORA_A) else (v.shape[0], -1)) if is_lora_key(k) else tuple(v.shape)
                    for k, v in self._global.items()}
         return ClientInstruction(arrays=self._global, trainable=(".*",), expects=expects, routine=FLEXLORA_ROUTINE)
 
-    def configure_evaluation(self, server_round: int, client_id: int) -> ClientInstruction:
+    def configure_evaluation(self, server_round: int, node_id: int) -> ClientInstruction:
         return ClientInstruction(arrays=self._global, trainable=(), expects={}, routine=FLEXLORA_ROUTINE)
 
     def aggregate(self, server_round: int, updates: Sequence[ClientUpdate]) -> dict[str, float]:

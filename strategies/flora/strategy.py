@@ -114,14 +114,14 @@ class FLoRA(Strategy):
         self._fresh = {k: v.detach().clone() for k, v in spec.initial.items() if is_lora_key(k)}
         self._head = {k: v.detach().clone() for k, v in spec.initial.items() if not is_lora_key(k)}
 
-    def _history_for(self, client_id: int) -> Tensors:
+    def _history_for(self, node_id: int) -> Tensors:
         """Every merge after the oldest one any known client (or this new one) has seen.
 
         A client process may serve several clients (simulation) or be a new process
         (restart), so the history reaches back to the least up-to-date client; a process
         skips the merges it has already applied.
         """
-        oldest = min([self._seen.get(client_id, 0), *self._seen.values()])
+        oldest = min([self._seen.get(node_id, 0), *self._seen.values()])
         out = {}
         for version in range(oldest + 1, len(self._stacks) + 1):
             for module, (a, b) in self._stacks[version - 1].items():
@@ -129,17 +129,17 @@ class FLoRA(Strategy):
                 out[residual_key(version, module, "B")] = b
         return out
 
-    def configure_client(self, server_round: int, client_id: int) -> ClientInstruction:
-        arrays = {**self._head, **self._history_for(client_id)}
-        self._seen[client_id] = len(self._stacks)
+    def configure_client(self, server_round: int, node_id: int) -> ClientInstruction:
+        arrays = {**self._head, **self._history_for(node_id)}
+        self._seen[node_id] = len(self._stacks)
         expects = {**shapes_of(self._head)}
         for key, value in self._fresh.items():
             # The client picks its own rank: any number of rows of A / columns of B.
             expects[key] = (-1, value.shape[1]) if key.endswith(LORA_A) else (value.shape[0], -1)
         return ClientInstruction(arrays=arrays, trainable=(".*",), expects=expects, routine=FLORA_ROUTINE)
 
-    def configure_evaluation(self, server_round: int, client_id: int) -> ClientInstruction:
-        return ClientInstruction(arrays={**self._head, **self._history_for(client_id)}, trainable=(), expects={},
+    def configure_evaluation(self, server_round: int, node_id: int) -> ClientInstruction:
+        return ClientInstruction(arrays={**self._head, **self._history_for(node_id)}, trainable=(), expects={},
                                  routine=FLORA_ROUTINE)
 
     def aggregate(self, server_round: int, updates: Sequence[ClientUpdate]) -> dict[str, float]:

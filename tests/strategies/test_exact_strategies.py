@@ -43,7 +43,7 @@ def updates(ranks, weights, alpha=8.0, seed=1, base=None):
         arrays = adapter(r, gen)
         if base is not None:  # FFA-LoRA clients keep the shared A and send no A
             arrays = {k: v for k, v in arrays.items() if "lora_A" not in k}
-        out.append(ClientUpdate(client_id=i, arrays=arrays, num_examples=w, metrics={"lora_scaling": alpha / r}))
+        out.append(ClientUpdate(node_id=i, arrays=arrays, num_examples=w, metrics={"lora_scaling": alpha / r}))
     return out
 
 
@@ -95,7 +95,7 @@ def test_flora_stacks_have_the_summed_rank_and_fold_in_the_scaling() -> None:
     strategy.initialize(spec())
     ups = updates([2, 6], [1, 3], alpha=12.0)
     strategy.aggregate(1, ups)
-    arrays = strategy.configure_client(2, client_id=0).arrays
+    arrays = strategy.configure_client(2, node_id=0).arrays
     _, rounds = split_residual(arrays)
     a, b = rounds[1]["layer0.q"]
     assert a.shape == (8, N) and b.shape == (M, 8)
@@ -131,10 +131,10 @@ def test_flora_rejects_mismatched_factors_and_missing_modules() -> None:
 def test_flora_accumulates_rounds_and_a_late_client_catches_up() -> None:
     strategy = FLoRA()
     strategy.initialize(spec())
-    strategy.configure_client(1, client_id=0)
+    strategy.configure_client(1, node_id=0)
     first = updates([2, 4], [1, 1], seed=1)
     strategy.aggregate(1, first)
-    strategy.configure_client(2, client_id=0)
+    strategy.configure_client(2, node_id=0)
     second = updates([4, 2], [2, 1], seed=2)
     strategy.aggregate(2, second)
     total = {m: ideal(first)[m] + ideal(second)[m] for m in MODULES}
@@ -142,7 +142,7 @@ def test_flora_accumulates_rounds_and_a_late_client_catches_up() -> None:
         assert rel(merged(strategy)[m], total[m]) <= TOL
 
     # Client 7 never trained: it gets both merges; applied to an empty residual they give the total.
-    late = strategy.configure_client(3, client_id=7).arrays
+    late = strategy.configure_client(3, node_id=7).arrays
     _, rounds = split_residual(late)
     assert sorted(rounds) == [1, 2]
     model = torch.nn.ModuleDict({m.replace(".", "_"): torch.nn.Linear(N, M, bias=False) for m in MODULES})
@@ -156,9 +156,9 @@ def test_flora_accumulates_rounds_and_a_late_client_catches_up() -> None:
 def test_flora_download_grows_with_clients() -> None:
     strategy = FLoRA()
     strategy.initialize(spec())
-    strategy.configure_client(1, client_id=0)
+    strategy.configure_client(1, node_id=0)
     strategy.aggregate(1, updates([4] * 5, [1] * 5))
-    arrays = strategy.configure_client(2, client_id=0).arrays
+    arrays = strategy.configure_client(2, node_id=0).arrays
     factors = sum(v.numel() for k, v in arrays.items() if k.startswith("residual."))
     assert factors == len(MODULES) * 5 * 4 * (M + N)  # Σ_k r_k · (m + n) per matrix
 
@@ -221,10 +221,10 @@ def test_ffa_lora_is_exact_and_never_sends_a() -> None:
     s = spec()
     strategy = FFALoRA()
     strategy.initialize(s)
-    instruction = strategy.configure_client(1, client_id=0)
+    instruction = strategy.configure_client(1, node_id=0)
     assert not any("lora_A" in k for k in instruction.arrays)
     assert not any("lora_A" in k for k in instruction.expects)
-    assert instruction.config["frozen_digest"]
+    assert instruction.options["frozen_digest"]
     ups = updates([4, 4, 4], [3, 1, 2], base=s.initial)
     shared = {k: v for k, v in s.initial.items() if "lora_A" in k}
     metrics = strategy.aggregate(1, ups)

@@ -55,7 +55,7 @@ def low_rank(rank: int, gen: torch.Generator, m: int = M, n: int = N) -> torch.T
 def client_updates(deltas: list[dict[str, torch.Tensor]], instruction, examples: list[int], server_round: int):
     """Each client's reply to an init instruction, through the real wire format both ways."""
     received = record_to_tensors(tensors_to_record(instruction.arrays))
-    cfg = instruction.config
+    cfg = instruction.options
     out = []
     for k, (delta, n) in enumerate(zip(deltas, examples)):
         arrays = {}
@@ -63,7 +63,7 @@ def client_updates(deltas: list[dict[str, torch.Tensor]], instruction, examples:
             arrays.update(client_sketch(d, cfg["init_stage"], module=module, rank=cfg["init_rank"],
                                         seed=cfg["init_seed"], basis=received.get(module + ".sketch_basis")))
         arrays = record_to_tensors(tensors_to_record(arrays))
-        out.append(ClientUpdate(client_id=k, arrays=arrays, num_examples=n,
+        out.append(ClientUpdate(node_id=k, arrays=arrays, num_examples=n,
                                 metrics={"lora_sb_round": float(server_round),
                                          "lora_sb_sketch_fingerprint": sketch_fingerprint(cfg["init_seed"])}))
     return out
@@ -96,7 +96,7 @@ def r_updates(strategy: FedSB, examples, seed: int, server_round: int) -> list[C
         arrays = {key: torch.randn(v.shape, generator=gen, dtype=v.dtype)
                   for key, v in strategy.configure_client(server_round, k).arrays.items()
                   if not key.endswith(("lora_A.weight", "lora_B.weight"))}
-        out.append(ClientUpdate(client_id=k, arrays=arrays, num_examples=n,
+        out.append(ClientUpdate(node_id=k, arrays=arrays, num_examples=n,
                                 metrics={"lora_sb_round": float(server_round)}))
     return out
 
@@ -138,7 +138,7 @@ def test_weighting_by_hand() -> None:
         for k, (value, n) in enumerate(((1.0, 1), (3.0, 3))):
             arrays = {f"{m}.lora_R.weight": value * torch.eye(RANK, dtype=torch.float64) for m in MODULES}
             arrays["head.weight"] = torch.full((3, 4), value, dtype=torch.float64)
-            ups.append(ClientUpdate(client_id=k, arrays=arrays, num_examples=n))
+            ups.append(ClientUpdate(node_id=k, arrays=arrays, num_examples=n))
         strategy.aggregate(2, ups)
         r = strategy.lora_sb_tensors()[f"{MODULES[0]}.lora_R.weight"]
         torch.testing.assert_close(r, expected * torch.eye(RANK, dtype=torch.float64), rtol=0, atol=1e-15)
@@ -241,12 +241,12 @@ def test_init_instructions_and_the_frozen_factors_download() -> None:
     strategy.initialize(spec(dtype=torch.float32))
     first = strategy.configure_client(1, 0)
     assert first.routine == LORA_SB_INIT_ROUTINE and first.arrays == {} and first.trainable == ()
-    assert first.config["init_stage"] == "range" and set(first.expects) == {f"{m}.sketch_range" for m in MODULES}
+    assert first.options["init_stage"] == "range" and set(first.expects) == {f"{m}.sketch_range" for m in MODULES}
     gen = torch.Generator().manual_seed(10)
     deltas = sign_updates([1, 1], gen)
     strategy.aggregate(1, client_updates(deltas, first, [1, 1], 1))
     second = strategy.configure_client(2, 0)
-    assert second.config["init_stage"] == "corange"
+    assert second.options["init_stage"] == "corange"
     assert {k: tuple(v.shape) for k, v in second.arrays.items()} == {f"{m}.sketch_basis": (M, 2 * RANK + 1)
                                                                      for m in MODULES}
     strategy.aggregate(2, client_updates(deltas, second, [1, 1], 2))
@@ -255,7 +255,7 @@ def test_init_instructions_and_the_frozen_factors_download() -> None:
     assert train.routine == LORA_SB_ROUTINE and train.trainable == (r"^(?!.*\.lora_[AB]\.weight$)",)
     frozen = {k: v for k, v in train.arrays.items() if k.endswith(("lora_A.weight", "lora_B.weight"))}
     assert len(frozen) == 2 * len(MODULES)  # B and A travel to a client once...
-    assert train.config["frozen_digest"] == tensor_digest(frozen)
+    assert train.options["frozen_digest"] == tensor_digest(frozen)
     assert set(train.expects) == {*(f"{m}.lora_R.weight" for m in MODULES), "head.weight"}
     assert not any(k.endswith("lora_A.weight") for k in strategy.configure_client(4, 0).arrays)  # ...not twice
     assert any(k.endswith("lora_A.weight") for k in strategy.configure_client(4, 1).arrays)
@@ -269,7 +269,7 @@ def test_a_client_with_other_test_matrices_is_refused() -> None:
     ups = [ClientUpdate(0, ups[0].arrays, 1, {**ups[0].metrics, "lora_sb_sketch_fingerprint": 0.5})]
     with pytest.raises(AggregationError, match="fingerprint"):
         strategy.aggregate(1, ups)
-    assert not strategy.initialized and strategy.configure_client(2, 0).config["init_stage"] == "range"
+    assert not strategy.initialized and strategy.configure_client(2, 0).options["init_stage"] == "range"
 
 
 def test_options_are_checked_and_the_strategy_resolves() -> None:
@@ -323,7 +323,7 @@ def test_every_client_holds_bitwise_identical_b_and_a(tiny_bert: str) -> None:
         for k, (model, data) in enumerate(zip(clients, batches)):
             instruction = strategy.configure_client(server_round, k)
             received = record_to_tensors(tensors_to_record(instruction.arrays))
-            arrays, metrics = init_reply(model, data, instruction.config, received, learning_rate=1e-3)
+            arrays, metrics = init_reply(model, data, instruction.options, received, learning_rate=1e-3)
             ups.append(ClientUpdate(k, record_to_tensors(tensors_to_record(arrays)), 4, metrics))
         strategy.aggregate(server_round, ups)
         server_round += 1
@@ -333,7 +333,7 @@ def test_every_client_holds_bitwise_identical_b_and_a(tiny_bert: str) -> None:
         load_wire(model, record_to_tensors(tensors_to_record(instruction.arrays)), initial)
         held = {key: v for key, v in wire_state(model).items() if key.endswith(("lora_A.weight", "lora_B.weight"))}
         digests.add(tensor_digest(held))
-        assert tensor_digest(held) == instruction.config["frozen_digest"]
+        assert tensor_digest(held) == instruction.options["frozen_digest"]
     assert len(digests) == 1
     # The LoRA-SB clients and the plain LoRA the server evaluates compute the same function.
     x = batches[0][0]
@@ -390,7 +390,7 @@ def test_a_large_initial_step_is_reported_and_warned_about(caplog: pytest.LogCap
     from fedtune.strategies.fed_sb.strategy import _init_step_scale
 
     def update(ratio: float) -> ClientUpdate:
-        return ClientUpdate(client_id=0, arrays={}, num_examples=1, metrics={METRIC_INIT_STEP_RELATIVE: ratio})
+        return ClientUpdate(node_id=0, arrays={}, num_examples=1, metrics={METRIC_INIT_STEP_RELATIVE: ratio})
 
     with caplog.at_level("WARNING"):
         assert _init_step_scale([update(0.001), update(0.002)], True) == {METRIC_INIT_STEP_RELATIVE: 0.002}

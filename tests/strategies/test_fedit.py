@@ -20,8 +20,8 @@ def fedit(initial: dict[str, torch.Tensor], **options: str) -> FedIT:
     return strategy
 
 
-def update(client_id: int, arrays: dict[str, torch.Tensor], num_examples: int) -> ClientUpdate:
-    return ClientUpdate(client_id=client_id, arrays=arrays, num_examples=num_examples)
+def update(node_id: int, arrays: dict[str, torch.Tensor], num_examples: int) -> ClientUpdate:
+    return ClientUpdate(node_id=node_id, arrays=arrays, num_examples=num_examples)
 
 
 def two_by_two(values: list[list[float]], dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -79,7 +79,7 @@ def test_fedit_is_registered_by_name() -> None:
 def test_configure_client_sends_the_global_adapter_and_trains_everything() -> None:
     initial = {A_KEY: torch.randn(2, 8), B_KEY: torch.zeros(8, 2)}
     strategy = fedit(initial)
-    instruction = strategy.configure_client(1, client_id=3)
+    instruction = strategy.configure_client(1, node_id=3)
     assert set(instruction.arrays) == {A_KEY, B_KEY}
     assert torch.equal(instruction.arrays[A_KEY], initial[A_KEY])
     assert instruction.trainable == (".*",)

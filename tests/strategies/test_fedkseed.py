@@ -48,8 +48,8 @@ def strategy(cls: type[FedKSeed] = FedKSeed, **options) -> FedKSeed:
     return s
 
 
-def reply(client_id: int, history: list[tuple[int, float]], num_examples: int, state_round: int) -> ClientUpdate:
-    return ClientUpdate(client_id=client_id, arrays={}, num_examples=num_examples,
+def reply(node_id: int, history: list[tuple[int, float]], num_examples: int, state_round: int) -> ClientUpdate:
+    return ClientUpdate(node_id=node_id, arrays={}, num_examples=num_examples,
                         metrics={**encode_steps(history, state_round=state_round), "train_loss": 1.0})
 
 
@@ -112,7 +112,7 @@ def test_seeds_whose_scalars_cancel_leave_no_entry() -> None:
 ])
 def test_a_malformed_reply_is_left_out_and_counted(case, metrics) -> None:
     s = strategy()
-    bad = ClientUpdate(client_id=9, arrays={}, num_examples=5, metrics=metrics(s.pool))
+    bad = ClientUpdate(node_id=9, arrays={}, num_examples=5, metrics=metrics(s.pool))
     result = s.aggregate(1, [bad, reply(0, [(s.pool[1], 0.5)], 1, 0)])
     assert result["fedkseed_replies_rejected"] == 1.0
     assert s.history == [HistoryEntry(1, s.pool[1], 0.5)]
@@ -122,7 +122,7 @@ def test_a_malformed_reply_is_left_out_and_counted(case, metrics) -> None:
 def test_a_round_with_only_rejected_replies_changes_nothing() -> None:
     s = strategy()
     before = raw_bytes(s.global_adapter())
-    result = s.aggregate(1, [ClientUpdate(client_id=0, arrays={}, num_examples=1, metrics={})])
+    result = s.aggregate(1, [ClientUpdate(node_id=0, arrays={}, num_examples=1, metrics={})])
     assert result["fedkseed_entries"] == 0.0 and s.history == []
     assert raw_bytes(s.global_adapter()) == before
 
@@ -147,11 +147,11 @@ def adapter_loss(params: dict[str, torch.Tensor]):
 class Client:
     """A client that keeps the global state it last synced to, as the wiring must."""
 
-    def __init__(self, client_id: int) -> None:
-        self.client_id = client_id
+    def __init__(self, node_id: int) -> None:
+        self.node_id = node_id
         self.state = {k: v.clone() for k, v in initial_adapter().items()}
         self.state_round = 0
-        self.data = linear_client_data(client_id)
+        self.data = linear_client_data(node_id)
 
     def train(self, config: dict, server_round: int) -> ClientUpdate:
         # Through a real ConfigRecord, as Flower would carry it.
@@ -162,9 +162,9 @@ class Client:
         working = {k: v.clone() for k, v in self.state.items()}  # the global state stays untouched
         result = zo_train(working, self.data, adapter_loss(working), seed_pool(plan.run_seed, plan.k),
                           plan.probabilities, plan.steps, plan.eps, plan.lr,
-                          rng_seed=1000 * server_round + self.client_id)
+                          rng_seed=1000 * server_round + self.node_id)
         metrics = encode_steps(result.history, state_round=self.state_round, skipped=result.skipped)
-        return ClientUpdate(client_id=self.client_id, arrays={}, num_examples=32, metrics=metrics)
+        return ClientUpdate(node_id=self.node_id, arrays={}, num_examples=32, metrics=metrics)
 
 
 @pytest.mark.parametrize("cls", [FedKSeed, FedKSeedPro])
@@ -178,7 +178,7 @@ def test_a_client_that_skipped_rounds_catches_up_to_the_identical_state(cls: typ
             instruction = s.configure_client(server_round, cid)
             assert instruction.arrays == {} and instruction.expects == {}
             assert instruction.routine == ZEROTH_ORDER_ROUTINE
-            updates.append(clients[cid].train(dict(instruction.config), server_round))
+            updates.append(clients[cid].train(dict(instruction.options), server_round))
         if server_round == 4:
             # Before round 4's aggregation both participants hold round 3's global state, bit for bit.
             assert clients[2].state_round == clients[0].state_round == 3
@@ -208,9 +208,9 @@ def test_configure_client_sends_no_arrays_and_only_config_record_values() -> Non
     s.aggregate(1, [reply(0, [(s.pool[0], 1.0)], 1, 0)])
     instruction = s.configure_client(2, 5)
     assert instruction.arrays == {}
-    record = ConfigRecord(dict(instruction.config))  # raises on anything a ConfigRecord cannot hold
+    record = ConfigRecord(dict(instruction.options))  # raises on anything a ConfigRecord cannot hold
     assert all(not isinstance(v, (torch.Tensor, np.ndarray)) for v in record.values())
-    plan = decode_round_config(dict(instruction.config))
+    plan = decode_round_config(dict(instruction.options))
     assert (plan.run_seed, plan.k, plan.steps) == (RUN_SEED, 8, 10)
     assert plan.probabilities == pytest.approx(s.sampling_probabilities())
     assert plan.catch_up.entries == (HistoryEntry(1, s.pool[0], 1.0),)
@@ -246,15 +246,15 @@ def test_plain_fedkseed_samples_uniformly() -> None:
     s = strategy()
     s.aggregate(1, [reply(0, [(s.pool[0], 5.0)], 1, 0)])
     assert s.sampling_probabilities() is None
-    assert "zo.importance" not in s.configure_client(2, 0).config
+    assert "zo.importance" not in s.configure_client(2, 0).options
 
 
 def test_pro_sends_one_byte_a_seed_and_evaluations_none() -> None:
     s = strategy(FedKSeedPro)
     s.aggregate(1, [reply(0, [(s.pool[0], 1.0), (s.pool[3], 0.25)], 1, 0)])
-    config = s.configure_client(2, 0).config
+    config = s.configure_client(2, 0).options
     assert isinstance(config["zo.importance"], bytes) and len(config["zo.importance"]) == s.k
-    assert "zo.importance" not in s.configure_evaluation(2, 0).config  # evaluating samples nothing
+    assert "zo.importance" not in s.configure_evaluation(2, 0).options  # evaluating samples nothing
     with pytest.raises(ValueError, match="must be 8 bytes .* got 3 bytes"):
         decode_round_config({**config, "zo.importance": b"abc"})
     with pytest.raises(ValueError, match="got list"):

@@ -72,7 +72,7 @@ def test_each_client_keeps_its_own_b_across_rounds(tiny_bert: str, upload_b: boo
         updates = []
         for cid in (0, 1):
             instruction = s.configure_client(server_round, cid)
-            config = {f"strategy.{k}": v for k, v in instruction.config.items()}
+            config = {f"strategy.{k}": v for k, v in instruction.options.items()}
             if server_round == 2:  # what the routine loads: the server's A with this client's own B
                 job = runtime.job(cid, server_round, instruction.arrays, instruction.trainable, config, states[cid])
                 loaded, _ = runtime.routine(instruction.routine).load(job)
@@ -90,6 +90,6 @@ def test_each_client_keeps_its_own_b_across_rounds(tiny_bert: str, upload_b: boo
     # Evaluation uses the personal model: loading for client 0 puts its own B in the model.
     evaluation = s.configure_evaluation(3, 0)
     runtime.evaluate(0, evaluation.arrays, evaluation.routine,
-                     {f"strategy.{k}": v for k, v in evaluation.config.items()}, state=states[0])
+                     {f"strategy.{k}": v for k, v in evaluation.options.items()}, state=states[0])
     loaded = handle.state()
     assert all(torch.equal(loaded[k], states[0].tensors[k]) for k in states[0].tensors)

@@ -94,7 +94,7 @@ def adapter_updates(m: int, n: int, r: int, k: int, seed: int) -> list[ClientUpd
         for module in MODULES:
             arrays[f"{module}.lora_A.weight"] = torch.randn(r, n, generator=gen)
             arrays[f"{module}.lora_B.weight"] = torch.randn(m, r, generator=gen) * 0.1
-        out.append(ClientUpdate(client_id=i, arrays=arrays, num_examples=10 * (i + 1), metrics={}))
+        out.append(ClientUpdate(node_id=i, arrays=arrays, num_examples=10 * (i + 1), metrics={}))
     return out
 
 
