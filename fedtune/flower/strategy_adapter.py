@@ -373,9 +373,9 @@ class FlowerStrategy(FlwrStrategy):
                  self.strategy.summary_line)
 
     def shared_config(self) -> ConfigRecord:
-        """What every training and evaluation message carries besides its instruction: nothing of its own
-        (the clients read the strategy's name from the run's config)."""
-        return ConfigRecord({})
+        """What every training and evaluation message carries besides its instruction: the run's key
+        (the clients read everything else, the strategy's name included, from the run's config)."""
+        return ConfigRecord({protocol.RUN_KEY: self.run_key})
 
     def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, timeout: float = 3600,
               train_config: ConfigRecord | None = None, evaluate_config: ConfigRecord | None = None,
