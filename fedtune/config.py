@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import sys
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -45,6 +44,7 @@ from fedtune.schema import (
     check_schema,
     flatten,
     parse_overrides,
+    problem_key,
     read_config,
     read_run_config,
     to_run_config,
@@ -77,7 +77,6 @@ def build_config(data: Mapping[str, Any], *, check_strategy: bool = True) -> Fed
     ``check_strategy=False``: the server has checked the run before any client got it.
     """
     cfg, problems = check_schema(data)
-    assert cfg is not None
     problems += plugin_problems(cfg, server=check_strategy)
     if check_strategy and not problems:
         # The strategy is built (its module imported, torch with it) only for an otherwise
@@ -95,7 +94,7 @@ def in_schema_order(problems: list[str]) -> list[str]:
     """``problems`` sorted by the schema position of the key each starts with (stable; unknown keys last)."""
 
     def position(problem: str) -> tuple[int, ...]:
-        key = re.split(r"[=\s]", problem, maxsplit=1)[0]
+        key = problem_key(problem)
         schema: Any = FedtuneConfig
         out = []
         for part in key.split("."):

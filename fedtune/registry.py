@@ -62,11 +62,18 @@ def plugin_entries(group: str) -> dict[str, str]:
     """
     own = _own_entries()
     found: dict[str, str] = dict(own.get(group, {})) if own is not None else {}
-    for entry in importlib.metadata.entry_points(group=group):
-        if own is not None and entry.dist is not None and entry.dist.name == "fedtune":
+    for name, value, dist in _installed_entries(group):
+        if own is not None and dist == "fedtune":
             continue  # this checkout's own list stands for the installed one
-        found.setdefault(entry.name, entry.value)
+        found.setdefault(name, value)
     return dict(sorted(found.items()))
+
+
+@functools.cache
+def _installed_entries(group: str) -> tuple[tuple[str, str, str | None], ...]:
+    """(name, target, distribution) of every installed entry point of ``group``, scanned once per process."""
+    return tuple((e.name, e.value, e.dist.name if e.dist is not None else None)
+                 for e in importlib.metadata.entry_points(group=group))
 
 
 def load_entry(group: str, name: str) -> type:
@@ -121,17 +128,13 @@ class Registry(Generic[T]):
         self._entries[name] = cls
         return cls
 
-    def names(self) -> list[str]:
-        """Every name this registry knows without importing anything: entry points and registered classes."""
-        return sorted({*self._entries, *(plugin_entries(self.group) if self.group else {})})
-
     def registered(self) -> dict[str, T]:
         """Every entry by name, each plug-in's module imported."""
         self._load_all()
         if self.group:
             for name in plugin_entries(self.group):
                 if name not in self._entries:
-                    self._adopt(name, self._load(name))
+                    self._entries[name] = self._load(name)  # under the entry point's name
         return dict(sorted(self._entries.items()))
 
     def _load(self, name: str) -> T:
@@ -147,16 +150,11 @@ class Registry(Generic[T]):
                                f"{self.base.__module__}.{self.base.__name__}"])
         return cls
 
-    def _adopt(self, name: str, cls: T) -> None:
-        """Register an entry point's class under the entry point's name (its decorator may have done so)."""
-        if self._entries.get(name) is not cls:
-            self._entries[name] = cls
-
     def resolve(self, name: str) -> T:
         """A name (registered or an entry point), or ``package.module:Class`` / ``path/to/file.py:Class``."""
         if ":" not in name:
             if name not in self._entries and self.group and name in plugin_entries(self.group):
-                self._adopt(name, self._load(name))
+                self._entries[name] = self._load(name)  # under the entry point's name
             if name not in self._entries:
                 self.registered()
             if name not in self._entries:

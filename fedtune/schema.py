@@ -747,12 +747,13 @@ def _drop(data: dict[str, Any], dotted: str) -> None:
         node.pop(leaf, None)
 
 
-def check_schema(data: Mapping[str, Any]) -> tuple[FedtuneConfig | None, list[str]]:
+def check_schema(data: Mapping[str, Any]) -> tuple[FedtuneConfig, list[str]]:
     """Check a nested mapping against the schema: the typed config, and every problem found.
 
-    Unknown keys, wrong types and bad values are all collected (a malformed key is dropped so
-    the rest is still checked); the config is None when any were found. Plug-ins (strategy,
-    metric, trackers) are not looked at: :func:`fedtune.config.build_config` adds their checks.
+    Unknown keys, wrong types and bad values are all collected (a malformed key is dropped, so
+    the rest is still checked and the config is still built, that key at its default: a config
+    with problems is for further checks only). Plug-ins (strategy, metric, trackers) are not
+    looked at: :func:`fedtune.config.build_config` adds their checks.
     """
     plain = OmegaConf.to_container(OmegaConf.create(dict(data)), resolve=True)
     assert isinstance(plain, dict)
@@ -760,7 +761,7 @@ def check_schema(data: Mapping[str, Any]) -> tuple[FedtuneConfig | None, list[st
     if problems:
         # Keep checking the values that are well-formed, so the report is complete.
         for p in problems:
-            _drop(plain, p.split("=")[0].split(" ")[0])
+            _drop(plain, problem_key(p))
     try:
         merged = OmegaConf.merge(OmegaConf.structured(FedtuneConfig), plain)
         cfg = OmegaConf.to_object(merged)
@@ -772,6 +773,11 @@ def check_schema(data: Mapping[str, Any]) -> tuple[FedtuneConfig | None, list[st
         return cfg, problems
     absolute_paths(cfg)
     return cfg, []
+
+
+def problem_key(problem: str) -> str:
+    """The dotted key a problem string starts with (``"train.lr=0 must be ..."`` -> ``"train.lr"``)."""
+    return re.split(r"[=\s]", problem, maxsplit=1)[0]
 
 
 def absolute_paths(cfg: FedtuneConfig) -> None:
@@ -906,6 +912,7 @@ __all__ = [
     "flatten",
     "merge_nested",
     "parse_overrides",
+    "problem_key",
     "read_config",
     "read_run_config",
     "to_run_config",

@@ -319,13 +319,9 @@ def build_strategy(name: str, options: Mapping[str, Any]) -> Strategy:
 _checked: dict[str, Strategy] = {}
 
 
-def _config_key(cfg: FedtuneConfig) -> str:
-    return to_yaml(cfg)
-
-
 def strategy_for(cfg: FedtuneConfig) -> Strategy:
     """The strategy of a run of ``cfg``: the one its config check built in this process, else a new one."""
-    strategy = _checked.pop(_config_key(cfg), None)
+    strategy = _checked.pop(to_yaml(cfg), None)
     return strategy if strategy is not None else build_strategy(cfg.strategy.name, cfg.strategy.options)
 
 
@@ -335,7 +331,7 @@ def strategy_problems(cfg: FedtuneConfig) -> list[str]:
     A config checked fine before in this process, whose strategy no run has taken yet, is not
     checked again.
     """
-    key = _config_key(cfg)
+    key = to_yaml(cfg)
     if key in _checked:
         return []
     try:
