@@ -14,3 +14,5 @@ May import: the core modules (:mod:`fedtune.schema`, :mod:`fedtune.errors`,
 :mod:`fedtune.averaging` and :mod:`fedtune.reporting`. Never :mod:`fedtune.server` or
 :mod:`fedtune.flower`: the ClientApp (in :mod:`fedtune.flower`) calls in here, not the other way.
 """
+
+import fedtune.stack  # noqa: E402, F401  (loaded first, in one thread: see fedtune.stack)

@@ -9,24 +9,6 @@ file runs first, in one thread, under Python's import lock for the package, and 
 whole stack before either app module goes on.
 """
 
-from fedtune.reporting.quiet import quiet_libraries
-
-quiet_libraries()  # its filters must be in place before bitsandbytes (via peft) is imported
-
-import datasets  # noqa: F401
 import flwr.app  # noqa: F401
-import peft  # noqa: F401
-import torch  # noqa: F401
-import transformers  # noqa: F401
 
-# transformers resolves these lazily on first use; resolve them here, in one thread.
-from transformers import (  # noqa: F401
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-)
-
-from fedtune.registry import import_all_methods
-
-import_all_methods()
+import fedtune.stack  # noqa: F401  (the whole stack and every method, in one thread: see fedtune.stack)

@@ -12,3 +12,5 @@ May import: the core modules, :mod:`fedtune.data`, :mod:`fedtune.models`,
 :mod:`fedtune.client` or :mod:`fedtune.flower`: the ServerApp (in :mod:`fedtune.flower`) drives a
 :class:`~fedtune.server.run.ServerRun`, not the other way.
 """
+
+import fedtune.stack  # noqa: E402, F401  (loaded first, in one thread: see fedtune.stack)
