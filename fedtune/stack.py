@@ -1,12 +1,18 @@
-"""Loads the whole run-time stack once, in one thread: torch, transformers, peft and every method.
+"""Loads the run-time libraries once, in one thread: torch, transformers, peft and datasets.
 
 Flower may import the ServerApp and ClientApp modules from two threads of one process at once,
 and first imports of torch, transformers and peft, whose modules import one another, then race:
 Python's import machinery breaks the deadlock by handing one thread a half-initialised module
 ("cannot import name 'MixedModel' from partially initialized module 'peft.tuners'"). Every room
 that runs a round (:mod:`fedtune.flower`, :mod:`fedtune.client`, :mod:`fedtune.server`) imports this
-module first, so the first thread to get here loads everything under this module's import lock and
-the others wait for it.
+module first, so the first thread to get here loads the libraries under this module's import lock
+and the others wait for it.
+
+The methods are not loaded here but by :mod:`fedtune.flower`, the top of the import graph:
+a method imports :mod:`fedtune.routine`, which imports :mod:`fedtune.client`, which imports this
+module, so loading the methods here would close an import circle whenever a method module is
+the first one imported (``from fedtune.strategies import FLoRA``). fedtune's own modules form no
+circle (tests/test_architecture.py), and per-module import locks cannot deadlock without one.
 """
 
 from fedtune.reporting.quiet import quiet_libraries
@@ -25,7 +31,3 @@ from transformers import (  # noqa: E402, F401
     AutoModelForSequenceClassification,
     AutoTokenizer,
 )
-
-from fedtune.registry import import_all_methods  # noqa: E402
-
-import_all_methods()

@@ -51,3 +51,26 @@ def test_the_apps_import_in_parallel_threads_without_half_initialised_modules() 
         out = subprocess.run([sys.executable, "-c", THREADS], cwd=ROOT, capture_output=True, text=True, timeout=300,
                              check=True).stdout.strip().splitlines()[-1]
         assert out == "[]"
+
+
+def test_any_module_imported_first_in_a_fresh_interpreter_loads() -> None:
+    """Whichever module a user imports first, it loads: no room closes an import circle at import time.
+
+    ``fedtune.stack`` once loaded every method, so ``from fedtune.strategies import FLoRA`` as
+    the first import went method -> fedtune.routine -> fedtune.client -> fedtune.stack -> every
+    method -> fedtune.routine, half-initialised.
+    """
+    text = (ROOT / "pyproject.toml").read_text()
+    methods = sorted({line.split("=", 1)[1].strip().strip('"').split(":")[0]
+                      for line in text.split('[project.entry-points."fedtune.strategies"]')[1].split("\n\n")[0]
+                      .splitlines()[1:] if "=" in line})
+    firsts = [*methods, "fedtune.routine"]
+    code = ("import subprocess, sys\nfrom concurrent.futures import ThreadPoolExecutor\n"
+            "def first(name):\n"
+            "    r = subprocess.run([sys.executable, '-c', f'import {name}'], capture_output=True, text=True)\n"
+            "    return [f'{name}: {r.stderr.strip().splitlines()[-1]}'] if r.returncode else []\n"
+            "with ThreadPoolExecutor(2) as pool:\n"
+            "    print(sum(pool.map(first, sys.argv[1:]), []))")
+    out = subprocess.run([sys.executable, "-c", code, *firsts], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600, check=True).stdout.strip().splitlines()[-1]
+    assert len(methods) >= 8 and out == "[]"

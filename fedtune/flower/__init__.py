@@ -11,4 +11,7 @@ whole stack before either app module goes on.
 
 import flwr.app  # noqa: F401
 
-import fedtune.stack  # noqa: F401  (the whole stack and every method, in one thread: see fedtune.stack)
+import fedtune.stack  # noqa: F401  (the libraries, in one thread: see fedtune.stack)
+from fedtune.registry import import_all_methods
+
+import_all_methods()  # every method, in this one thread, before either app module goes on
