@@ -193,10 +193,11 @@ def run_centralized(dataset: str, setting: Setting, tmp: Path) -> dict:
     """LoRA on the pooled data, as many examples per round as a federated round, fedtune's trainer."""
     import torch
 
-    from fedtune.client.training import evaluate, train_adapter
+    from fedtune.client.training import train_adapter
     from fedtune.data import load_splits, num_labels
     from fedtune.data.prompts import with_resolved_prompt_format
     from fedtune.models.loading import get_adapter
+    from fedtune.objectives import evaluate
 
     cfg, overrides = load(dataset, setting, [], tmp / f"{dataset}-centralized")
     cfg = with_resolved_prompt_format(cfg)

@@ -317,10 +317,10 @@ def setup_model(task: str, setting: Setting, data: list[str], out_dir: Path):
     """fedtune's own pieces, as the server uses them: config, adapter handle, raw and tokenized splits."""
     import torch
 
-    from fedtune.client.objectives import objective_of
     from fedtune.data import load_splits
     from fedtune.data.prompts import with_resolved_prompt_format
     from fedtune.models.loading import get_adapter
+    from fedtune.objectives import objective_of
 
     cfg, overrides = load(task, setting, [], data, out_dir)
     cfg = with_resolved_prompt_format(cfg)
@@ -357,9 +357,8 @@ def first_and_last_samples(samples: list[dict], n: int = 3) -> list[dict]:
 def evaluation(handle, test_tok, test_raw, cfg) -> dict:
     """Score, eval loss (and DPO's margin) of the model in ``handle`` on the central test set, as the server
     computes them: DPO's preference accuracy, or the generative metric."""
-    from fedtune.client.objectives import objective_of
-    from fedtune.client.training import evaluate
     from fedtune.evaluation.generation import evaluate_generation_on
+    from fedtune.objectives import evaluate, objective_of
 
     scores = evaluate(handle, test_tok, cfg.train.eval_batch_size, objective=objective_of(cfg.train))
     generated = evaluate_generation_on(handle, test_raw, cfg.eval, cfg.data).score

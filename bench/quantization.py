@@ -70,11 +70,11 @@ def run(args: argparse.Namespace, setting: str, work: Path) -> dict:
     """The federation, then the final adapter evaluated on the clients' own base."""
     from safetensors.torch import load_file
 
-    from fedtune.client.training import evaluate
     from fedtune.config import load_config
     from fedtune.data import load_splits, resolve_prompt_format, tokenize
     from fedtune.flower.simulation import simulate
     from fedtune.models.loading import get_adapter
+    from fedtune.objectives import evaluate
 
     cfg = load_config(None, overrides(args, setting, work))
     run_dir = simulate(cfg)

@@ -37,9 +37,9 @@ import torch
 
 from fedtune import protocol
 from fedtune.client.ledger import client_ledger, save_ledger
-from fedtune.client.objectives import Objective
 from fedtune.client.training import TrainResult, train_adapter, train_adapter_private
 from fedtune.models.loading import AdapterHandle
+from fedtune.objectives import Objective
 from fedtune.registry import Registry
 from fedtune.schema import AdapterConfig, FedtuneConfig
 

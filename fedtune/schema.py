@@ -46,7 +46,7 @@ PROMPT_FORMATS = ("auto", "chat", "alpaca", "plain")
 QUANTIZATIONS = ("none", "8bit", "4bit")
 # eval.metric's default: no generation, next-token (causal LM) or label (classification) accuracy.
 DEFAULT_METRIC = "next_token_accuracy"
-# What a client's local training minimises (fedtune.client.objectives); independent of the strategy.
+# What a client's local training minimises (fedtune.objectives); independent of the strategy.
 OBJECTIVES = ("sft", "dpo")
 DPO_LOSSES = ("sigmoid", "hinge")
 QUANT_TYPES = ("nf4", "fp4")

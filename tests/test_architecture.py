@@ -8,13 +8,14 @@ modules that cannot be understood (or moved) one without the other.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
 
 FEDTUNE = Path(__file__).resolve().parents[1] / "fedtune"
 # The rooms of fedtune/ (subpackages), each documented in its __init__.py.
-ROOMS = ("averaging", "client", "data", "evaluation", "flower", "models", "reporting", "server")
+ROOMS = ("averaging", "client", "data", "evaluation", "flower", "models", "objectives", "reporting", "server")
 
 
 def module_name(path: Path) -> str:
@@ -121,3 +122,35 @@ def test_every_room_says_what_lives_there(room: str) -> None:
 def test_the_rooms_are_all_the_subpackages() -> None:
     found = sorted(p.parent.name for p in FEDTUNE.glob("*/__init__.py"))
     assert found == sorted(ROOMS)
+
+
+def may_import(room: str) -> tuple[set[str], bool]:
+    """What ``room``'s ``__init__`` says it may import: the fedtune modules named, and whether all core modules."""
+    doc = ast.get_docstring(ast.parse((FEDTUNE / room / "__init__.py").read_text())) or ""
+    paragraph = " ".join(doc.split("May import:", 1)[1].split("\n\n", 1)[0].split())
+    allowed = paragraph.split(" Never ", 1)[0]
+    return set(re.findall(r":mod:`(fedtune(?:\.\w+)+)`", allowed)), "the core modules" in allowed
+
+
+def room_of(module: str) -> str:
+    """``fedtune.client.runtime`` -> ``fedtune.client``; a core module is its own room."""
+    parts = module.split(".")
+    return ".".join(parts[:2]) if len(parts) > 1 and parts[1] in ROOMS else module
+
+
+@pytest.mark.parametrize("room", ROOMS)
+def test_each_room_imports_only_what_its_docstring_allows(room: str) -> None:
+    named, all_core = may_import(room)
+    graph = dependency_graph()
+    here = f"fedtune.{room}"
+    broken = sorted(f"{module} imports {dep}" for module, deps in graph.items() if room_of(module) == here
+                    for dep in deps if room_of(dep) not in {here, "fedtune", *named}
+                    and not (all_core and room_of(dep).split(".")[1] not in ROOMS))
+    assert not broken, f"fedtune/{room}/__init__.py's 'May import' does not allow: {broken}"
+
+
+def test_the_room_rule_reads_the_docstrings() -> None:
+    named, all_core = may_import("models")
+    assert named == {"fedtune.schema", "fedtune.errors"} and not all_core
+    assert may_import("server")[1] and "fedtune.client" not in may_import("server")[0]
+    assert room_of("fedtune.client.runtime") == "fedtune.client" and room_of("fedtune.schema") == "fedtune.schema"

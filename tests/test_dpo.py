@@ -10,14 +10,14 @@ import datasets
 import pytest
 import torch
 
-from fedtune.client.dpo import batch_terms, dpo_terms, sequence_logps
-from fedtune.client.objectives import DirectPreference, objective_of
 from fedtune.config import AdapterConfig, DataConfig, ModelConfig, load_config
 from fedtune.data import load_splits
 from fedtune.data.preference import collate_pairs, tokenize_pairs
 from fedtune.data.tokenize import IGNORE_INDEX
 from fedtune.errors import ConfigError, DataError
 from fedtune.models.loading import AdapterHandle, base_model_only, get_adapter
+from fedtune.objectives import DirectPreference, objective_of
+from fedtune.objectives.dpo import batch_terms, dpo_terms, sequence_logps
 
 PAIRS = [
     {"instruction": "What is two plus two?", "input": "", "chosen": "Four.", "rejected": "Obviously four, duh."},

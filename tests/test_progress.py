@@ -59,10 +59,11 @@ def test_steps_count_only_inside_reporting_steps(tmp_path: Path) -> None:
 
 
 def test_training_reports_its_steps(tiny_bert: str, tmp_path: Path) -> None:
-    from fedtune.client.training import evaluate, steps_per_round, train_adapter
+    from fedtune.client.training import steps_per_round, train_adapter
     from fedtune.config import AdapterConfig, DataConfig, ModelConfig, TrainConfig
     from fedtune.data import load_splits, tokenize
     from fedtune.models.loading import get_adapter
+    from fedtune.objectives import evaluate
 
     handle = get_adapter(ModelConfig(name=tiny_bert), AdapterConfig(rank=2), 4, seed=0)
     pool, test = load_splits(DataConfig(max_examples=48, max_test_examples=20, max_length=16), "classification")

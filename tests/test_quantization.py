@@ -17,12 +17,13 @@ from fedtune.strategies.flora.residual import residual_of
 
 from fedtune import protocol
 from fedtune.client.runtime import ClientRuntime, client_settings
-from fedtune.client.training import evaluate, train_adapter
+from fedtune.client.training import train_adapter
 from fedtune.config import AdapterConfig, DataConfig, ModelConfig, TrainConfig, load_config
 from fedtune.data import load_splits, tokenize
 from fedtune.errors import ConfigError
 from fedtune.models.loading import get_adapter, load_base_model, resolve_model_path
 from fedtune.models.quantization import bnb_config, checkpoint_folder, weight_bytes
+from fedtune.objectives import evaluate
 from fedtune.strategy import AdapterSpec, ClientUpdate, build_strategy, check_update, registered_strategies
 
 SETTINGS = ("none", "8bit", "4bit")

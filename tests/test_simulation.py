@@ -91,9 +91,9 @@ def test_saved_adapter_loads_and_reproduces_the_last_evaluation(fedit_run: Path,
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from fedtune.client.training import evaluate
     from fedtune.data import load_splits, tokenize
     from fedtune.models.loading import AdapterHandle
+    from fedtune.objectives import evaluate
 
     cfg = load_config(fedit_run / CONFIG_FILE)
     base = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=4)
@@ -213,9 +213,9 @@ def test_flora_with_mixed_ranks_runs_exactly_and_exports_a_loadable_adapter(tiny
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from fedtune.client.training import evaluate
     from fedtune.data import load_splits, tokenize
     from fedtune.models.loading import AdapterHandle
+    from fedtune.objectives import evaluate
 
     run_dir = simulate(load_config(None, tiny_overrides(tiny_bert, tmp_path, rounds=2)
                                    + ["strategy.name=flora", "adapter.client_ranks=[2,4,8]"]))
@@ -262,9 +262,9 @@ def test_fedkseed_pro_sends_only_seeds_and_scalars_and_saves_a_whole_model_that_
     """Full-parameter FedKSeed-Pro (plain FedKSeed: the deployment and kill-and-resume tests)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from fedtune.client.training import evaluate
     from fedtune.data import load_splits, tokenize
     from fedtune.models.loading import AdapterHandle
+    from fedtune.objectives import evaluate
 
     run_dir = simulate(load_config(None, tiny_overrides(tiny_bert, tmp_path, rounds=2) + [
         "strategy.name=fedkseed-pro", "strategy.options.tune=full", "strategy.options.k=64",

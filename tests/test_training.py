@@ -7,10 +7,11 @@ import json
 import pytest
 import torch
 
-from fedtune.client.training import evaluate, train_adapter
+from fedtune.client.training import train_adapter
 from fedtune.config import AdapterConfig, DataConfig, ModelConfig, TrainConfig
 from fedtune.data import load_splits, tokenize
 from fedtune.models.loading import clear_model_cache, get_adapter
+from fedtune.objectives import evaluate
 
 
 @pytest.fixture

@@ -21,8 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 from fedtune import __version__, protocol
 from fedtune.averaging.client_dp import client_dp_of, noised_update
 from fedtune.client.attacks import attacked_reply, flipped_labels
-from fedtune.client.objectives import Objective, objective_of
-from fedtune.client.training import TrainResult, evaluate
+from fedtune.client.training import TrainResult
 from fedtune.data import load_splits, num_labels, partition_dataset, resolve_prompt_format, split_train_eval
 from fedtune.errors import ConfigError
 from fedtune.evaluation.generation import evaluate_generation_on
@@ -30,6 +29,7 @@ from fedtune.evaluation.metrics import is_generative
 from fedtune.models.devices import device_of
 from fedtune.models.loading import AdapterHandle, claim_extensions, get_adapter
 from fedtune.models.quantization import bits_of, peak_rss_bytes, weight_bytes
+from fedtune.objectives import Objective, evaluate, objective_of
 from fedtune.protocol import tensor_digest
 from fedtune.registry import import_by_path
 from fedtune.routine import ClientJob, ClientReply, ClientRoutine, ClientState, resolve_routine

@@ -11,10 +11,10 @@ import datasets
 import torch
 from torch.utils.data import DataLoader
 
-from fedtune.client.objectives import SUPERVISED, Objective
 from fedtune.data.tokenize import collate
 from fedtune.models.devices import device_of, to_device
 from fedtune.models.loading import AdapterHandle
+from fedtune.objectives import SUPERVISED, Objective
 from fedtune.privacy import PrivacyLedger, dp_step, model_loss_fn, poisson_batch
 from fedtune.reporting.progress import local_steps
 from fedtune.schema import TrainConfig
@@ -82,19 +82,6 @@ def train_adapter(handle: AdapterHandle, train_ds: datasets.Dataset, cfg: TrainC
     handle.model.eval()
     return TrainResult(loss=loss_sum / max(loss_count, 1), num_examples=len(train_ds), steps=steps,
                        seconds=time.perf_counter() - start)
-
-
-def evaluate(handle: AdapterHandle, ds: datasets.Dataset, batch_size: int,
-             on_batch: Callable[[int, int], None] | None = None, objective: Objective = SUPERVISED) -> dict[str, float]:
-    """``objective``'s scores of the model on a tokenized split (SFT: loss and accuracy).
-
-    Supervised: label accuracy, or next-token accuracy on response tokens. ``on_batch(done,
-    total)`` is called after every batch (a progress display).
-    """
-    handle.model.eval()
-    if len(ds) == 0:
-        return {"loss": float("nan"), "accuracy": float("nan"), "num_examples": 0}
-    return objective.evaluate(handle.model, ds, batch_size, handle.tokenizer.pad_token_id, handle.task, on_batch)
 
 
 def train_adapter_private(handle: AdapterHandle, train_ds: datasets.Dataset, cfg: TrainConfig, *,

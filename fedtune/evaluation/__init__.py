@@ -6,5 +6,5 @@ metric registers with :func:`~fedtune.evaluation.metrics.register_metric`),
 :mod:`~fedtune.evaluation.generation` batched greedy generation and scoring on a test set.
 
 May import: :mod:`fedtune.schema`, :mod:`fedtune.errors`, :mod:`fedtune.registry`,
-:mod:`fedtune.data` and :mod:`fedtune.models`.
+:mod:`fedtune.options` (a metric's typed options), :mod:`fedtune.data` and :mod:`fedtune.models`.
 """

@@ -1,6 +1,6 @@
 """Evaluation metrics by name (``eval.metric``): the default from logits, the rest from generated text.
 
-``next_token_accuracy`` (the default) is what :func:`fedtune.client.training.evaluate` always reports
+``next_token_accuracy`` (the default) is what :func:`fedtune.objectives.evaluate` always reports
 as ``eval_accuracy``: next-token accuracy on the response tokens of a causal LM, label
 accuracy for classification. Every other metric is a :class:`GenerativeMetric`: the global
 model greedily generates an answer for each held-out prompt
@@ -167,7 +167,7 @@ def build_metric(name: str, options: Mapping[str, Any] | None = None) -> Generat
         Keyword arguments for the metric's constructor (``eval.options``).
     """
     if not is_generative(name):
-        raise ConfigError([(f"eval.metric={name!r} is computed from logits by fedtune.client.training.evaluate, "
+        raise ConfigError([(f"eval.metric={name!r} is computed from logits by fedtune.objectives.evaluate, "
                             "not from generated text")])
     try:
         cls = _REGISTRY.resolve(name)

@@ -7,6 +7,11 @@ handing one thread a half-initialised module ("cannot import name 'MixedModel' f
 partially initialized module 'peft.tuners'"). Both app modules live in this package, so this
 file runs first, in one thread, under Python's import lock for the package, and loads the
 whole stack before either app module goes on.
+
+May import: the core modules and every other room: :mod:`fedtune.client`, :mod:`fedtune.server`,
+:mod:`fedtune.averaging`, :mod:`fedtune.objectives`, :mod:`fedtune.evaluation`, :mod:`fedtune.data`,
+:mod:`fedtune.models` and :mod:`fedtune.reporting` (it is the top of the import graph, under only
+:mod:`fedtune.cli`). It is the only room that imports ``flwr``.
 """
 
 import flwr.app  # noqa: F401

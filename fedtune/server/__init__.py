@@ -8,7 +8,8 @@ How client tensors become the global ones is :mod:`fedtune.averaging` and each m
 :class:`~fedtune.strategy.Strategy`.
 
 May import: the core modules, :mod:`fedtune.data`, :mod:`fedtune.models`,
-:mod:`fedtune.evaluation`, :mod:`fedtune.averaging` and :mod:`fedtune.reporting`. Never
+:mod:`fedtune.objectives`, :mod:`fedtune.evaluation`, :mod:`fedtune.averaging` and
+:mod:`fedtune.reporting`. Never
 :mod:`fedtune.client` or :mod:`fedtune.flower`: the ServerApp (in :mod:`fedtune.flower`) drives a
 :class:`~fedtune.server.run.ServerRun`, not the other way.
 """

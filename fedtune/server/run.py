@@ -31,8 +31,6 @@ from typing import Any
 
 import torch
 
-from fedtune.client.objectives import objective_of
-from fedtune.client.training import evaluate
 from fedtune.data import label_names, load_data, num_labels
 from fedtune.data.labels import name_labels, write_labels
 from fedtune.data.prompts import with_resolved_prompt_format
@@ -41,6 +39,7 @@ from fedtune.errors import ConfigError, NothingAggregatedError, RunInterrupted
 from fedtune.evaluation.generation import evaluate_generation_on
 from fedtune.evaluation.metrics import generative_key
 from fedtune.models.loading import AdapterHandle, clear_extensions, get_adapter
+from fedtune.objectives import evaluate, objective_of
 from fedtune.reporting.plots import plot_run
 from fedtune.reporting.progress import PROGRESS_DIR, RoundProgress
 from fedtune.reporting.runlog import ADAPTER_DIR, MODEL_DIR, RunLog, default_run_dir

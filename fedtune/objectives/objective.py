@@ -10,7 +10,7 @@ An :class:`Objective` turns rows into tokenized examples and batches, gives a ba
 * ``sft`` (:class:`Supervised`): the cross-entropy of the response tokens (the label for
   classification); scored by loss and accuracy;
 * ``dpo`` (:class:`DirectPreference`): preference pairs, the DPO loss against the base
-  model as reference (:mod:`fedtune.client.dpo`); scored by the DPO loss, the preference accuracy
+  model as reference (:mod:`fedtune.objectives.dpo`); scored by the DPO loss, the preference accuracy
   (``accuracy``: the share of pairs whose chosen response gets the larger implicit reward)
   and the mean reward margin.
 """
@@ -26,10 +26,11 @@ import datasets
 import torch
 from torch.utils.data import DataLoader
 
-from fedtune.client.dpo import batch_terms
+from fedtune.objectives.dpo import batch_terms
 from fedtune.data.preference import collate_pairs, tokenize_pairs
 from fedtune.data.tokenize import IGNORE_INDEX, collate, tokenize
 from fedtune.models.devices import device_of, to_device
+from fedtune.models.loading import AdapterHandle
 from fedtune.schema import DPOConfig, TrainConfig
 
 OnBatch = Callable[[int, int], None]
@@ -109,7 +110,7 @@ class Supervised(Objective):
 
 
 class DirectPreference(Objective):
-    """DPO on preference pairs (:mod:`fedtune.client.dpo`); the reference is the base with the adapter off.
+    """DPO on preference pairs (:mod:`fedtune.objectives.dpo`); the reference is the base with the adapter off.
 
     Parameters
     ----------
@@ -176,4 +177,17 @@ def objective_of(train: TrainConfig) -> Objective:
     raise ValueError(f"train.objective={train.objective!r} is not an objective; use 'sft' or 'dpo'")
 
 
-__all__ = ["SUPERVISED", "DirectPreference", "Objective", "Supervised", "objective_of"]
+def evaluate(handle: AdapterHandle, ds: datasets.Dataset, batch_size: int,
+             on_batch: OnBatch | None = None, objective: Objective = SUPERVISED) -> dict[str, float]:
+    """``objective``'s scores of the model on a tokenized split (SFT: loss and accuracy).
+
+    Supervised: label accuracy, or next-token accuracy on response tokens. ``on_batch(done,
+    total)`` is called after every batch (a progress display).
+    """
+    handle.model.eval()
+    if len(ds) == 0:
+        return {"loss": float("nan"), "accuracy": float("nan"), "num_examples": 0}
+    return objective.evaluate(handle.model, ds, batch_size, handle.tokenizer.pad_token_id, handle.task, on_batch)
+
+
+__all__ = ["SUPERVISED", "DirectPreference", "Objective", "Supervised", "evaluate", "objective_of"]
