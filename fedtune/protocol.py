@@ -7,7 +7,7 @@ tensors become Flower records is :mod:`fedtune.flower.codec`.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 
@@ -57,6 +57,23 @@ PEAK_GPU_BYTES = "peak_gpu_bytes"  # peak GPU memory torch allocated on the clie
 # node_config keys (simulation sets the first two)
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
+
+# Adapter tensors travel under PEFT's state-dict names: X.lora_A.weight (r×n), X.lora_B.weight (m×r).
+LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
+
+
+def lora_modules(keys: Iterable[str]) -> list[str]:
+    """Modules ``X`` with both ``X.lora_A.weight`` and ``X.lora_B.weight`` among ``keys``, sorted."""
+    present = set(keys)
+    return sorted(k[:-len(LORA_A)] for k in present if k.endswith(LORA_A) and k[:-len(LORA_A)] + LORA_B in present)
+
+
+def unpaired_lora_modules(keys: Iterable[str]) -> list[str]:
+    """Modules with one LoRA factor among ``keys`` and not the other, sorted."""
+    present = set(keys)
+    a = {k[:-len(LORA_A)] for k in present if k.endswith(LORA_A)}
+    b = {k[:-len(LORA_B)] for k in present if k.endswith(LORA_B)}
+    return sorted(a ^ b)
 
 
 def tensor_digest(tensors: Mapping[str, torch.Tensor]) -> str:

@@ -11,8 +11,8 @@ import torch
 
 from fedtune import protocol
 from fedtune.averaging.mean import normalized_weights, weighted_average
-from fedtune.averaging.robust import LORA_A, LORA_B
 from fedtune.errors import AggregationError
+from fedtune.protocol import LORA_A, LORA_B
 from fedtune.strategy import ClientUpdate
 
 WEIGHTINGS = ("examples", "uniform")
@@ -44,12 +44,10 @@ def lora_modules(tensors: Mapping[str, torch.Tensor], *, strict: bool = True) ->
 
     With ``strict``, a factor without its partner is an error; otherwise it is left out.
     """
-    modules = sorted(k[: -len(LORA_A)] for k in tensors if k.endswith(LORA_A))
-    unpaired = [m for m in modules if m + LORA_B not in tensors]
-    unpaired += sorted(k[: -len(LORA_B)] for k in tensors if k.endswith(LORA_B) and k[: -len(LORA_B)] + LORA_A not in tensors)
+    unpaired = protocol.unpaired_lora_modules(tensors)
     if unpaired and strict:
         raise AggregationError(f"LoRA tensors without their partner for modules {unpaired[:3]}")
-    return [m for m in modules if m not in unpaired]
+    return protocol.lora_modules(tensors)
 
 
 def is_lora_key(key: str) -> bool:

@@ -14,7 +14,7 @@ from fedtune.strategies.fedkseed.strategy import FedKSeed
 
 from fedtune.config import load_config, to_yaml
 from fedtune.errors import CheckpointError, ConfigError
-from fedtune.flower.strategy_adapter import update_norm
+from fedtune.flower.strategy_adapter import change_norm
 from fedtune.server.checkpoint import (
     CHECKPOINT_FILE,
     Checkpoint,
@@ -221,4 +221,4 @@ def test_update_norm_by_hand() -> None:
     sent = {"a": torch.tensor([1.0, 2.0]), "b": torch.zeros(2, 2)}
     reply = {"a": torch.tensor([4.0, 6.0]), "b": torch.zeros(2, 2), "head": torch.tensor([12.0])}
     # (3, 4) changed in "a", "b" unchanged, "head" was not sent: counted whole.
-    assert update_norm(reply, sent) == pytest.approx((9 + 16 + 144) ** 0.5, rel=1e-15)
+    assert change_norm(reply, sent) == pytest.approx((9 + 16 + 144) ** 0.5, rel=1e-15)

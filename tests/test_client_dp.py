@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from fedtune.averaging import averaging_in_effect, build_averaging
-from fedtune.averaging.client_dp import ClientLevelDP, client_dp_of, noised_update, update_norm
+from fedtune.averaging.client_dp import ClientLevelDP, client_dp_of, noised_update
+from fedtune.averaging.mean import update_norm
 from fedtune.config import load_config
 from fedtune.errors import AggregationError, ConfigError
 from tests.test_privacy import gaussian_mechanism_epsilon

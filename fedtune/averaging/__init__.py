@@ -9,8 +9,8 @@ mean, then ``strategy.server_optimizer`` (FedAvgM, FedAdam, ...:
 :mod:`fedtune.averaging.server_optimizers`) to the step from the previous global value. Outside a
 run (a unit test calling ``aggregate``) it is the plain weighted mean.
 
-May import: :mod:`fedtune.errors`, :mod:`fedtune.privacy` (the ledger) and :mod:`fedtune.schema`
-(the config's vocabularies); it names no method.
+May import: :mod:`fedtune.errors`, :mod:`fedtune.privacy` (the ledger), :mod:`fedtune.protocol`
+(LoRA's tensor names) and :mod:`fedtune.schema` (the config's vocabularies); it names no method.
 """
 
 from __future__ import annotations

@@ -27,22 +27,16 @@ operating system's randomness, so the server cannot regenerate it.
 
 from __future__ import annotations
 
-import math
 import secrets
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
-from fedtune.averaging.mean import Tensors, check_same_keys
+from fedtune.averaging.mean import Tensors, check_same_keys, update_norm
 from fedtune.errors import AggregationError
 from fedtune.privacy import PrivacyLedger, noise_multiplier_for
 from fedtune.schema import FedtuneConfig
-
-
-def update_norm(update: Mapping[str, torch.Tensor]) -> float:
-    """‖Δ‖ over every tensor of ``update`` together."""
-    return math.sqrt(sum(float(v.detach().to(torch.float64).square().sum()) for v in update.values()))
 
 
 def clipped(update: Mapping[str, torch.Tensor], clip_norm: float) -> tuple[dict[str, torch.Tensor], bool]:
@@ -150,4 +144,4 @@ def client_dp_of(cfg: FedtuneConfig) -> ClientLevelDP | None:
     return ClientLevelDP(p.clip_norm, z, m, q, p.delta, p.noise_on, cfg.seed, p.accountant)
 
 
-__all__ = ["ClientLevelDP", "client_dp_of", "clipped", "noised_update", "update_norm"]
+__all__ = ["ClientLevelDP", "client_dp_of", "clipped", "noised_update"]

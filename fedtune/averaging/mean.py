@@ -56,4 +56,9 @@ def weighted_average(tensors: Sequence[Mapping[str, torch.Tensor]], weights: Seq
     return out
 
 
-__all__ = ["Tensors", "check_same_keys", "normalized_weights", "weighted_average"]
+def update_norm(update: Mapping[str, torch.Tensor]) -> float:
+    """‖Δ‖, the L2 norm over every tensor of ``update`` together, accumulated in float64."""
+    return sum(float(v.detach().to(torch.float64).square().sum()) for v in update.values()) ** 0.5
+
+
+__all__ = ["Tensors", "check_same_keys", "normalized_weights", "update_norm", "weighted_average"]

@@ -31,9 +31,9 @@ import torch
 
 from fedtune.averaging.mean import Tensors, check_same_keys, weighted_average
 from fedtune.errors import AggregationError
+from fedtune.protocol import LORA_A, LORA_B, lora_modules
 from fedtune.schema import ROBUST_RULES
 
-LORA_A, LORA_B = ".lora_A.weight", ".lora_B.weight"
 # factor_deviation forms each module's m×n products for every client: skipped above this many numbers.
 DEVIATION_LIMIT = 2**26
 
@@ -89,16 +89,10 @@ def trimmed_mean(tensors: Sequence[Mapping[str, torch.Tensor]], cut: int) -> Ten
             for key, ref in tensors[0].items()}
 
 
-def lora_pairs(keys: Sequence[str]) -> list[str]:
-    """Modules ``X`` with both ``X.lora_A.weight`` and ``X.lora_B.weight`` among ``keys``."""
-    present = set(keys)
-    return sorted(k[:-len(LORA_A)] for k in keys if k.endswith(LORA_A) and k[:-len(LORA_A)] + LORA_B in present)
-
-
 def pairwise_sq_distances(tensors: Sequence[Mapping[str, torch.Tensor]]) -> torch.Tensor:
     """n×n squared distances between the clients' updates (LoRA pairs by their products, from Grams)."""
     n = len(tensors)
-    modules = lora_pairs(list(tensors[0]))
+    modules = lora_modules(tensors[0])
     paired = {m + s for m in modules for s in (LORA_A, LORA_B)}
     distances = torch.zeros(n, n, dtype=torch.float64)
 
@@ -140,7 +134,7 @@ def factor_deviation(rule: RobustRule, tensors: Sequence[Mapping[str, torch.Tens
     """
     if rule.name not in ("median", "trimmed-mean"):
         return None
-    modules = lora_pairs(list(tensors[0]))
+    modules = lora_modules(tensors[0])
     num, den = 0.0, 0.0
     for module in modules:
         b0, a0 = tensors[0][module + LORA_B], tensors[0][module + LORA_A]
@@ -159,4 +153,4 @@ def factor_deviation(rule: RobustRule, tensors: Sequence[Mapping[str, torch.Tens
 
 
 __all__ = ["ROBUST_RULES", "RobustRule", "coordinate_median", "factor_deviation", "krum_select",
-           "lora_pairs", "pairwise_sq_distances", "trimmed_mean"]
+           "pairwise_sq_distances", "trimmed_mean"]

@@ -27,6 +27,7 @@ from flwr.serverapp.strategy.result import Result
 from fedtune import protocol
 from fedtune.averaging import Averaging, averaging_in_effect, build_averaging
 from fedtune.averaging.client_dp import client_dp_of
+from fedtune.averaging.mean import update_norm
 from fedtune.errors import AggregationError, ClientAppError, InvalidUpdateError, RunInterrupted
 from fedtune.evaluation.metrics import generative_key
 from fedtune.flower.codec import record_to_tensors, tensors_to_record, wire_bytes
@@ -232,7 +233,7 @@ class FlowerStrategy(FlwrStrategy):
         check_update(arrays, expects)
         bound = self.cfg.federation.max_update_norm
         if bound is not None and arrays:
-            norm = update_norm(arrays, self._expects[node_id].arrays)
+            norm = change_norm(arrays, self._expects[node_id].arrays)
             if not norm <= bound:
                 raise InvalidUpdateError(f"update norm {norm:.4g} exceeds federation.max_update_norm={bound:g}")
         # Ints (e.g. 63-bit seeds) and lists stay as they are: a float would round them.
@@ -394,15 +395,11 @@ def averaging_of(cfg: FedtuneConfig) -> Averaging:
                            opt.name, opt.lr, opt.momentum, opt.beta2, opt.tau, dp=client_dp_of(cfg))
 
 
-def update_norm(reply: Mapping[str, torch.Tensor], sent: Mapping[str, torch.Tensor]) -> float:
+def change_norm(reply: Mapping[str, torch.Tensor], sent: Mapping[str, torch.Tensor]) -> float:
     """L2 norm, in float64, of what a reply changes: ``reply - sent`` (``reply`` where nothing was sent)."""
-    total = 0.0
-    for key, value in reply.items():
-        delta = value.double() - sent[key].double() if key in sent and sent[key].shape == value.shape \
-            else value.double()
-        total += float(delta.square().sum())
-    return total ** 0.5
-
+    return update_norm({key: value.double() - sent[key].double()
+                        if key in sent and sent[key].shape == value.shape else value
+                        for key, value in reply.items()})
 
 def _instruction_content(server_round: int, instruction: ClientInstruction, run_key: str = "") -> RecordDict:
     """The message content for one instruction (the arrays record only when there are arrays)."""
@@ -418,4 +415,4 @@ def _instruction_content(server_round: int, instruction: ClientInstruction, run_
     return content
 
 
-__all__ = ["FlowerStrategy", "client_error_message", "update_norm"]
+__all__ = ["FlowerStrategy", "change_norm", "client_error_message"]

@@ -4,7 +4,9 @@ Options travel under :data:`fedtune.protocol.STRATEGY_PREFIX`; every key here be
 Fed-SB (LoRA-SB), so a key's module says which method it is for.
 """
 
-LORA_A, LORA_B, LORA_R = ".lora_A.weight", ".lora_B.weight", ".lora_R.weight"
+from fedtune.protocol import LORA_A, LORA_B  # noqa: F401  (re-exported: Fed-SB's modules take every key from here)
+
+LORA_R = ".lora_R.weight"
 R_LAYER = "lora_R"
 
 # Client routines (ClientInstruction.routine) a LoRA-SB federation asks for.
