@@ -340,8 +340,9 @@ def strategy_problems(cfg: FedtuneConfig) -> list[str]:
         return e.problems
     problems = strategy.config_problems(cfg)
     if cfg.privacy.example_level and not strategy.supports_privacy:
+        able = sorted(n for n, c in registered_strategies().items() if c.supports_privacy)
         problems.append(f"privacy.enabled=true with strategy.name={cfg.strategy.name!r}: its client routine is "
-                        "not DP-SGD; use a gradient-trained strategy such as fed-sb or fedit")
+                        f"not DP-SGD; use a gradient-trained strategy, one of {able}")
     if cfg.privacy.client_level and not strategy.supports_client_dp:
         able = sorted(n for n, c in registered_strategies().items() if c.supports_client_dp)
         why = strategy.client_dp_reason or strategy.averaging_reason

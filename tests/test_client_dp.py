@@ -110,3 +110,11 @@ def test_methods_whose_replies_are_not_one_averaged_update_refuse_client_level_d
 
 def test_update_norm_spans_every_tensor() -> None:
     assert update_norm({"a": torch.tensor([3.0]), "b": torch.tensor([4.0])}) == 5.0
+
+
+def test_example_level_dp_with_a_method_that_is_not_dp_sgd_names_the_methods_that_are() -> None:
+    with pytest.raises(ConfigError) as excinfo:
+        load_config(None, ["privacy.enabled=true", "privacy.noise_multiplier=1", "strategy.name=fedkseed"])
+    message = "\n".join(excinfo.value.problems)
+    able = message.split("use a gradient-trained strategy, one of ", 1)[1].split("]", 1)[0]
+    assert "'fedit'" in able and "'fed-sb'" in able and "fedkseed" not in able

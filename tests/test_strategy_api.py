@@ -314,3 +314,18 @@ def test_check_update_accepts_any_size_where_expects_says_minus_one() -> None:
         check_update({"m.lora_A.weight": torch.ones(7, 5), "m.lora_B.weight": torch.ones(3, 7)}, expects)
     with pytest.raises(InvalidUpdateError, match="shape"):
         check_update({"m.lora_A.weight": torch.ones(7, 4, 1), "m.lora_B.weight": torch.ones(3, 7)}, expects)
+
+
+def test_embedding_lora_under_a_linear_only_method_names_the_methods_that_aggregate_it() -> None:
+    from types import SimpleNamespace
+
+    from fedtune.server.run import ServerRun
+    from fedtune.strategy import build_strategy
+
+    cfg = load_config(None, ["strategy.name=ffa-lora", "adapter.target_modules=[word_embeddings]"])
+    run = SimpleNamespace(handle=SimpleNamespace(initial={"emb.lora_embedding_A": torch.zeros(1)}),
+                          strategy=build_strategy("ffa-lora", {}), cfg=cfg)
+    with pytest.raises(ConfigError) as excinfo:
+        ServerRun._check_embedding_lora(run)
+    able = excinfo.value.problems[0].split("or use one of ", 1)[1]
+    assert "'fedit'" in able and "ffa-lora" not in able and "flora" not in able
