@@ -401,6 +401,7 @@ def change_norm(reply: Mapping[str, torch.Tensor], sent: Mapping[str, torch.Tens
                         if key in sent and sent[key].shape == value.shape else value
                         for key, value in reply.items()})
 
+
 def _instruction_content(server_round: int, instruction: ClientInstruction, run_key: str = "") -> RecordDict:
     """The message content for one instruction (the arrays record only when there are arrays)."""
     content = RecordDict({protocol.CONFIG: ConfigRecord({

@@ -26,11 +26,11 @@ import datasets
 import torch
 from torch.utils.data import DataLoader
 
-from fedtune.objectives.dpo import batch_terms
 from fedtune.data.preference import collate_pairs, tokenize_pairs
 from fedtune.data.tokenize import IGNORE_INDEX, collate, tokenize
 from fedtune.models.devices import device_of, to_device
 from fedtune.models.loading import AdapterHandle
+from fedtune.objectives.dpo import batch_terms
 from fedtune.schema import DPOConfig, TrainConfig
 
 OnBatch = Callable[[int, int], None]
