@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -300,6 +300,11 @@ def registered_strategies() -> dict[str, type[Strategy]]:
     return _REGISTRY.registered()
 
 
+def strategies_where(capable: Callable[[type[Strategy]], bool]) -> list[str]:
+    """The names of the registered strategies for which ``capable(cls)`` holds, sorted (for messages)."""
+    return sorted(name for name, cls in registered_strategies().items() if capable(cls))
+
+
 def resolve_strategy(name: str) -> type[Strategy]:
     """A registered name, or ``package.module:Class`` / ``path/to/file.py:Class``."""
     return _REGISTRY.resolve(name)
@@ -340,11 +345,11 @@ def strategy_problems(cfg: FedtuneConfig) -> list[str]:
         return e.problems
     problems = strategy.config_problems(cfg)
     if cfg.privacy.example_level and not strategy.supports_privacy:
-        able = sorted(n for n, c in registered_strategies().items() if c.supports_privacy)
+        able = strategies_where(lambda c: c.supports_privacy)
         problems.append(f"privacy.enabled=true with strategy.name={cfg.strategy.name!r}: its client routine is "
                         f"not DP-SGD; use a gradient-trained strategy, one of {able}")
     if cfg.privacy.client_level and not strategy.supports_client_dp:
-        able = sorted(n for n, c in registered_strategies().items() if c.supports_client_dp)
+        able = strategies_where(lambda c: c.supports_client_dp)
         why = strategy.client_dp_reason or strategy.averaging_reason
         reason = f" ({why})" if why else ""
         problems.append(f"privacy.level=client with strategy.name={cfg.strategy.name!r}: DP-FedAvg clips and noises "
@@ -356,7 +361,7 @@ def strategy_problems(cfg: FedtuneConfig) -> list[str]:
                         "already bounds what one client can do)")
     changed = cfg.strategy.averaging_changed()
     if changed and not strategy.averages_updates:
-        able = sorted(n for n, c in registered_strategies().items() if c.averages_updates)
+        able = strategies_where(lambda c: c.averages_updates)
         reason = f" ({strategy.averaging_reason})" if strategy.averaging_reason else ""
         problems.append(f"{' and '.join(changed)} {'are' if len(changed) > 1 else 'is'} for strategies whose global "
                         f"state is an average of client tensors; strategy.name={cfg.strategy.name!r} is not one"
@@ -365,7 +370,7 @@ def strategy_problems(cfg: FedtuneConfig) -> list[str]:
     problems += krum_problems(cfg)
     ranks = cfg.adapter.client_ranks
     if ranks and len(set(ranks)) > 1 and not strategy.accepts_mixed_ranks:
-        mixed = sorted(n for n, c in registered_strategies().items() if c.accepts_mixed_ranks)
+        mixed = strategies_where(lambda c: c.accepts_mixed_ranks)
         problems.append(f"adapter.client_ranks={list(ranks)} mixes ranks, which strategy.name={cfg.strategy.name!r} "
                         f"cannot aggregate; use one rank or a strategy that accepts mixed ranks: {mixed}")
     quantized = cfg.model.quantized_anywhere()
@@ -373,7 +378,7 @@ def strategy_problems(cfg: FedtuneConfig) -> list[str]:
         where = ", ".join(f"model.{key}={getattr(cfg.model, key)!r}"
                           for key in ("quantization", "client_quantization", "server_quantization")
                           if getattr(cfg.model, key) not in (None, "none"))
-        able = sorted(n for n, c in registered_strategies().items() if c.supports_quantized_base)
+        able = strategies_where(lambda c: c.supports_quantized_base)
         reason = f" ({strategy.quantized_base_reason})" if strategy.quantized_base_reason else ""
         problems.append(f"{where} puts strategy.name={cfg.strategy.name!r} on a {'/'.join(quantized)} base, which "
                         f"it does not support{reason}; use model.quantization=none or a strategy that supports "
@@ -413,4 +418,5 @@ __all__ = [
     "resolve_strategy",
     "select",
     "shapes_of",
+    "strategies_where",
 ]

@@ -9,9 +9,8 @@ How client tensors become the global ones is :mod:`fedtune.averaging` and each m
 
 May import: the core modules, :mod:`fedtune.data`, :mod:`fedtune.models`,
 :mod:`fedtune.objectives`, :mod:`fedtune.evaluation`, :mod:`fedtune.averaging` and
-:mod:`fedtune.reporting`. Never
-:mod:`fedtune.client` or :mod:`fedtune.flower`: the ServerApp (in :mod:`fedtune.flower`) drives a
-:class:`~fedtune.server.run.ServerRun`, not the other way.
+:mod:`fedtune.reporting`. Never :mod:`fedtune.client` or :mod:`fedtune.flower`: the ServerApp (in
+:mod:`fedtune.flower`) drives a :class:`~fedtune.server.run.ServerRun`, not the other way.
 """
 
-import fedtune.stack  # noqa: E402, F401  (loaded first, in one thread: see fedtune.stack)
+import fedtune.stack  # noqa: F401  (loaded first, in one thread: see fedtune.stack)

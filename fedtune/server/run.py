@@ -46,7 +46,7 @@ from fedtune.reporting.runlog import ADAPTER_DIR, MODEL_DIR, RunLog, default_run
 from fedtune.reporting.trackers import open_trackers
 from fedtune.schema import FedtuneConfig, to_yaml
 from fedtune.server.checkpoint import Checkpoint, checkpoint_to_resume, rng_state, save_checkpoint, set_rng_state
-from fedtune.strategy import AdapterSpec, Strategy, registered_strategies, strategy_for
+from fedtune.strategy import AdapterSpec, Strategy, strategies_where, strategy_for
 
 log = logging.getLogger("fedtune.server.run")
 
@@ -153,10 +153,10 @@ class ServerRun:
     def _check_embedding_lora(self) -> None:
         embedding_lora = sorted(k for k in self.handle.initial if ".lora_embedding_" in k)
         if embedding_lora and self.strategy.linear_lora_only:
+            able = strategies_where(lambda c: not c.linear_lora_only)
             raise ConfigError([f"adapter.target_modules={self.cfg.adapter.target_modules} puts LoRA on an embedding "
                                f"({embedding_lora[0]}), which strategy.name={self.cfg.strategy.name!r} does not "
-                               "aggregate; target linear layers only, or use one of "
-                               f"{sorted(n for n, c in registered_strategies().items() if not c.linear_lora_only)}"])
+                               f"aggregate; target linear layers only, or use one of {able}"])
 
     def _start_strategy(self) -> None:
         if self.checkpoint:
